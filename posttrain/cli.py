@@ -1,0 +1,115 @@
+"""The `posttrain` command: a thin Typer layer that parses, loads and calls. No logic here."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from posttrain.errors import UserError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Token-level post-training experiments: train (SFT/DFT/OTR), distill (OPD/LSM), eval, report.",
+)
+
+RECIPE = typer.Option(..., "--recipe", "-r", help="YAML recipe (see `posttrain recipes`).")
+OVERRIDES = typer.Argument(None, help="Recipe overrides as dotted key=value pairs, typed by the schema, "
+                                      "e.g. optim.lr=1e-4 objective.k=128 name=my-run.", show_default=False)
+RESUME = typer.Option(False, "--resume", help="Continue the run folder from its newest checkpoint.")
+
+
+@app.command()
+def train(recipe: Path = RECIPE, overrides: list[str] = OVERRIDES, resume: bool = RESUME) -> None:
+    """Train with an offline objective (sft, dft, otr) on demonstrations; writes runs/<name>/."""
+    from posttrain.config import TrainRecipe, load_recipe
+    from posttrain.train import train as run
+
+    run(load_recipe(recipe, TrainRecipe, overrides), resume=resume, recipe_path=str(recipe))
+
+
+@app.command()
+def distill(recipe: Path = RECIPE, overrides: list[str] = OVERRIDES, resume: bool = RESUME) -> None:
+    """On-policy distillation (opd, lsm): the student samples, the teacher scores; writes runs/<name>/."""
+    from posttrain.config import DistillRecipe, load_recipe
+    from posttrain.distill import distill as run
+
+    run(load_recipe(recipe, DistillRecipe, overrides), resume=resume, recipe_path=str(recipe))
+
+
+@app.command(name="eval")
+def evaluate(
+    model: str = typer.Option(None, "--model", "-m", help="Checkpoint directory or Hub id to evaluate."),
+    benchmark: str = typer.Option(None, "--benchmark", "-b", help="Comma-separated: math500, aime24, aime25, amc23, "
+                                  "minerva_math, olympiadbench, gsm8k, humaneval, synthetic, synthetic_ood."),
+    data_dir: str = typer.Option(None, "--data-dir", help="Directory with the benchmark files (e.g. ../shared/benchmarks)."),
+    samples: int = typer.Option(None, "--samples", "-k", help="Samples per problem (avg@k, pass@k)."),
+    limit: int = typer.Option(None, "--limit", help="Only the first N problems of each benchmark."),
+    out: str = typer.Option(None, "--out", "-o", help="Output directory (samples.jsonl, results.json per benchmark)."),
+    prompt: str = typer.Option(None, "--prompt", help="auto, qwen-boxed (the DFT paper's) or chat (tokenizer template)."),
+    backend: str = typer.Option(None, "--backend", help="hf (transformers, CPU or GPU) or vllm (GPU)."),
+    temperature: float = typer.Option(None, "--temperature"),
+    top_p: float = typer.Option(None, "--top-p"),
+    top_k: int = typer.Option(None, "--top-k", help="0 disables top-k."),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens"),
+    seed: int = typer.Option(None, "--seed"),
+    batch_size: int = typer.Option(None, "--batch-size", help="Prompts per generation call."),
+    workers: int = typer.Option(None, "--workers", help="Grading processes."),
+    completions: Path = typer.Option(None, "--completions", help="Grade this JSONL of {index, completion} instead of "
+                                     "generating (no model needed)."),
+    recipe: Path = typer.Option(None, "--recipe", "-r", help="Eval recipe YAML; flags given here override it."),
+) -> None:
+    """Evaluate a checkpoint (or grade given completions) on math and code benchmarks."""
+    from posttrain.eval.runner import eval_from_cli
+
+    flags = {"model": model, "benchmarks": benchmark, "data_dir": data_dir, "samples": samples, "limit": limit,
+             "out": out, "prompt": prompt, "backend": backend, "temperature": temperature, "top_p": top_p,
+             "top_k": top_k, "max_new_tokens": max_new_tokens, "seed": seed, "batch_size": batch_size,
+             "workers": workers}
+    eval_from_cli(recipe, {k: v for k, v in flags.items() if v is not None}, completions)
+
+
+@app.command()
+def recipes(directory: Path = typer.Argument(None, help="Recipe directory (default: ./recipes or the checkout's).")) -> None:
+    """List the recipes with the one-line description from each file's first comment."""
+    from posttrain.recipes import list_recipes
+
+    list_recipes(directory)
+
+
+@app.command()
+def objectives() -> None:
+    """List the registered objectives, their parameters and what they need."""
+    from posttrain.recipes import list_objectives
+
+    list_objectives()
+
+
+@app.command()
+def report(
+    runs: list[Path] = typer.Argument(..., help="Run folders (or directories holding them)."),
+    out: Path = typer.Option(Path("results"), "--out", "-o", help="Where the tables and plots go."),
+    papers: bool = typer.Option(True, help="Put the papers' numbers beside ours, in labelled columns."),
+) -> None:
+    """Rebuild the comparison tables and plots from run folders (nothing typed in by hand)."""
+    from posttrain.report import report as run
+
+    run(runs, out, with_papers=papers)
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as err:
+        from posttrain.progress import console
+
+        console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; a run continues from its newest checkpoint with --resume", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,402 @@
+"""Recipe schema, loader and `key=value` overrides.
+
+A recipe is YAML; its schema is the dataclasses below. Loading validates every key against the
+schema and coerces values to the declared types (so `lr: 5e-5`, which PyYAML reads as a string,
+becomes a float). Any mistake raises `UserError` with one line that names the file, the key and
+what is allowed. Overrides on the command line (`optim.lr=1e-4`) are merged into the raw YAML
+first, so they are typed and checked by exactly the same code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from posttrain.errors import UserError
+
+# ----------------------------------------------------------------------------------------------
+# Schema
+
+
+@dataclass
+class TinyModelConfig:
+    """A randomly initialised small model plus a BPE tokenizer trained on the synthetic task."""
+
+    arch: Literal["qwen2", "llama"] = "qwen2"
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 256
+    vocab_size: int = 384
+    max_position_embeddings: int = 512
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None  # HF checkpoint directory or Hub id
+    tiny: TinyModelConfig | None = None  # build a tiny model instead of loading `path`
+    tokenizer: str | None = None  # defaults to `path`
+
+
+@dataclass
+class SyntheticConfig:
+    """The built-in step-by-step arithmetic task (see posttrain/data/synthetic.py)."""
+
+    split: Literal["pretrain", "in_domain", "out_of_domain"] = "in_domain"
+    num_examples: int = 2000
+    seed: int = 1234  # the data seed; the run seed changes init, order and sampling only
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # "synthetic", a .jsonl/.json/.parquet path (or glob), or a Hub id
+    split: str = "train"
+    prompt_field: str = "problem"
+    response_field: str = "solution"
+    system_prompt: str | None = None
+    max_examples: int | None = None  # keep the first N rows
+    max_length: int = 1024  # prompt + response tokens; longer examples are cut at the end
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ObjectiveConfig:
+    """`name` picks an objective from the registry; the other keys are that objective's params."""
+
+    name: str
+    params: Any
+
+    @classmethod
+    def _parse(cls, raw: Any, key: str, where: _Where) -> ObjectiveConfig:
+        from posttrain.losses import OBJECTIVES
+
+        if not isinstance(raw, dict):
+            where.fail(key, f"must be a mapping with at least 'name' (one of: {', '.join(OBJECTIVES)})")
+        name = raw.get("name")
+        if name is None:
+            where.fail(f"{key}.name", f"is required; allowed: {', '.join(OBJECTIVES)}")
+        if name not in OBJECTIVES:
+            where.fail(f"{key}.name", f"must be one of: {', '.join(OBJECTIVES)}; got {name!r}")
+        rest = {k: v for k, v in raw.items() if k != "name"}
+        params = _build(OBJECTIVES[name].Params, rest, key, where)
+        return cls(name=name, params=params)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_ratio: float = 0.0
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class TrainLoopConfig:
+    epochs: int = 1
+    max_steps: int | None = None  # stop early after this many optimizer steps
+    batch_size: int = 32  # examples per optimizer step, over all processes
+    micro_batch_size: int = 8  # examples per forward/backward (per process)
+    micro_batch_tokens: int | None = None  # if set: micro-batches by padded-token budget instead
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    head_chunk_tokens: int | None = None  # tokens per LM-head chunk; None: from a 256 MB budget
+    gradient_checkpointing: bool = False
+    lora: LoraConfig | None = None  # None: full fine-tuning
+    save_every: int = 0  # optimizer steps between checkpoints; 0: only the final one
+    keep_checkpoints: int = 2
+    log_every: int = 1
+
+
+@dataclass
+class TrainRecipe:
+    name: str
+    model: ModelConfig
+    objective: ObjectiveConfig
+    seed: int = 0
+    out_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+
+
+@dataclass
+class PromptsConfig:
+    source: str = "synthetic"
+    split: str = "train"
+    prompt_field: str = "problem"
+    system_prompt: str | None = None
+    max_examples: int | None = None
+    max_prompt_length: int = 512  # longer prompts are skipped
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class VllmConfig:
+    gpu_memory_utilization: float = 0.5
+    tensor_parallel_size: int = 1
+
+
+@dataclass
+class RolloutConfig:
+    backend: Literal["hf", "vllm"] = "hf"
+    prompts_per_step: int = 16
+    samples_per_prompt: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    max_new_tokens: int = 256
+    vllm: VllmConfig = field(default_factory=VllmConfig)
+
+
+@dataclass
+class DistillLoopConfig:
+    steps: int = 100
+    mini_batch_size: int = 64  # rollouts per optimizer step (PPO mini-batch), over all processes
+    ppo_epochs: int = 1
+    micro_batch_size: int = 8
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    head_chunk_tokens: int | None = None
+    teacher_chunk_tokens: int = 1024  # positions per teacher-scoring chunk
+    gradient_checkpointing: bool = False
+    lora: LoraConfig | None = None
+    mask_first_tokens: list[str] = field(default_factory=list)  # LSM paper's special-token mask
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    log_every: int = 1
+
+
+@dataclass
+class DistillRecipe:
+    name: str
+    student: ModelConfig
+    teacher: ModelConfig
+    objective: ObjectiveConfig
+    seed: int = 0
+    out_dir: str = "runs"
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: DistillLoopConfig = field(default_factory=DistillLoopConfig)
+
+
+@dataclass
+class EvalRecipe:
+    model: str | None = None
+    benchmarks: list[str] = field(default_factory=lambda: ["math500"])
+    data_dir: str | None = None
+    prompt: Literal["auto", "qwen-boxed", "chat"] = "auto"
+    samples: int = 1
+    limit: int | None = None
+    seed: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 1024
+    backend: Literal["hf", "vllm"] = "hf"
+    batch_size: int = 32  # prompts per generation call
+    workers: int = 2  # grading processes
+    out: str | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Loader
+
+
+@dataclass
+class _Where:
+    """Where values came from, so every error can name the file and the override."""
+
+    file: str
+    overrides: dict[str, str] = field(default_factory=dict)
+
+    def fail(self, key: str, problem: str) -> typing.NoReturn:
+        origin = self.file
+        if key in self.overrides:
+            origin += f" (override {key}={self.overrides[key]})"
+        raise UserError(f"{origin}: key '{key}' {problem}")
+
+
+def load_recipe(path: str | Path, schema: type, overrides: list[str] | None = None) -> Any:
+    """Read a YAML recipe, merge `key=value` overrides, validate against `schema`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe file not found: {path}")
+    raw = parse_yaml(path.read_text(), str(path))
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: the recipe must be a YAML mapping of keys to values")
+    where = _Where(str(path))
+    for item in overrides or []:
+        _apply_override(raw, item, where)
+    return _build(schema, raw, "", where)
+
+
+def parse_yaml(text: str, label: str) -> Any:
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{label}: malformed YAML{at}: {problem}") from None
+
+
+def from_dict(schema: type, raw: dict, label: str) -> Any:
+    """Validate an in-memory mapping (e.g. CLI flags merged over a recipe)."""
+    return _build(schema, raw, "", _Where(label))
+
+
+def to_dict(obj: Any) -> Any:
+    """A recipe object back to plain YAML-able data (objective params flattened next to name)."""
+    if isinstance(obj, ObjectiveConfig):
+        return {"name": obj.name, **to_dict(obj.params)}
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def dump_yaml(obj: Any) -> str:
+    return yaml.safe_dump(to_dict(obj), sort_keys=False)
+
+
+def _apply_override(raw: dict, item: str, where: _Where) -> None:
+    if "=" not in item:
+        raise UserError(f"{where.file}: override {item!r} must look like key=value (e.g. optim.lr=1e-4)")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    where.overrides[key] = text
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            where.fail(".".join(parts[: i + 1]), "is not a section, so it has no sub-keys")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(schema: type, raw: Any, prefix: str, where: _Where) -> Any:
+    if hasattr(schema, "_parse"):
+        return schema._parse(raw, prefix, where)
+    if not isinstance(raw, dict):
+        where.fail(prefix or "(top level)", f"must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(schema)
+    known = [f.name for f in dataclasses.fields(schema)]
+    for key in raw:
+        if key not in known:
+            full = f"{prefix}.{key}" if prefix else str(key)
+            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.5)
+            hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
+            where.fail(full, f"is unknown{hint}; allowed here: {', '.join(known)}")
+    values = {}
+    for f in dataclasses.fields(schema):
+        full = f"{prefix}.{f.name}" if prefix else f.name
+        if f.name in raw:
+            values[f.name] = _coerce(raw[f.name], hints[f.name], full, where)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            where.fail(full, f"is required ({_describe(hints[f.name])})")
+    return schema(**values)
+
+
+def _coerce(value: Any, hint: Any, key: str, where: _Where) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(value, inner[0], key, where)
+    if hint is Any:
+        return value
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, {} if value is None else value, key, where)
+    if origin is Literal:
+        if value not in args:
+            where.fail(key, f"must be one of: {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            where.fail(key, f"must be {_describe(hint)}, got {value!r}")
+        if origin is tuple:
+            if len(value) != len(args):
+                where.fail(key, f"must be {_describe(hint)}, got {value!r}")
+            return tuple(_coerce(v, a, key, where) for v, a in zip(value, args))
+        return [_coerce(v, args[0], key, where) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+            return value.lower() in ("true", "yes")
+        where.fail(key, f"must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        where.fail(key, f"must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        where.fail(key, f"must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        where.fail(key, f"must be a string, got {value!r}")
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            where.fail(key, f"must be a mapping, got {value!r}")
+        return value
+    raise TypeError(f"schema type {hint!r} for {key} is not supported by the loader")
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args if a is not type(None))
+    if origin is Literal:
+        return "one of: " + ", ".join(map(str, args))
+    if origin is list:
+        return f"a list of {_describe(args[0])}s"
+    if origin is tuple:
+        return f"a list of {len(args)} {_describe(args[0])}s"
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    if dataclasses.is_dataclass(hint):
+        return "a mapping"
+    return names.get(hint, getattr(hint, "__name__", str(hint)))

@@ -1,0 +1,138 @@
+"""Demonstration data: rows → chat-rendered prompt/response → token ids + loss mask → batches.
+
+Rendering follows the DFT paper's setup: the prompt is the raw problem through the tokenizer's
+chat template with the generation prompt; the response is the solution followed by EOS. Only
+response tokens (EOS included) are trained on.
+"""
+
+from __future__ import annotations
+
+import glob
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from posttrain.config import DataConfig, SyntheticConfig
+from posttrain.data import synthetic
+from posttrain.errors import UserError
+
+
+@dataclass
+class Example:
+    token_ids: list[int]  # prompt + response
+    prompt_len: int  # response tokens start here
+
+    @property
+    def loss_tokens(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+
+def load_rows(source: str, split: str, synthetic_cfg: SyntheticConfig, max_examples: int | None, key: str) -> list[dict]:
+    """Rows (dicts) from the synthetic task, local json/jsonl/parquet files, or a Hub dataset."""
+    if source == "synthetic":
+        rows = synthetic.make_rows(synthetic_cfg.split, synthetic_cfg.num_examples, synthetic_cfg.seed)
+        return rows[:max_examples] if max_examples else rows
+    import datasets
+
+    datasets.disable_progress_bars()
+    files = sorted(glob.glob(source))
+    try:
+        if files:
+            kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(Path(files[0]).suffix)
+            if kind is None:
+                raise UserError(f"recipe key '{key}': {source!r} must be .jsonl, .json or .parquet files")
+            table = datasets.load_dataset(kind, data_files=files, split="train")
+        elif Path(source).exists() or "/" not in source:
+            raise UserError(f"recipe key '{key}': no file matches {source!r} (and it is not a Hub dataset id)")
+        else:
+            table = datasets.load_dataset(source, split=split)
+    except UserError:
+        raise
+    except Exception as err:  # datasets raises many types for a missing/unreachable dataset
+        raise UserError(f"recipe key '{key}': cannot load {source!r}: {str(err).splitlines()[0]}") from None
+    if max_examples:
+        table = table.select(range(min(max_examples, len(table))))
+    return list(table)
+
+
+def render_prompt(tokenizer, prompt: str, system_prompt: str | None) -> list[int]:
+    """Token ids of the chat-rendered prompt with the generation prompt (no double BOS)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("the tokenizer has no chat template; posttrain renders prompts through it")
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": prompt}
+    ]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    # The template already writes any BOS it wants; tokenizing without special tokens avoids a second.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def build_examples(rows: list[dict], tokenizer, cfg: DataConfig, key: str = "data") -> tuple[list[Example], dict]:
+    """Tokenize rows; returns the examples and counts of what was truncated or dropped."""
+    for field_key, name in (("prompt_field", cfg.prompt_field), ("response_field", cfg.response_field)):
+        if rows and name not in rows[0]:
+            raise UserError(
+                f"recipe key '{key}.{field_key}': the data has no field {name!r}; fields: {', '.join(rows[0])}"
+            )
+    examples, truncated, dropped = [], 0, 0
+    for row in rows:
+        prompt_ids = render_prompt(tokenizer, str(row[cfg.prompt_field]), cfg.system_prompt)
+        response_ids = tokenizer(str(row[cfg.response_field]), add_special_tokens=False)["input_ids"]
+        token_ids = prompt_ids + response_ids + [tokenizer.eos_token_id]
+        if len(prompt_ids) >= cfg.max_length:
+            dropped += 1
+            continue
+        if len(token_ids) > cfg.max_length:
+            truncated += 1
+            token_ids = token_ids[: cfg.max_length]
+        examples.append(Example(token_ids, len(prompt_ids)))
+    if not examples:
+        raise UserError(f"recipe key '{key}': no usable examples (all {len(rows)} prompts exceed max_length)")
+    return examples, {"examples": len(examples), "truncated": truncated, "dropped": dropped}
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch; position t of input_ids predicts target_ids[t], trained iff loss_mask[t]."""
+    length = max(len(ex.token_ids) for ex in examples) - 1
+    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    target_ids = torch.full_like(input_ids, pad_id)
+    attention_mask = torch.zeros_like(input_ids)
+    loss_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    for row, ex in enumerate(examples):
+        ids = torch.tensor(ex.token_ids)
+        n = len(ids) - 1
+        input_ids[row, :n] = ids[:-1]
+        target_ids[row, :n] = ids[1:]
+        attention_mask[row, :n] = 1
+        loss_mask[row, ex.prompt_len - 1 : n] = True
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "target_ids": target_ids, "loss_mask": loss_mask}
+
+
+def micro_batches(examples: list, micro_batch_size: int, micro_batch_tokens: int | None, length=len) -> list[list]:
+    """Split one step's examples into micro-batches, by count or by a padded-token budget.
+
+    With a token budget the examples are sorted by length first, so that similar lengths share
+    a micro-batch (less padding); the step's gradient is a sum, so grouping does not change it.
+    """
+    if not micro_batch_tokens:
+        return [examples[i : i + micro_batch_size] for i in range(0, len(examples), micro_batch_size)]
+    ordered = sorted(examples, key=length, reverse=True)
+    batches, current = [], []
+    for ex in ordered:
+        longest = length(current[0]) if current else length(ex)
+        if current and (len(current) + 1) * longest > micro_batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(ex)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_examples, generator=generator).tolist()

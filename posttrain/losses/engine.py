@@ -1,0 +1,257 @@
+"""The chunked LM-head engine: loss and gradients without [tokens, vocab] logits.
+
+`head_loss(hidden_NH, weight_VH, ...)` returns Σ_t ℓ_t over N (already masked) positions. Its
+forward pass walks the tokens in chunks and, for each chunk, computes the logits, the loss and
+the gradient of the loss with respect to the logits, then immediately folds that gradient into
+grad_hidden (g @ W) and grad_weight (gᵀ @ h). Backward only scales the stored gradients. At any
+moment at most two [chunk, V] fp32 buffers exist (logits and probabilities/gradient), reused
+across chunks.
+
+Dense path (objective.full_vocab(params) is True), per chunk:
+    z = h Wᵀ                                  logits, fp32
+    targets = objective.targets(...)          [c, J] token ids (may read z, e.g. OTR's draws)
+    p = softmax(z)  (into the second buffer)  also gives lse and the entropy
+    ℓ, d = loss and ∂ℓ/∂log p at the targets  autograd on the small [c, J] tensor
+    g = scatter(d) − (Σ_j d_j) · p            = ∂ℓ/∂z for any loss of log-softmax values
+Support path (LSM on given ids): z_S = h · W[ids] is [c, K]; ℓ and ∂ℓ/∂z_S come from autograd on
+that small tensor; grad_hidden = Σ_k d_k W[ids_k]; grad_weight gets d_k h at rows ids_k. The
+head costs 2·H·K per token instead of 2·H·V.
+
+On CUDA with bf16 the matmuls run in bf16 (fp32 accumulate) and all elementwise work is fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from posttrain.losses.objective import Objective
+
+HEAD_BUFFER_BYTES = 128 * 2**20  # default memory budget of the per-chunk buffer
+SCRATCH_ROWS = 16  # rows per block of the softmax-statistics / sampling scratch buffer
+
+
+def head_loss(
+    hidden_NH: torch.Tensor,
+    weight_VH: torch.Tensor,
+    objective: Objective,
+    params: Any,
+    inputs: dict[str, torch.Tensor],
+    *,
+    chunk_tokens: int | None = None,
+    generator: torch.Generator | None = None,
+    matmul_dtype: torch.dtype | None = None,
+    stats: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Σ_t ℓ_t over the N rows of hidden_NH (each row one loss position).
+
+    inputs: per-token tensors with leading dimension N (target_ids, rewards, supports, ...).
+    stats: if given, filled with per-objective diagnostic sums over the N tokens (floats).
+    matmul_dtype: dtype of the head matmuls (default: the weight's dtype).
+    """
+    if hidden_NH.shape[0] == 0:
+        # Nothing to score; keep the graph connected so backward still works.
+        return (hidden_NH.sum() + weight_VH.sum()) * 0.0
+    if objective.sample_inputs is not None:
+        inputs = {**inputs, **objective.sample_inputs(params, hidden_NH.shape[0], generator, hidden_NH.device)}
+    plan = _Plan(objective, params, inputs, chunk_tokens, matmul_dtype, stats if stats is not None else {})
+    return _ChunkedHeadLoss.apply(hidden_NH, weight_VH, plan)
+
+
+class _Plan:
+    """Everything the autograd function needs besides the two differentiable tensors."""
+
+    def __init__(self, objective, params, inputs, chunk_tokens, matmul_dtype, stats):
+        self.objective, self.params, self.inputs = objective, params, inputs
+        self.chunk_tokens, self.matmul_dtype, self.stats = chunk_tokens, matmul_dtype, stats
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden_NH, weight_VH, plan: _Plan):
+        loss_sum, grad_hidden, grad_weight = _run(hidden_NH, weight_VH, plan, ctx.needs_input_grad[1])
+        # Kept as attributes, not save_for_backward: backward hands them to autograd and drops its
+        # own reference, so the first accumulation into weight.grad can take the tensor instead of
+        # cloning it (a clone would double the largest tensor of the step).
+        ctx.grads = (grad_hidden, grad_weight)
+        ctx.recompute = (hidden_NH.detach(), weight_VH.detach(), plan)
+        return loss_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.grads is None:
+            # A second backward through the same graph (retain_graph, gradcheck): recompute.
+            hidden_NH, weight_VH, plan = ctx.recompute
+            quiet = _Plan(plan.objective, plan.params, plan.inputs, plan.chunk_tokens, plan.matmul_dtype, {})
+            _, grad_hidden, grad_weight = _run(hidden_NH, weight_VH, quiet, ctx.needs_input_grad[1])
+        else:
+            grad_hidden, grad_weight = ctx.grads
+            ctx.grads = None
+        grad_hidden = grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
+        if grad_weight is not None:
+            grad_weight = grad_weight.mul_(grad_loss.to(grad_weight.dtype))
+        return grad_hidden, grad_weight, None
+
+
+def _run(hidden_NH, weight_VH, plan: _Plan, need_weight_grad: bool):
+    n_tokens, hidden_size = hidden_NH.shape
+    vocab = weight_VH.shape[0]
+    acc_dtype = torch.float64 if hidden_NH.dtype == torch.float64 else torch.float32
+    mm_dtype = plan.matmul_dtype or weight_VH.dtype
+    weight_mm = weight_VH.detach().to(mm_dtype)
+    grad_hidden = torch.empty(n_tokens, hidden_size, dtype=acc_dtype, device=hidden_NH.device)
+    grad_weight = (
+        torch.zeros(vocab, hidden_size, dtype=acc_dtype, device=weight_VH.device) if need_weight_grad else None
+    )
+    loss_sum = torch.zeros((), dtype=acc_dtype, device=hidden_NH.device)
+    dense = plan.objective.full_vocab(plan.params)
+    chunk = _chunk_size(plan.chunk_tokens, n_tokens, vocab, hidden_size, plan.params, dense)
+    if dense:
+        # The reused buffers (see module docstring): logits/gradient, and a few rows of scratch.
+        logits_buf = torch.empty(chunk, vocab, dtype=acc_dtype, device=hidden_NH.device)
+        scratch_buf = torch.empty(min(SCRATCH_ROWS, chunk), vocab, dtype=acc_dtype, device=hidden_NH.device)
+    for start in range(0, n_tokens, chunk):
+        end = min(start + chunk, n_tokens)
+        h_cH = hidden_NH[start:end].detach()
+        inputs_c = {k: v[start:end] for k, v in plan.inputs.items()}
+        if dense:
+            loss_c, stats_c = _dense_chunk(
+                h_cH, weight_mm, plan, inputs_c, logits_buf[: end - start], scratch_buf,
+                grad_hidden[start:end], grad_weight,
+            )
+        else:
+            loss_c, stats_c = _support_chunk(h_cH, weight_mm, plan, inputs_c, grad_hidden[start:end], grad_weight)
+        loss_sum += loss_c.sum()
+        for key, value in stats_c.items():
+            plan.stats[key] = plan.stats.get(key, 0.0) + value.double().sum()
+    plan.stats["tokens"] = plan.stats.get("tokens", 0.0) + torch.tensor(float(n_tokens), dtype=torch.float64)
+    grad_hidden = grad_hidden.to(hidden_NH.dtype)
+    if grad_weight is not None:
+        grad_weight = grad_weight.to(weight_VH.dtype)
+    return loss_sum.to(hidden_NH.dtype if hidden_NH.dtype == torch.float64 else torch.float32), grad_hidden, grad_weight
+
+
+def _chunk_size(requested, n_tokens, vocab, hidden_size, params, dense) -> int:
+    if requested:
+        return max(1, min(requested, n_tokens))
+    if dense:
+        per_token = vocab * 4  # one fp32 row of the logits/gradient buffer
+    else:
+        per_token = 2 * getattr(params, "k", 64) * hidden_size * 4  # gathered rows + outer product
+    largest = max(16, min(n_tokens, HEAD_BUFFER_BYTES // per_token))
+    # Equal chunks: a small last chunk would run its matmuls at poor efficiency.
+    n_chunks = -(-n_tokens // largest)
+    return -(-n_tokens // n_chunks)
+
+
+def _dense_chunk(h_cH, weight_mm, plan, inputs_c, z_cV, scratch_rV, grad_hidden_cH, grad_weight):
+    objective, params = plan.objective, plan.params
+    h_mm = h_cH.to(weight_mm.dtype)
+    _matmul_into(z_cV, h_mm, weight_mm.t())
+    targets_cJ = objective.targets(params, z_cV, inputs_c, scratch_rV)
+    lse_c1, entropy_c = _softmax_stats(z_cV, scratch_rV)
+
+    logp_cJ = z_cV.gather(1, targets_cJ) - lse_c1
+    loss_c, stats_c, d_cJ = _loss_and_score_grad(objective, params, logp_cJ, targets_cJ, inputs_c)
+
+    # g = ∂ℓ/∂z = scatter(d) − (Σ_j d_j) p with p = exp(z − lse), in place over the logits
+    z_cV.sub_(lse_c1).exp_().mul_(-d_cJ.sum(dim=1, keepdim=True))
+    z_cV.scatter_add_(1, targets_cJ, d_cJ)
+    _fold_gradient(z_cV, h_cH, h_mm, weight_mm, grad_hidden_cH, grad_weight)
+    return loss_c, {"entropy": entropy_c, **stats_c}
+
+
+def _softmax_stats(z_cV, scratch_rV):
+    """Row log-sum-exp and entropy of softmax(z), a few rows at a time through the scratch.
+
+    entropy = lse − Σ_v p_v z_v; the dot is a batched matmul, so nothing of size [c, V] is made.
+    """
+    z_max_c1 = z_cV.amax(dim=1, keepdim=True)
+    lse_c1 = torch.empty_like(z_max_c1)
+    entropy_c = torch.empty_like(z_max_c1[:, 0])
+    rows = scratch_rV.shape[0]
+    for r0 in range(0, z_cV.shape[0], rows):
+        block_rV = z_cV[r0 : r0 + rows]
+        exp_rV = torch.sub(block_rV, z_max_c1[r0 : r0 + rows], out=scratch_rV[: block_rV.shape[0]]).exp_()
+        sum_exp_r1 = exp_rV.sum(dim=1, keepdim=True)
+        p_dot_z_r1 = torch.bmm(exp_rV.unsqueeze(1), block_rV.unsqueeze(2)).view(-1, 1) / sum_exp_r1
+        lse_c1[r0 : r0 + rows] = z_max_c1[r0 : r0 + rows] + sum_exp_r1.log()
+        entropy_c[r0 : r0 + rows] = (lse_c1[r0 : r0 + rows] - p_dot_z_r1).squeeze(1)
+    return lse_c1, entropy_c
+
+
+def _support_chunk(h_cH, weight_mm, plan, inputs_c, grad_hidden_cH, grad_weight):
+    objective, params = plan.objective, plan.params
+    ids_cK = objective.targets(params, None, inputs_c, None)
+    h_mm = h_cH.to(weight_mm.dtype)
+    rows_cKH = weight_mm[ids_cK]
+    z_cK = torch.bmm(rows_cKH, h_mm.unsqueeze(2)).squeeze(2).to(grad_hidden_cH.dtype)
+    loss_c, stats_c, d_cK = _loss_and_score_grad(objective, params, z_cK, ids_cK, inputs_c)
+    grad_h = torch.bmm(d_cK.unsqueeze(1).to(rows_cKH.dtype), rows_cKH).squeeze(1)
+    grad_hidden_cH.copy_(grad_h)
+    if grad_weight is not None:
+        outer_cKH = d_cK.unsqueeze(2) * h_cH.to(grad_weight.dtype).unsqueeze(1)
+        grad_weight.index_add_(0, ids_cK.reshape(-1), outer_cKH.reshape(-1, h_cH.shape[1]))
+    return loss_c, stats_c
+
+
+def _loss_and_score_grad(objective, params, scores_cJ, targets_cJ, inputs_c):
+    """The objective's loss on the small score tensor, and ∂ℓ/∂scores by autograd."""
+    with torch.enable_grad():
+        scores = scores_cJ.detach().requires_grad_(True)
+        loss_c, stats_c = objective.token_loss(params, scores, targets_cJ, inputs_c)
+        (d_cJ,) = torch.autograd.grad(loss_c.sum(), scores)
+    return loss_c.detach(), {k: v.detach() for k, v in stats_c.items()}, d_cJ
+
+
+def _matmul_into(out_fp32, a, b):
+    """out = a @ b with an fp32 (or fp64) result whatever the input dtype."""
+    if a.dtype == out_fp32.dtype:
+        torch.mm(a, b, out=out_fp32)
+    else:
+        out_fp32.copy_(_mm_wide(a, b, out_fp32.dtype))
+
+
+def _mm_wide(a, b, dtype):
+    """a @ b returned in `dtype`; uses mm's out_dtype (fp32 output of bf16 inputs) where the
+    backend has it (CUDA), else rounds through the input dtype like an ordinary bf16 matmul."""
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=dtype)
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+    return torch.mm(a, b).to(dtype)
+
+
+def _fold_gradient(g_cV, h_cH, h_mm, weight_mm, grad_hidden_cH, grad_weight):
+    """grad_hidden = g @ W and grad_weight += gᵀ @ h for one chunk."""
+    if g_cV.dtype == weight_mm.dtype:
+        torch.mm(g_cV, weight_mm, out=grad_hidden_cH)
+        if grad_weight is not None:
+            grad_weight.addmm_(g_cV.t(), h_cH.to(g_cV.dtype))
+        return
+    g_mm = g_cV.to(weight_mm.dtype)
+    grad_hidden_cH.copy_(_mm_wide(g_mm, weight_mm, grad_hidden_cH.dtype))
+    if grad_weight is not None:
+        grad_weight.add_(_mm_wide(g_mm.t(), h_mm, grad_weight.dtype))
+
+
+def inverse_cdf_draws(z_cV, temperature: float, uniforms_cK, scratch_rV) -> torch.Tensor:
+    """K i.i.d. draws per row from softmax(z / temperature), by inverse CDF.
+
+    Uses K uniforms per row (never V): for each block of rows, the tempered probabilities go
+    into the scratch buffer, become a CDF by an in-place cumulative sum, and a binary search
+    finds each draw. z is left untouched.
+    """
+    draws_cK = torch.empty(uniforms_cK.shape, dtype=torch.long, device=z_cV.device)
+    rows = scratch_rV.shape[0]
+    for r0 in range(0, z_cV.shape[0], rows):
+        block_rV = z_cV[r0 : r0 + rows]
+        cdf_rV = scratch_rV[: block_rV.shape[0]]
+        torch.sub(block_rV, block_rV.amax(dim=1, keepdim=True), out=cdf_rV).mul_(1.0 / temperature).exp_()
+        torch.cumsum(cdf_rV, dim=1, out=cdf_rV)
+        thresholds_rK = uniforms_cK[r0 : r0 + rows].to(cdf_rV.dtype) * cdf_rV[:, -1:]
+        # right=True: a zero-probability token (an empty CDF step) can never be drawn
+        torch.searchsorted(cdf_rV, thresholds_rK, right=True, out=draws_cK[r0 : r0 + rows])
+    return draws_cK.clamp_(max=z_cV.shape[1] - 1)

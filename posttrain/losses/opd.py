@@ -1,0 +1,72 @@
+"""OPD, sampled-token on-policy distillation (the LSM paper's baseline; Qwen3, Thinking Machines).
+
+Per-token reward r_t = log q(y_t) − log π_old(y_t), a constant per rollout batch, applied as a
+policy gradient. With discount γ the advantage is the reward-to-go A_t = Σ_{k≥t} γ^{k−t} r_k
+(γ = 0: token-level, the default).
+  plain:    ℓ_t = −A_t · log π_θ(y_t)
+  PPO-clip: ℓ_t = max(−A_t ρ_t, −A_t clip(ρ_t, 1−ε_lo, 1+ε_hi)), ρ_t = π_θ(y_t)/π_old(y_t),
+            and for A_t < 0 at most −A_t · c (dual clip).
+The expected plain gradient over y ~ π equals the gradient of KL(π ‖ q).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from posttrain.losses.objective import OLD_LOGPROB, TEACHER_TOKEN, Objective
+
+
+@dataclass
+class Params:
+    ppo_clip: bool = True  # false: plain policy gradient −A log π
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float = 3.0  # c; 0 disables the dual clip
+    discount: float = 0.0  # γ for the reward-to-go
+
+
+def needs(params):
+    return frozenset({OLD_LOGPROB, TEACHER_TOKEN})
+
+
+def prepare(params, batch):
+    mask_BT = batch["loss_mask"].to(batch["old_logprob"].dtype)
+    reward_BT = (batch["teacher_token_logprob"] - batch["old_logprob"]) * mask_BT
+    return {"reward": reward_BT, "advantage": reward_to_go(reward_BT, params.discount)}
+
+
+def reward_to_go(reward_BT: torch.Tensor, discount: float) -> torch.Tensor:
+    """A_t = Σ_{k≥t} γ^{k−t} r_k along the time axis (masked rewards are already zero)."""
+    if discount == 0.0:
+        return reward_BT.clone()
+    advantage_BT = torch.zeros_like(reward_BT)
+    running_B = torch.zeros_like(reward_BT[:, 0])
+    for t in range(reward_BT.shape[1] - 1, -1, -1):
+        running_B = reward_BT[:, t] + discount * running_B
+        advantage_BT[:, t] = running_B
+    return advantage_BT
+
+
+def token_loss(params, logp_CJ, targets_CJ, inputs):
+    logp_C, adv_C = logp_CJ[:, 0], inputs["advantage"].to(logp_CJ.dtype)
+    reward_C = inputs["reward"]
+    stats = {"reward": reward_C, "negative_reward_frac": (reward_C < 0).to(logp_C.dtype)}
+    if not params.ppo_clip:
+        return -adv_C * logp_C, stats
+    ratio_C = (logp_C - inputs["old_logprob"].to(logp_C.dtype)).exp()
+    unclipped_C = -adv_C * ratio_C
+    clipped_C = -adv_C * ratio_C.clamp(1.0 - params.clip_low, 1.0 + params.clip_high)
+    loss_C = torch.maximum(unclipped_C, clipped_C)
+    clipped = clipped_C > unclipped_C
+    if params.dual_clip > 0:
+        bound_C = -adv_C * params.dual_clip
+        dual = (adv_C < 0) & (loss_C > bound_C)
+        loss_C = torch.where(dual, bound_C, loss_C)
+        clipped = clipped | dual
+    return loss_C, {**stats, "clip_frac": clipped.to(logp_C.dtype), "ratio": ratio_C}
+
+
+OBJECTIVE = Objective(
+    name="opd", summary="sampled-token on-policy distillation: reward log q − log π_old, PPO-clip or plain PG",
+    Params=Params, token_loss=token_loss, on_policy=True, needs=needs, prepare=prepare,
+)

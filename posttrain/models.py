@@ -1,0 +1,140 @@
+"""Load policies, teachers and tokenizers; build tiny models from a config.
+
+Tiny models go through exactly the path a real checkpoint does: they are built from a
+Qwen2/Llama config, saved with `save_pretrained` when a run checkpoints, and loaded back with
+`AutoModelForCausalLM.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from posttrain.config import ModelConfig, TinyModelConfig
+from posttrain.errors import UserError
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def build_tiny_tokenizer(vocab_size: int):
+    """A byte-level BPE tokenizer (digits split one by one) trained on the synthetic task's
+    fixed corpus, with a ChatML template. Deterministic: same vocab_size, same tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from posttrain.data.synthetic import tokenizer_corpus
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(tokenizer_corpus(), trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", clean_up_tokenization_spaces=False
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_model(cfg: TinyModelConfig, vocab_size: int, seed: int):
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    _quiet_transformers()
+    common = dict(
+        vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=True,
+        bos_token_id=None, eos_token_id=2, pad_token_id=0,
+    )
+    config = Qwen2Config(**common) if cfg.arch == "qwen2" else LlamaConfig(**common)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load a tokenizer from {path!r}: {str(err).splitlines()[0]}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    from transformers import AutoModelForCausalLM
+
+    _quiet_transformers()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load a model from {path!r}: {str(err).splitlines()[0]}") from None
+    check_head_supported(model, path)
+    return model.to(device)
+
+
+def load_policy(cfg: ModelConfig, key: str, seed: int, device, dtype=torch.float32):
+    """(model, tokenizer) for a recipe's `model`/`student`/`teacher` section."""
+    if (cfg.path is None) == (cfg.tiny is None):
+        raise UserError(f"recipe key '{key}': set exactly one of '{key}.path' or '{key}.tiny'")
+    if cfg.tiny is not None:
+        tokenizer = build_tiny_tokenizer(cfg.tiny.vocab_size)
+        model = build_tiny_model(cfg.tiny, len(tokenizer), seed).to(device=device, dtype=dtype)
+        return model, tokenizer
+    if not Path(cfg.path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise UserError(f"recipe key '{key}.path': {cfg.path!r} is not a local directory and HF_HUB_OFFLINE=1")
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.path)
+    return load_model(cfg.path, dtype, device), tokenizer
+
+
+def check_head_supported(model, where: str) -> None:
+    """The chunked head computes logits = h · Wᵀ; refuse models whose head does more."""
+    config = model.config
+    for attr in ("final_logit_softcapping", "logit_scale"):
+        if getattr(config, attr, None) not in (None, 1.0):
+            raise UserError(f"{where}: models with {attr} are not supported by the chunked LM head")
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise UserError(f"{where}: an LM head with a bias is not supported by the chunked LM head")
+
+
+def decoder_and_head(model) -> tuple[torch.nn.Module, torch.nn.Parameter]:
+    """(the transformer body that returns final hidden states, the LM head weight [V, H])."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    return base.get_decoder(), base.get_output_embeddings().weight
+
+
+def same_vocabulary(tokenizer_a, tokenizer_b) -> bool:
+    return tokenizer_a.get_vocab() == tokenizer_b.get_vocab()
+
+
+def save_model(model, tokenizer, directory: Path) -> None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)

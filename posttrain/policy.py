@@ -1,0 +1,31 @@
+"""The one forward path from a batch to an objective's loss: body → masked hidden → chunked head.
+
+`PolicyLoss` is an nn.Module so that DDP / FSDP2 (through accelerate) wrap it as the root: the
+LM-head weight is then used inside the wrapped forward, where FSDP has unsharded it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from posttrain.losses import head_loss
+from posttrain.models import decoder_and_head
+
+NOT_PER_TOKEN = ("input_ids", "attention_mask", "loss_mask")
+
+
+class PolicyLoss(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch, objective, params, *, chunk_tokens=None, generator=None, matmul_dtype=None, stats=None):
+        """Σ_t ℓ_t over the batch's loss positions (B×T tensors; loss_mask picks positions)."""
+        decoder, weight_VH = decoder_and_head(self.model)
+        hidden_BTH = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        mask_BT = batch["loss_mask"]
+        inputs = {k: v[mask_BT] for k, v in batch.items() if k not in NOT_PER_TOKEN}
+        return head_loss(
+            hidden_BTH[mask_BT], weight_VH, objective, params, inputs,
+            chunk_tokens=chunk_tokens, generator=generator, matmul_dtype=matmul_dtype, stats=stats,
+        )

@@ -1,0 +1,147 @@
+"""`posttrain train`: offline objectives (SFT, DFT, OTR) on demonstrations.
+
+Read top to bottom: load → data → optimizer → (resume) → steps → checkpoints. One optimizer step
+takes `batch_size` examples (over all processes), runs them as micro-batches, and normalises
+every micro-batch's loss sum by the step's total number of response tokens, so any split into
+micro-batches or processes gives the same update.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from posttrain.config import ModelConfig, TrainRecipe, dump_yaml
+from posttrain.data.sft import build_examples, collate, epoch_order, load_rows, micro_batches
+from posttrain.errors import UserError
+from posttrain.losses import OBJECTIVES, normalise
+from posttrain.models import load_policy
+from posttrain.optim import build_optimizer, build_scheduler
+from posttrain.policy import PolicyLoss
+from posttrain.progress import StepProgress, console, summary_table
+from posttrain.runfolder import (
+    MetricsLog, latest_checkpoint, load_trainer_state, mark_final, prepare_run_dir, save_checkpoint, write_text_atomic,
+)
+from posttrain.runtime import Runtime, make_runtime
+from posttrain.scale import prepare_model
+
+
+def train(recipe: TrainRecipe, *, resume: bool = False, recipe_path: str = "recipe") -> Path:
+    objective = OBJECTIVES[recipe.objective.name]
+    if objective.on_policy:
+        raise UserError(f"{recipe_path}: key 'objective.name': {objective.name!r} is an on-policy objective; "
+                        "run it with `posttrain distill`")
+    runtime = make_runtime(recipe.train.precision)
+    run_dir = prepare_run_dir(recipe.out_dir, recipe.name, resume) if runtime.is_main else Path(recipe.out_dir) / recipe.name
+    runtime.barrier()
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+
+    # Model: from the recipe, or from the checkpoint being resumed (same loading path). A LoRA
+    # checkpoint holds only the adapter: the base comes from the recipe, the adapter from it.
+    model_cfg = recipe.model if checkpoint is None or recipe.train.lora else ModelConfig(path=str(checkpoint))
+    model, tokenizer = load_policy(model_cfg, "model", recipe.seed, runtime.device)
+    model = prepare_model(model, recipe.train, checkpoint)
+
+    # Data
+    rows = load_rows(recipe.data.source, recipe.data.split, recipe.data.synthetic, recipe.data.max_examples, "data.source")
+    examples, data_counts = build_examples(rows, tokenizer, recipe.data)
+    batch_size = recipe.train.batch_size
+    if batch_size < runtime.world_size:
+        raise UserError(f"{recipe_path}: key 'train.batch_size' ({batch_size}) must be at least the number of processes")
+    steps_per_epoch = len(examples) // batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"{recipe_path}: key 'train.batch_size' ({batch_size}) is larger than the data ({len(examples)} examples)")
+    total_steps = steps_per_epoch * recipe.train.epochs
+    if recipe.train.max_steps:
+        total_steps = min(total_steps, recipe.train.max_steps)
+
+    optimizer = build_optimizer(model, recipe.optim)
+    scheduler = build_scheduler(optimizer, recipe.optim, total_steps)
+    policy, optimizer = runtime.accelerator.prepare(PolicyLoss(model), optimizer)
+    start_step = load_trainer_state(checkpoint, model, optimizer, scheduler, runtime) if checkpoint else 0
+
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=runtime.is_main)
+    metrics.truncate_after(start_step)
+    if runtime.is_main:
+        write_text_atomic(run_dir / "config.yaml", f"# posttrain train --recipe {recipe_path}\n" + dump_yaml(recipe))
+        if checkpoint:
+            console.print(f"resuming {run_dir} from {checkpoint.name}")
+
+    started, last_row, order_cache = time.time(), {}, {}
+    with StepProgress(f"train {recipe.name}", total_steps, start_step, enabled=runtime.is_main) as progress:
+        for step in range(start_step, total_steps):
+            epoch, index = divmod(step, steps_per_epoch)
+            if epoch not in order_cache:
+                order_cache = {epoch: epoch_order(len(examples), recipe.seed, epoch)}
+            step_examples = [examples[i] for i in order_cache[epoch][index * batch_size : (index + 1) * batch_size]]
+            last_row = train_step(policy, optimizer, scheduler, runtime, recipe, step, step_examples, tokenizer.pad_token_id)
+            last_row.update(step=step + 1, epoch=epoch)
+            metrics.append(last_row)
+            progress.update(step + 1, last_row)
+            done = step + 1
+            if recipe.train.save_every and done % recipe.train.save_every == 0 and done < total_steps:
+                save_checkpoint(run_dir, done, model, tokenizer, optimizer, scheduler, runtime, recipe.train.keep_checkpoints)
+
+    final = save_checkpoint(run_dir, total_steps, model, tokenizer, optimizer, scheduler, runtime, recipe.train.keep_checkpoints)
+    if runtime.is_main:
+        mark_final(run_dir, final)
+        summary_table(f"train {recipe.name} ({objective.name})", [
+            ("steps", f"{total_steps} ({start_step} before this session)"),
+            ("examples", f"{data_counts['examples']} ({data_counts['truncated']} truncated, {data_counts['dropped']} dropped)"),
+            ("last loss", f"{last_row.get('loss', float('nan')):.4f}" if last_row else "-"),
+            ("tokens/s", f"{last_row.get('tokens_per_s', 0):,.0f}" if last_row else "-"),
+            ("wall time", f"{time.time() - started:.1f} s"),
+            ("checkpoint", str(run_dir / "final")),
+        ])
+    return run_dir
+
+
+def train_step(policy, optimizer, scheduler, runtime: Runtime, recipe: TrainRecipe, step: int, step_examples, pad_id) -> dict:
+    """One optimizer step over `step_examples` (the whole global batch); returns its metrics."""
+    objective = OBJECTIVES[recipe.objective.name]
+    started = time.time()
+    global_tokens = sum(ex.loss_tokens for ex in step_examples)  # every rank sees the whole batch
+    local = step_examples[runtime.rank :: runtime.world_size]
+    batches = micro_batches(local, recipe.train.micro_batch_size, recipe.train.micro_batch_tokens)
+    stats, loss_sum_total, seen_tokens = {}, 0.0, 0
+    for i, examples in enumerate(batches):
+        batch = {k: v.to(runtime.device) for k, v in collate(examples, pad_id).items()}
+        generator = torch.Generator(device=runtime.device).manual_seed(_micro_batch_seed(recipe.seed, step, runtime.rank, i))
+        last = i == len(batches) - 1
+        # Gradients are all-reduced once, on the last micro-batch.
+        with nullcontext() if last else runtime.accelerator.no_sync(policy):
+            loss_sum = policy(batch, objective, recipe.objective.params, chunk_tokens=recipe.train.head_chunk_tokens,
+                              generator=generator, matmul_dtype=runtime.matmul_dtype, stats=stats)
+            # DDP/FSDP average gradients over processes; × world_size turns that into the sum.
+            runtime.accelerator.backward(normalise(loss_sum, global_tokens) * runtime.world_size)
+        loss_sum_total += loss_sum.item()
+        seen_tokens += int(batch["attention_mask"].sum())
+    grad_norm = _clip(policy, runtime, recipe.optim.grad_clip)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    totals = runtime.sum_across_ranks({"loss_sum": loss_sum_total, "seen_tokens": seen_tokens,
+                                       **{k: float(v) for k, v in stats.items()}})
+    seconds = time.time() - started
+    row = {"loss": totals.pop("loss_sum") / max(global_tokens, 1), "lr": lr, "grad_norm": grad_norm,
+           "response_tokens": global_tokens, "tokens_per_s": totals.pop("seen_tokens") / seconds, "step_seconds": seconds}
+    tokens = max(totals.pop("tokens", 0.0), 1.0)
+    row.update({k: v / tokens for k, v in totals.items()})  # per-token means of the objective's stats
+    return row
+
+
+def _clip(policy, runtime: Runtime, max_norm: float) -> float:
+    params = [p for p in policy.parameters() if p.grad is not None]
+    if max_norm > 0:
+        return float(runtime.accelerator.clip_grad_norm_(params, max_norm))
+    return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+
+
+def _micro_batch_seed(seed: int, step: int, rank: int, index: int) -> int:
+    """A fixed seed per (run seed, step, rank, micro-batch): sampling inside the loss (OTR's
+    draws) replays exactly after a resume, whatever happened before."""
+    return (seed * 1_000_003 + step) * 10_007 + rank * 101 + index

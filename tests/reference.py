@@ -1,0 +1,70 @@
+"""Plain full-logits reference implementations of every objective, written from the formulas in
+../shared/PAPERS.md independently of posttrain/losses (they materialise [N, V] logits and let
+autograd do everything). The chunked engine must agree with these."""
+
+import torch
+
+
+def logits_of(hidden_NH, weight_VH):
+    return hidden_NH @ weight_VH.t()
+
+
+def sft(hidden, weight, inputs, params):
+    logp = logits_of(hidden, weight).log_softmax(-1)
+    return -logp.gather(1, inputs["target_ids"][:, None]).sum()
+
+
+def dft(hidden, weight, inputs, params):
+    logp = logits_of(hidden, weight).log_softmax(-1).gather(1, inputs["target_ids"][:, None])
+    return -(logp.exp().detach() * logp).sum()
+
+
+def otr_draws(logits, kappa, uniforms):
+    """Inverse-CDF draws from softmax(logits / κ), written plainly."""
+    probs = (logits / kappa).softmax(-1)
+    cdf = probs.cumsum(-1)
+    u = uniforms.to(cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp(max=logits.shape[1] - 1)
+
+
+def otr(hidden, weight, inputs, params):
+    logits = logits_of(hidden, weight)
+    draws = otr_draws(logits.detach(), params.kappa, inputs["otr_uniforms"])
+    logp = logits.log_softmax(-1).gather(1, draws)
+    reward = torch.where(draws == inputs["target_ids"][:, None], 1.0, params.beta).to(logp.dtype)
+    return -(reward * logp).sum() / params.k
+
+
+def opd(hidden, weight, inputs, params):
+    logp = logits_of(hidden, weight).log_softmax(-1).gather(1, inputs["target_ids"][:, None])[:, 0]
+    adv = inputs["advantage"].to(logp.dtype)
+    if not params.ppo_clip:
+        return -(adv * logp).sum()
+    ratio = (logp - inputs["old_logprob"].to(logp.dtype)).exp()
+    per_token = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - params.clip_low, 1 + params.clip_high))
+    if params.dual_clip > 0:
+        per_token = torch.where(adv < 0, torch.minimum(per_token, -adv * params.dual_clip), per_token)
+    return per_token.sum()
+
+
+def lsm(hidden, weight, inputs, params):
+    logp_full = logits_of(hidden, weight).log_softmax(-1)
+    total = logp_full.new_zeros(())
+    for n in range(hidden.shape[0]):  # one position at a time: obviously right, not fast
+        keep = inputs["support_valid"][n]
+        ids = inputs["support_ids"][n][keep]
+        logq = inputs["support_teacher_logprob"][n][keep].to(logp_full.dtype)
+        logp = logp_full[n, ids]
+        if params.renormalize:
+            logp = logp - logp.logsumexp(0)
+            logq = logq - logq.logsumexp(0)
+        total = total + (logp.exp() * (logp - logq)).sum()
+    return total
+
+
+REFERENCES = {"sft": sft, "dft": dft, "otr": otr, "opd": opd, "lsm": lsm}
+
+
+def full_reverse_kl(hidden, weight, teacher_logprob_NV):
+    logp = logits_of(hidden, weight).log_softmax(-1)
+    return (logp.exp() * (logp - teacher_logprob_NV)).sum()

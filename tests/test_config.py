@@ -1,0 +1,107 @@
+"""Recipe validation: every user mistake is one clear line naming the file, the key and what is allowed."""
+
+import pytest
+
+from posttrain.config import DistillRecipe, EvalRecipe, TrainRecipe, load_recipe
+from posttrain.errors import UserError
+from tests.helpers import run_cli, tiny_train_recipe, write_recipe
+
+
+def error_of(path, schema=TrainRecipe, overrides=None) -> str:
+    with pytest.raises(UserError) as info:
+        load_recipe(path, schema, overrides)
+    return str(info.value)
+
+
+def test_valid_recipe_loads_with_types_and_defaults(tmp_path):
+    path = write_recipe(tmp_path, tiny_train_recipe(tmp_path, optim={"lr": "5e-5", "betas": [0.9, 0.95]}))
+    recipe = load_recipe(path, TrainRecipe)
+    assert recipe.optim.lr == 5e-5 and recipe.optim.betas == (0.9, 0.95)  # "5e-5" (a YAML string) is coerced
+    assert recipe.train.precision == "auto" and recipe.objective.name == "sft"
+
+
+def test_overrides_are_typed_by_the_schema(tmp_path):
+    recipe = tiny_train_recipe(tmp_path, objective={"name": "otr"})
+    path = write_recipe(tmp_path, recipe)
+    loaded = load_recipe(path, TrainRecipe, ["optim.lr=1e-4", "objective.k=128", "train.max_steps=3",
+                                             "data.system_prompt=null", "name=other", "model.tiny.arch=llama"])
+    assert loaded.optim.lr == 1e-4 and isinstance(loaded.optim.lr, float)
+    assert loaded.objective.params.k == 128 and loaded.train.max_steps == 3
+    assert loaded.data.system_prompt is None and loaded.name == "other" and loaded.model.tiny.arch == "llama"
+
+
+def test_unknown_key_suggests_the_closest(tmp_path):
+    path = write_recipe(tmp_path, tiny_train_recipe(tmp_path, optim={"lrr": 1e-4}))
+    message = error_of(path)
+    assert str(path) in message and "'optim.lrr'" in message and "did you mean 'optim.lr'" in message
+
+
+def test_unknown_objective_param_is_checked_against_that_objective(tmp_path):
+    path = write_recipe(tmp_path, tiny_train_recipe(tmp_path, objective={"name": "otr", "kapa": 1.5}))
+    assert "did you mean 'objective.kappa'" in error_of(path)
+
+
+def test_wrong_type_names_the_expected_type(tmp_path):
+    path = write_recipe(tmp_path, tiny_train_recipe(tmp_path, optim={"lr": "fast"}))
+    message = error_of(path)
+    assert "'optim.lr'" in message and "must be a number" in message and "'fast'" in message
+
+
+def test_bad_choice_lists_the_allowed_values(tmp_path):
+    path = write_recipe(tmp_path, tiny_train_recipe(tmp_path, train={"precision": "fp8"}))
+    assert "must be one of: auto, fp32, bf16" in error_of(path)
+    path = write_recipe(tmp_path, tiny_train_recipe(tmp_path, objective={"name": "ppo"}))
+    assert "'objective.name' must be one of: sft, dft, otr, opd, lsm" in error_of(path)
+
+
+def test_missing_required_key(tmp_path):
+    recipe = tiny_train_recipe(tmp_path)
+    del recipe["model"]
+    message = error_of(write_recipe(tmp_path, recipe))
+    assert "key 'model' is required" in message
+
+
+def test_file_not_found_and_malformed_yaml(tmp_path):
+    assert "recipe file not found" in error_of(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\noptim:\n  lr: 1\n bad indent: [\n")
+    message = error_of(bad)
+    assert str(bad) in message and "malformed YAML at line" in message
+
+
+def test_override_errors_name_the_override(tmp_path):
+    path = write_recipe(tmp_path, tiny_train_recipe(tmp_path))
+    message = error_of(path, overrides=["optim.lrr=1e-4"])
+    assert "override optim.lrr=1e-4" in message and "did you mean 'optim.lr'" in message
+    assert "must look like key=value" in error_of(path, overrides=["optim.lr"])
+
+
+def test_other_schemas_load(tmp_path):
+    distill = {"name": "d", "student": {"path": "s"}, "teacher": {"path": "t"}, "objective": {"name": "lsm", "k": 16}}
+    loaded = load_recipe(write_recipe(tmp_path, distill), DistillRecipe)
+    assert loaded.objective.params.k == 16 and loaded.rollout.backend == "hf"
+    loaded = load_recipe(write_recipe(tmp_path, {"benchmarks": "math500,gsm8k", "samples": 4}), EvalRecipe)
+    assert loaded.benchmarks == ["math500", "gsm8k"]
+
+
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        ({"optim": {"lrr": 1}}, "did you mean 'optim.lr'"),
+        ({"optim": {"lr": "abc"}}, "must be a number"),
+        ({"objective": {"name": "lsm"}}, "is an on-policy objective; run it with `posttrain distill`"),
+    ],
+)
+def test_cli_prints_one_line_and_exits_2(tmp_path, change, expected):
+    recipe = tiny_train_recipe(tmp_path)
+    recipe.update(change)
+    proc = run_cli("train", "--recipe", str(write_recipe(tmp_path, recipe)), check=False)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_cli_missing_recipe_file(tmp_path):
+    proc = run_cli("train", "--recipe", str(tmp_path / "missing.yaml"), check=False)
+    assert proc.returncode == 2 and "recipe file not found" in proc.stderr and "Traceback" not in proc.stderr
