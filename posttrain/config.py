@@ -168,6 +168,16 @@ class RolloutConfig:
 
 
 @dataclass
+class ScoringConfig:
+    """How the teacher (and the student's π_old) score rollout tokens."""
+
+    backend: Literal["hf", "vllm"] = "hf"  # hf: local transformers, no grad; vllm: prompt_logprobs=K
+    chunk_tokens: int = 1024  # positions per scoring chunk: only [chunk, V] logits exist at once
+    diagnostics_k: int = 32  # top-K for the support/overlap metrics when the objective has no k
+    gpu_memory_utilization: float = 0.3  # vllm teacher only
+
+
+@dataclass
 class DistillLoopConfig:
     steps: int = 100
     mini_batch_size: int = 64  # rollouts per optimizer step (PPO mini-batch), over all processes
@@ -175,7 +185,6 @@ class DistillLoopConfig:
     micro_batch_size: int = 8
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     head_chunk_tokens: int | None = None
-    teacher_chunk_tokens: int = 1024  # positions per teacher-scoring chunk
     gradient_checkpointing: bool = False
     lora: LoraConfig | None = None
     mask_first_tokens: list[str] = field(default_factory=list)  # LSM paper's special-token mask
@@ -194,6 +203,7 @@ class DistillRecipe:
     out_dir: str = "runs"
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: DistillLoopConfig = field(default_factory=DistillLoopConfig)
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from posttrain.config import TrainLoopConfig
 
 
-def prepare_model(model, loop_cfg: TrainLoopConfig, checkpoint: Path | None):
+def prepare_model(model, loop_cfg, checkpoint: Path | None):
     """Apply the recipe's activation checkpointing and LoRA; with LoRA and a checkpoint, the
     adapter saved in that checkpoint is loaded (trainable) onto the freshly loaded base."""
     if loop_cfg.gradient_checkpointing:
@@ -23,3 +22,8 @@ def prepare_model(model, loop_cfg: TrainLoopConfig, checkpoint: Path | None):
     config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=lora.target_modules, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+def place_teacher(teacher, runtime):
+    """Put the (frozen) teacher where it scores: on this process's device."""
+    return teacher.to(runtime.device)

@@ -1,0 +1,331 @@
+"""`posttrain distill`: on-policy objectives (OPD, LSM). The student samples, the teacher scores.
+
+Per step, read top to bottom:
+  1. prompts → rollouts from the current student (generation backend), n per prompt
+  2. the special-token mask (LSM paper): the first occurrence of each listed token per response
+     is not trained on
+  3. scoring, no grad: π_old (the student before this step's updates) and the teacher, fetching
+     what the objective declares it needs (sampled-token log-probs, top-K supports)
+  4. objective.prepare: rewards / advantages / supports, once for the whole rollout batch
+  5. PPO epochs × mini-batches; each mini-batch is one optimizer step, its loss normalised by the
+     mini-batch's response-token count over all processes
+  6. the new weights reach the generation backend; metrics; checkpoint
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from posttrain.config import DistillRecipe, ModelConfig, dump_yaml
+from posttrain.data.sft import Example, collate, epoch_order, load_rows, micro_batches, render_prompt
+from posttrain.errors import UserError
+from posttrain.generation import SamplingSpec, make_backend
+from posttrain.losses import OBJECTIVES, normalise
+from posttrain.losses.objective import STUDENT_TOPK
+from posttrain.models import load_policy, same_vocabulary
+from posttrain.optim import build_optimizer, build_scheduler
+from posttrain.policy import PolicyLoss
+from posttrain.progress import StepProgress, console, summary_table
+from posttrain.runfolder import (
+    MetricsLog, latest_checkpoint, load_trainer_state, mark_final, prepare_run_dir, save_checkpoint, write_text_atomic,
+)
+from posttrain.runtime import Runtime, make_runtime
+from posttrain.scale import prepare_model, place_teacher
+from posttrain.scoring import has_repetition_loop, score_pair, score_tokens, support_diagnostics
+
+
+def distill(recipe: DistillRecipe, *, resume: bool = False, recipe_path: str = "recipe") -> Path:
+    objective = OBJECTIVES[recipe.objective.name]
+    if not objective.on_policy:
+        raise UserError(f"{recipe_path}: key 'objective.name': {objective.name!r} is an offline objective; "
+                        "run it with `posttrain train`")
+    params = recipe.objective.params
+    if STUDENT_TOPK in objective.needs(params) and recipe.scoring.backend == "vllm":
+        raise UserError(f"{recipe_path}: key 'scoring.backend': vllm returns only the teacher's own top-K, "
+                        "so it cannot score the student's top-K support; use scoring.backend: hf")
+    runtime = make_runtime(recipe.train.precision)
+    _check_sizes(recipe, runtime, recipe_path)
+    run_dir = prepare_run_dir(recipe.out_dir, recipe.name, resume) if runtime.is_main else Path(recipe.out_dir) / recipe.name
+    runtime.barrier()
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+
+    student_cfg = recipe.student if checkpoint is None or recipe.train.lora else ModelConfig(path=str(checkpoint))
+    student, tokenizer = load_policy(student_cfg, "student", recipe.seed, runtime.device)
+    student = prepare_model(student, recipe.train, checkpoint)
+    teacher = Teacher(recipe, runtime, tokenizer)
+    mask_ids = _single_token_ids(tokenizer, recipe.train.mask_first_tokens, recipe_path)
+    prompts = _load_prompts(recipe, tokenizer)
+
+    rollouts_per_step = recipe.rollout.prompts_per_step * recipe.rollout.samples_per_prompt
+    updates_per_step = recipe.train.ppo_epochs * (rollouts_per_step // recipe.train.mini_batch_size)
+    optimizer = build_optimizer(student, recipe.optim)
+    scheduler = build_scheduler(optimizer, recipe.optim, recipe.train.steps * updates_per_step)
+    policy, optimizer = runtime.accelerator.prepare(PolicyLoss(student), optimizer)
+    start_step = load_trainer_state(checkpoint, student, optimizer, scheduler, runtime) if checkpoint else 0
+    backend = make_backend(recipe.rollout.backend, model=student, model_path=recipe.student.path, tokenizer=tokenizer,
+                           vllm_options={"gpu_memory_utilization": recipe.rollout.vllm.gpu_memory_utilization,
+                                         "tensor_parallel_size": recipe.rollout.vllm.tensor_parallel_size,
+                                         "seed": recipe.seed})
+    if checkpoint is not None:
+        backend.update_weights(student)
+
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=runtime.is_main)
+    rollout_log = MetricsLog(run_dir / "rollouts.jsonl", enabled=runtime.is_main)  # two responses per step
+    for log in (metrics, rollout_log):
+        log.truncate_after(start_step)
+    if runtime.is_main:
+        write_text_atomic(run_dir / "config.yaml", f"# posttrain distill --recipe {recipe_path}\n" + dump_yaml(recipe))
+        if checkpoint:
+            console.print(f"resuming {run_dir} from {checkpoint.name}")
+
+    started, row = time.time(), {}
+    with StepProgress(f"distill {recipe.name}", recipe.train.steps, start_step, enabled=runtime.is_main) as progress:
+        for step in range(start_step, recipe.train.steps):
+            step_prompts = _prompts_for_step(prompts, recipe, runtime, step)
+            row, texts = distill_step(policy, optimizer, scheduler, backend, teacher, runtime, recipe, step,
+                                      step_prompts, tokenizer, mask_ids)
+            backend.update_weights(student)
+            row["step"] = step + 1
+            metrics.append(row)
+            rollout_log.append({"step": step + 1, "responses": texts})
+            progress.update(step + 1, row, speed_key="rollouts_per_s", speed_unit="rollouts/s")
+            done = step + 1
+            if recipe.train.save_every and done % recipe.train.save_every == 0 and done < recipe.train.steps:
+                save_checkpoint(run_dir, done, student, tokenizer, optimizer, scheduler, runtime, recipe.train.keep_checkpoints)
+
+    final = save_checkpoint(run_dir, recipe.train.steps, student, tokenizer, optimizer, scheduler, runtime,
+                            recipe.train.keep_checkpoints)
+    if runtime.is_main:
+        mark_final(run_dir, final)
+        summary_table(f"distill {recipe.name} ({objective.name})", [
+            ("steps", f"{recipe.train.steps} ({start_step} before this session)"),
+            ("reverse KL exact / sampled", f"{row.get('reverse_kl', float('nan')):.4f} / "
+                                           f"{row.get('reverse_kl_sampled', float('nan')):.4f}" if row else "-"),
+            ("reward mean / negative share", f"{row.get('reward_mean', 0):.3f} / {row.get('negative_reward_frac', 0):.2f}" if row else "-"),
+            ("repetition / truncated", f"{row.get('repetition_frac', 0):.2f} / {row.get('truncated_frac', 0):.2f}" if row else "-"),
+            ("wall time", f"{time.time() - started:.1f} s"),
+            ("checkpoint", str(run_dir / "final")),
+        ])
+    return run_dir
+
+
+def distill_step(policy, optimizer, scheduler, backend, teacher, runtime: Runtime, recipe: DistillRecipe, step: int,
+                 prompt_ids: list[list[int]], tokenizer, mask_ids: list[int]) -> tuple[dict, list[str]]:
+    objective, params = OBJECTIVES[recipe.objective.name], recipe.objective.params
+    lr = scheduler.get_last_lr()[0]
+    clock = time.time()
+
+    # 1. rollouts
+    spec = SamplingSpec(n=recipe.rollout.samples_per_prompt, temperature=recipe.rollout.temperature,
+                        top_p=recipe.rollout.top_p, top_k=recipe.rollout.top_k,
+                        max_new_tokens=recipe.rollout.max_new_tokens,
+                        seed=(recipe.seed * 1_000_003 + step) * 101 + runtime.rank)
+    completions = backend.generate(prompt_ids, spec)
+    rollouts = [Example(p + c.token_ids, len(p)) for p, samples in zip(prompt_ids, completions) for c in samples]
+    flat = [c for samples in completions for c in samples]
+    time_generate = time.time() - clock
+
+    # 2.–4. batch, special-token mask, scoring, objective inputs
+    clock = time.time()
+    batch = {k: v.to(runtime.device) for k, v in collate(rollouts, tokenizer.pad_token_id).items()}
+    batch["loss_mask"] &= ~first_occurrence_mask(batch["target_ids"], batch["loss_mask"], mask_ids)
+    signals, diagnostics = fetch_signals(objective, params, policy, teacher, batch, recipe, runtime)
+    batch.update(signals)
+    if objective.prepare is not None:
+        batch.update(objective.prepare(params, batch))
+    time_score = time.time() - clock
+
+    # 5. PPO epochs × mini-batches
+    clock = time.time()
+    stats, losses, grad_norms = {}, [], []
+    local_mini = recipe.train.mini_batch_size // runtime.world_size
+    for epoch in range(recipe.train.ppo_epochs):
+        order = torch.randperm(len(rollouts), generator=torch.Generator().manual_seed(recipe.seed * 7919 + step * 31 + epoch))
+        for start in range(0, len(rollouts), local_mini):
+            rows = order[start : start + local_mini]
+            loss, grad_norm = ppo_update(policy, optimizer, scheduler, runtime, recipe, batch, rows, stats,
+                                         seed=(step * 1009 + epoch) * 1009 + start)
+            losses.append(loss)
+            grad_norms.append(grad_norm)
+    time_train = time.time() - clock
+
+    # 6. metrics (sums over processes, then per-token or per-rollout means)
+    mask = batch["loss_mask"]
+    reward = (batch["teacher_token_logprob"] - batch["old_logprob"])[mask]
+    exact_kl = batch["exact_reverse_kl"][mask].sum() if "exact_reverse_kl" in batch else float("nan")
+    sums = {
+        "tokens": float(mask.sum()), "rollouts": float(len(rollouts)), "reward_sum": float(reward.sum()),
+        "exact_kl_sum": float(exact_kl),
+        "negative_sum": float((reward < 0).sum()), "entropy_sum": float(batch["student_entropy"][mask].sum()),
+        "length_sum": float(sum(len(c.token_ids) for c in flat)),
+        "truncated": float(sum(c.finish_reason == "length" for c in flat)),
+        "repetition": float(sum(has_repetition_loop(c.token_ids) for c in flat)),
+        **{f"diag_{k}": v * float(mask.sum()) for k, v in diagnostics.items()},
+        **{f"stat_{k}": float(v) for k, v in stats.items()},
+    }
+    sums = runtime.sum_across_ranks(sums)
+    tokens, count = max(sums["tokens"], 1.0), max(sums["rollouts"], 1.0)
+    engine_tokens = max(sums.pop("stat_tokens", 1.0), 1.0)
+    row = {
+        "loss": sum(losses) / max(len(losses), 1), "lr": lr, "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
+        # exact Σ_v π(log π − log q) at the visited positions (local teacher), and the sampled-token
+        # (k1) estimate E_y[log π_old(y) − log q(y)] that most tools report
+        "reverse_kl": sums["exact_kl_sum"] / tokens, "reverse_kl_sampled": -sums["reward_sum"] / tokens,
+        "reward_mean": sums["reward_sum"] / tokens,
+        "negative_reward_frac": sums["negative_sum"] / tokens, "entropy": sums["entropy_sum"] / tokens,
+        "response_length": sums["length_sum"] / count, "truncated_frac": sums["truncated"] / count,
+        "repetition_frac": sums["repetition"] / count, "response_tokens": tokens,
+        **{k[5:]: v / tokens for k, v in sums.items() if k.startswith("diag_")},
+        **{f"train_{k[5:]}": v / engine_tokens for k, v in sums.items() if k.startswith("stat_")},
+        "time_generate": time_generate, "time_score": time_score, "time_train": time_train,
+        "rollouts_per_s": count / max(time_generate + time_score + time_train, 1e-9),
+    }
+    texts = [tokenizer.decode(r.token_ids[r.prompt_len :]) for r in rollouts[:2]]
+    return row, texts
+
+
+def ppo_update(policy, optimizer, scheduler, runtime, recipe, batch, rows, stats, seed) -> tuple[float, float]:
+    """One optimizer step on the rollouts `rows` of this process's batch."""
+    objective, params = OBJECTIVES[recipe.objective.name], recipe.objective.params
+    local_tokens = int(batch["loss_mask"][rows].sum())
+    global_tokens = int(runtime.sum_across_ranks({"t": local_tokens})["t"])
+    groups = micro_batches(rows.tolist(), recipe.train.micro_batch_size, None)
+    loss_sum_total = 0.0
+    for i, group in enumerate(groups):
+        micro = _select_rows(batch, torch.tensor(group, device=batch["input_ids"].device))
+        generator = torch.Generator(device=runtime.device).manual_seed(seed * 31 + i)
+        last = i == len(groups) - 1
+        with nullcontext() if last else runtime.accelerator.no_sync(policy):
+            loss_sum = policy(micro, objective, params, chunk_tokens=recipe.train.head_chunk_tokens,
+                              generator=generator, matmul_dtype=runtime.matmul_dtype, stats=stats)
+            runtime.accelerator.backward(normalise(loss_sum, global_tokens) * runtime.world_size)
+        loss_sum_total += loss_sum.item()
+    params_with_grad = [p for p in policy.parameters() if p.grad is not None]
+    if recipe.optim.grad_clip > 0:
+        grad_norm = float(runtime.accelerator.clip_grad_norm_(params_with_grad, recipe.optim.grad_clip))
+    else:
+        grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params_with_grad]))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return runtime.sum_across_ranks({"l": loss_sum_total})["l"] / max(global_tokens, 1), grad_norm
+
+
+def fetch_signals(objective, params, policy, teacher, batch, recipe: DistillRecipe, runtime):
+    """π_old and teacher signals at the loss positions (no grad), plus support diagnostics.
+
+    A local teacher is scored together with the student in one chunked pass (score_pair), which
+    also gives the exact reverse KL; a vLLM teacher returns its own top-K, and the student is
+    then scored on it."""
+    student = policy.module.model if hasattr(policy, "module") else policy.model
+    k = getattr(params, "k", recipe.scoring.diagnostics_k)
+    score = dict(chunk_tokens=recipe.scoring.chunk_tokens, matmul_dtype=runtime.matmul_dtype)
+    if teacher.vllm is None:
+        signals = score_pair(student, teacher.model, batch, k=k, **score)
+    else:
+        teach = teacher.vllm.score(batch)
+        old = score_tokens(student, batch, k=k, at_ids_BTJ=teach["topk_ids"], entropy=True, **score)
+        signals = {
+            "old_logprob": old["token_logprob"], "teacher_token_logprob": teach["token_logprob"],
+            "student_topk_ids": old["topk_ids"], "student_topk_logprob": old["topk_logprob"],
+            "teacher_topk_ids": teach["topk_ids"], "teacher_topk_logprob": teach["topk_logprob"],
+            "student_logprob_at_teacher_topk": old["at_logprob"], "student_entropy": old["entropy"],
+        }
+    # "mass on the support" refers to the objective's support (the teacher's top-K unless the
+    # objective uses the student's).
+    if STUDENT_TOPK in objective.needs(params):
+        on_support = (signals["student_topk_logprob"], signals["teacher_logprob_at_student_topk"])
+    else:
+        on_support = (signals["student_logprob_at_teacher_topk"], signals["teacher_topk_logprob"])
+    diagnostics = support_diagnostics(*on_support, signals["student_topk_ids"], signals["teacher_topk_ids"],
+                                      batch["loss_mask"])
+    return signals, diagnostics
+
+
+class Teacher:
+    """The frozen teacher: a local transformers model (`model`) or a vLLM engine (`vllm`)."""
+
+    def __init__(self, recipe: DistillRecipe, runtime: Runtime, student_tokenizer):
+        dtype = torch.bfloat16 if runtime.matmul_dtype == torch.bfloat16 else torch.float32
+        model, tokenizer = load_policy(recipe.teacher, "teacher", recipe.seed + 1, "cpu", dtype=dtype)
+        if not same_vocabulary(tokenizer, student_tokenizer) or (
+            model.get_output_embeddings().weight.shape[0] < len(student_tokenizer)
+        ):
+            raise UserError("teacher and student tokenizers differ (recipe keys 'teacher' and 'student'); "
+                            "token-level objectives need one shared vocabulary")
+        self.model = self.vllm = None
+        if recipe.scoring.backend == "vllm":
+            from posttrain.generation.vllm import VLLMTeacher
+
+            k = getattr(recipe.objective.params, "k", recipe.scoring.diagnostics_k)
+            self.vllm = VLLMTeacher(recipe.teacher.path, k=k, gpu_memory_utilization=recipe.scoring.gpu_memory_utilization)
+        else:
+            self.model = place_teacher(model.eval().requires_grad_(False), runtime)
+
+
+def first_occurrence_mask(target_ids_BT, loss_mask_BT, token_ids: list[int]) -> torch.Tensor:
+    """True at the first loss position of each response whose target is one of `token_ids`
+    (each listed token separately): the LSM paper's special-token mask."""
+    out = torch.zeros_like(loss_mask_BT)
+    for token in token_ids:
+        hits = (target_ids_BT == token) & loss_mask_BT
+        first = hits.int().cumsum(dim=1) == 1
+        out |= hits & first
+    return out
+
+
+def _select_rows(batch, rows):
+    """Rows of every [B, T, ...] tensor, trimmed to the longest attended length among them."""
+    width = int(batch["attention_mask"][rows].sum(dim=1).max())
+    return {k: v[rows][:, :width] for k, v in batch.items()}
+
+
+def _single_token_ids(tokenizer, tokens: list[str], recipe_path) -> list[int]:
+    ids = []
+    for token in tokens:
+        encoded = tokenizer.convert_tokens_to_ids(token) if token in tokenizer.get_vocab() else None
+        if encoded is None:
+            pieces = tokenizer(token, add_special_tokens=False)["input_ids"]
+            if len(pieces) != 1:
+                raise UserError(f"{recipe_path}: key 'train.mask_first_tokens': {token!r} is {len(pieces)} tokens "
+                                "for this tokenizer; list single tokens")
+            encoded = pieces[0]
+        ids.append(encoded)
+    return ids
+
+
+def _load_prompts(recipe: DistillRecipe, tokenizer) -> list[list[int]]:
+    cfg = recipe.prompts
+    rows = load_rows(cfg.source, cfg.split, cfg.synthetic, cfg.max_examples, "prompts.source")
+    if rows and cfg.prompt_field not in rows[0]:
+        raise UserError(f"recipe key 'prompts.prompt_field': the data has no field {cfg.prompt_field!r}; "
+                        f"fields: {', '.join(rows[0])}")
+    prompts = [render_prompt(tokenizer, str(row[cfg.prompt_field]), cfg.system_prompt) for row in rows]
+    prompts = [p for p in prompts if len(p) <= cfg.max_prompt_length]
+    if len(prompts) < recipe.rollout.prompts_per_step:
+        raise UserError(f"recipe key 'rollout.prompts_per_step': only {len(prompts)} prompts fit "
+                        f"prompts.max_prompt_length={cfg.max_prompt_length}")
+    return prompts
+
+
+def _prompts_for_step(prompts, recipe: DistillRecipe, runtime, step) -> list[list[int]]:
+    per_step = recipe.rollout.prompts_per_step
+    steps_per_epoch = len(prompts) // per_step
+    epoch, index = divmod(step, steps_per_epoch)
+    order = epoch_order(len(prompts), recipe.seed, epoch)[index * per_step : (index + 1) * per_step]
+    return [prompts[i] for i in order][runtime.rank :: runtime.world_size]
+
+
+def _check_sizes(recipe: DistillRecipe, runtime, recipe_path) -> None:
+    rollouts = recipe.rollout.prompts_per_step * recipe.rollout.samples_per_prompt
+    if recipe.rollout.prompts_per_step % runtime.world_size:
+        raise UserError(f"{recipe_path}: key 'rollout.prompts_per_step' ({recipe.rollout.prompts_per_step}) must be "
+                        f"a multiple of the number of processes ({runtime.world_size})")
+    if rollouts % recipe.train.mini_batch_size or recipe.train.mini_batch_size % runtime.world_size:
+        raise UserError(f"{recipe_path}: key 'train.mini_batch_size' ({recipe.train.mini_batch_size}) must divide the "
+                        f"rollouts per step ({rollouts}) and be a multiple of the number of processes")
+

@@ -1,0 +1,131 @@
+"""Scoring rollout tokens without gradients: the student's π_old and the teacher's signals.
+
+`score_tokens` runs a model over a batch and, at the loss positions only, returns the log-prob
+of the target token, the top-K ids and log-probs, and optionally the log-probs at given ids.
+It walks the positions in chunks, so only [chunk, V] logits exist at a time and only
+[B, T, K] is kept.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from posttrain.models import decoder_and_head
+
+
+@torch.no_grad()
+def hidden_at_loss_positions(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(final hidden states at the loss positions [N, H], the LM-head weight [V, H])."""
+    decoder, weight_VH = decoder_and_head(model)
+    hidden_BTH = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    return hidden_BTH[batch["loss_mask"]], weight_VH
+
+
+def _chunk_logprobs(hidden_cH, weight_VH, vocab: int, matmul_dtype) -> torch.Tensor:
+    weight = weight_VH[:vocab] if matmul_dtype is None else weight_VH[:vocab].to(matmul_dtype)
+    return (hidden_cH.to(weight.dtype) @ weight.t()).float().log_softmax(dim=-1)
+
+
+@torch.no_grad()
+def score_tokens(model, batch: dict, *, k: int = 0, at_ids_BTJ: torch.Tensor | None = None, entropy: bool = False,
+                 chunk_tokens: int = 1024, matmul_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    hidden_NH, weight_VH = hidden_at_loss_positions(model, batch)
+    mask_BT = batch["loss_mask"]
+    targets_N = batch["target_ids"][mask_BT]
+    at_ids_NJ = at_ids_BTJ[mask_BT] if at_ids_BTJ is not None else None
+    out = {}
+    for start in range(0, hidden_NH.shape[0], chunk_tokens):
+        end = min(start + chunk_tokens, hidden_NH.shape[0])
+        logp_cV = _chunk_logprobs(hidden_NH[start:end], weight_VH, weight_VH.shape[0], matmul_dtype)
+        values = {"token_logprob": logp_cV.gather(1, targets_N[start:end, None]).squeeze(1)}
+        if entropy:
+            values["entropy"] = -(logp_cV.exp() * logp_cV).sum(dim=-1)
+        if k:
+            top = logp_cV.topk(k, dim=-1)
+            values["topk_logprob"], values["topk_ids"] = top.values, top.indices
+        if at_ids_NJ is not None:
+            values["at_logprob"] = logp_cV.gather(1, at_ids_NJ[start:end])
+        _store(out, values, start, hidden_NH.shape[0])
+    return {key: _unmask(value, mask_BT) for key, value in out.items()}
+
+
+@torch.no_grad()
+def score_pair(student, teacher, batch: dict, *, k: int, chunk_tokens: int = 1024,
+               matmul_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Student (π_old) and teacher in one chunked pass over the loss positions: both models'
+    log-probs of the sampled token, both top-K supports with each model's log-probs on the
+    other's, the student's entropy, and the exact per-position reverse KL Σ_v π(v)(log π − log q).
+    (Padded vocabulary rows beyond the smaller head are ignored; they are never real tokens.)"""
+    hidden_s, weight_s = hidden_at_loss_positions(student, batch)
+    hidden_t, weight_t = hidden_at_loss_positions(teacher, batch)
+    vocab = min(weight_s.shape[0], weight_t.shape[0])
+    mask_BT = batch["loss_mask"]
+    targets_N = batch["target_ids"][mask_BT]
+    out = {}
+    for start in range(0, hidden_s.shape[0], chunk_tokens):
+        end = min(start + chunk_tokens, hidden_s.shape[0])
+        logp_s = _chunk_logprobs(hidden_s[start:end], weight_s, vocab, matmul_dtype)
+        logp_t = _chunk_logprobs(hidden_t[start:end], weight_t.to(weight_s.device), vocab, matmul_dtype)
+        top_s, top_t = logp_s.topk(k, dim=-1), logp_t.topk(k, dim=-1)
+        p_s = logp_s.exp()
+        _store(out, {
+            "old_logprob": logp_s.gather(1, targets_N[start:end, None]).squeeze(1),
+            "teacher_token_logprob": logp_t.gather(1, targets_N[start:end, None]).squeeze(1),
+            "student_topk_ids": top_s.indices, "student_topk_logprob": top_s.values,
+            "teacher_topk_ids": top_t.indices, "teacher_topk_logprob": top_t.values,
+            "teacher_logprob_at_student_topk": logp_t.gather(1, top_s.indices),
+            "student_logprob_at_teacher_topk": logp_s.gather(1, top_t.indices),
+            "student_entropy": -(p_s * logp_s).sum(dim=-1),
+            "exact_reverse_kl": (p_s * (logp_s - logp_t)).sum(dim=-1),
+        }, start, hidden_s.shape[0])
+    return {key: _unmask(value, mask_BT) for key, value in out.items()}
+
+
+def _store(out: dict, values: dict, start: int, n: int) -> None:
+    """Write one chunk's per-position values into [N, ...] buffers (allocated on first use)."""
+    for key, value in values.items():
+        if key not in out:
+            out[key] = value.new_empty(n, *value.shape[1:])
+        out[key][start : start + value.shape[0]] = value
+
+
+def _unmask(values_N, mask_BT):
+    """Scatter per-position values back to [B, T, ...] (zeros where the mask is off)."""
+    out = values_N.new_zeros(*mask_BT.shape, *values_N.shape[1:])
+    out[mask_BT] = values_N
+    return out
+
+
+def support_diagnostics(student_logprob_at_support_BTK, teacher_logprob_at_support_BTK,
+                        student_topk_ids_BTK, teacher_topk_ids_BTK, mask_BT) -> dict[str, float]:
+    """Means over loss positions: each model's probability mass on the support, and the share
+    of the teacher's top-K that is also in the student's top-K."""
+    if mask_BT.sum() == 0:
+        return {}
+    student_mass = student_logprob_at_support_BTK.logsumexp(-1).exp()[mask_BT]
+    teacher_mass = teacher_logprob_at_support_BTK.logsumexp(-1).exp()[mask_BT]
+    s_ids, t_ids = student_topk_ids_BTK[mask_BT], teacher_topk_ids_BTK[mask_BT]
+    overlap = (t_ids.unsqueeze(-1) == s_ids.unsqueeze(-2)).any(-1).float().mean(-1)
+    return {"student_mass": student_mass.mean().item(), "teacher_mass": teacher_mass.mean().item(),
+            "topk_overlap": overlap.mean().item()}
+
+
+def has_repetition_loop(tokens: list[int], max_period: int = 32, min_span: int = 24, min_repeats: int = 3) -> bool:
+    """True if some block of ≤ max_period tokens repeats back to back at least `min_repeats`
+    times over ≥ min_span tokens: the degenerate loop the LSM paper reports on drifted rollouts."""
+    ids = torch.tensor(tokens)
+    for period in range(1, min(max_period, len(tokens) // min_repeats) + 1):
+        same = (ids[period:] == ids[:-period]).int()
+        # longest run of positions where the sequence equals itself shifted by `period`
+        run = longest_run(same)
+        if run + period >= max(min_span, min_repeats * period):
+            return True
+    return False
+
+
+def longest_run(flags: torch.Tensor) -> int:
+    if flags.numel() == 0 or int(flags.max()) == 0:
+        return 0
+    padded = torch.cat([flags.new_zeros(1), flags, flags.new_zeros(1)])
+    changes = torch.diff(padded).nonzero().squeeze(1)
+    return int((changes[1::2] - changes[0::2]).max())

@@ -1,0 +1,147 @@
+"""`posttrain distill`: scoring, masks, diagnostics, and end-to-end runs on tiny models."""
+
+import json
+
+import pytest
+import torch
+
+from posttrain.config import DistillRecipe, TrainRecipe, from_dict
+from posttrain.distill import distill, first_occurrence_mask
+from posttrain.scoring import has_repetition_loop, score_tokens, support_diagnostics
+from tests.helpers import TINY, load_weights, run_cli, tiny_train_recipe, write_recipe
+
+TEACHER = {**TINY, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 256}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny teacher trained on the synthetic task, and a smaller student pretrained on its easy
+    split: in-distribution but worse, as in the papers (in-process: these are only fixtures)."""
+    from posttrain.train import train
+
+    tmp = tmp_path_factory.mktemp("models")
+    teacher = tiny_train_recipe(tmp, name="teacher", data={"synthetic": {"split": "in_domain", "num_examples": 4096}},
+                                optim={"lr": 1e-2}, train={"epochs": 2, "batch_size": 32, "micro_batch_size": 32})
+    teacher["model"]["tiny"] = dict(TEACHER)
+    student = tiny_train_recipe(tmp, name="student", data={"synthetic": {"split": "pretrain", "num_examples": 4096}},
+                                optim={"lr": 1e-2}, train={"epochs": 1, "batch_size": 32, "micro_batch_size": 32})
+    for recipe in (teacher, student):
+        train(from_dict(TrainRecipe, recipe, "fixture"))
+    return tmp / "runs" / "teacher" / "final", tmp / "runs" / "student" / "final"
+
+
+def distill_recipe(tmp_path, models, objective, name="d", steps=2, **sections):
+    models, student_dir = models
+    recipe = {
+        "name": name, "out_dir": str(tmp_path / "runs"),
+        "student": {"path": str(student_dir)}, "teacher": {"path": str(models)},
+        "prompts": {"source": "synthetic", "synthetic": {"split": "in_domain", "num_examples": 256}},
+        "rollout": {"prompts_per_step": 8, "samples_per_prompt": 2, "max_new_tokens": 24, "top_p": 0.9},
+        "objective": objective, "optim": {"lr": 3e-3, "schedule": "constant"},
+        "train": {"steps": steps, "mini_batch_size": 8, "micro_batch_size": 4, "mask_first_tokens": ["<|im_end|>"]},
+    }
+    for key, value in sections.items():
+        recipe[key] = {**recipe.get(key, {}), **value}
+    return recipe
+
+
+def metrics_of(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_first_occurrence_mask():
+    targets = torch.tensor([[5, 7, 9, 7, 9], [9, 9, 7, 1, 1]])
+    loss_mask = torch.tensor([[False, True, True, True, True], [True, True, True, True, False]])
+    masked = first_occurrence_mask(targets, loss_mask, [7, 9])
+    assert masked.tolist() == [[False, True, True, False, False], [True, False, True, False, False]]
+
+
+def test_repetition_detector():
+    assert has_repetition_loop([1, 2, 3] * 10)
+    assert has_repetition_loop(list(range(40)) + [7] * 30)
+    assert not has_repetition_loop(list(range(60)))
+    assert not has_repetition_loop([1, 2, 1, 2, 3, 4, 5])  # too short to be a loop
+
+
+def test_score_tokens_matches_full_log_softmax():
+    from posttrain.config import TinyModelConfig
+    from posttrain.data.sft import Example, collate
+    from posttrain.models import build_tiny_model
+
+    model = build_tiny_model(TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                                             intermediate_size=64), 50, seed=0)
+    batch = collate([Example([3, 4, 5, 6, 7, 8], 2), Example([9, 10, 11, 12], 3)], 0)
+    at = torch.randint(50, (2, 5, 3))
+    out = score_tokens(model, batch, k=4, at_ids_BTJ=at, entropy=True, chunk_tokens=2)
+    with torch.no_grad():
+        logp = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits.log_softmax(-1)
+    mask = batch["loss_mask"]
+    torch.testing.assert_close(out["token_logprob"][mask], logp.gather(2, batch["target_ids"][..., None])[..., 0][mask])
+    torch.testing.assert_close(out["topk_logprob"][mask], logp.topk(4, -1).values[mask])
+    torch.testing.assert_close(out["at_logprob"][mask], logp.gather(2, at)[mask])
+    torch.testing.assert_close(out["entropy"][mask], -(logp.exp() * logp).sum(-1)[mask])
+    assert (out["token_logprob"][~mask] == 0).all()
+
+
+def test_support_diagnostics():
+    ids = torch.tensor([[[1, 2], [3, 4]]])
+    half = torch.full((1, 2, 2), torch.log(torch.tensor(0.25)))
+    diag = support_diagnostics(half, half, ids, torch.tensor([[[2, 1], [5, 4]]]), torch.ones(1, 2, dtype=torch.bool))
+    assert diag["student_mass"] == pytest.approx(0.5) and diag["topk_overlap"] == pytest.approx(0.75)
+
+
+def test_lsm_distillation_lowers_the_students_reverse_kl(tmp_path, models):
+    recipe = distill_recipe(tmp_path, models, {"name": "lsm", "k": 32}, name="lsm", steps=25, optim={"lr": 1e-3})
+    proc = run_cli("distill", "--recipe", str(write_recipe(tmp_path, recipe)))
+    rows = metrics_of(tmp_path / "runs" / "lsm")
+    first = sum(r["reverse_kl"] for r in rows[:4]) / 4  # exact Σ_v π(log π − log q) on the rollouts
+    last = sum(r["reverse_kl"] for r in rows[-4:]) / 4
+    assert last < 0.75 * first, (first, last)
+    for key in ("reverse_kl_sampled", "reward_mean", "negative_reward_frac", "student_mass", "teacher_mass",
+                "topk_overlap", "grad_norm", "response_length", "truncated_frac", "repetition_frac", "time_generate",
+                "time_score", "time_train", "entropy"):
+        assert key in rows[0], key
+    assert "distill lsm (lsm)" in proc.stderr
+    assert (tmp_path / "runs" / "lsm" / "final" / "model.safetensors").exists()
+    assert json.loads((tmp_path / "runs" / "lsm" / "rollouts.jsonl").read_text().splitlines()[-1])["step"] == 25
+
+
+@pytest.mark.parametrize("objective", [
+    {"name": "opd"},
+    {"name": "opd", "ppo_clip": False, "discount": 0.5},
+    {"name": "lsm", "k": 8, "renormalize": False},
+    {"name": "lsm", "k": 8, "support": "student"},
+    {"name": "lsm", "k": 8, "add_sampled_token": True},
+], ids=["opd", "opd-plain-discounted", "lsm-no-renorm", "lsm-student-support", "lsm-augmented"])
+def test_every_objective_and_ablation_runs(tmp_path, models, objective):
+    run_dir = distill(from_dict(DistillRecipe, distill_recipe(tmp_path, models, objective), "test"))
+    rows = metrics_of(run_dir)
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    if objective["name"] == "opd" and objective.get("ppo_clip", True):
+        assert "train_clip_frac" in rows[0]
+
+
+def test_distill_resume_continues_exactly(tmp_path, models):
+    objective = {"name": "lsm", "k": 8}
+    straight = distill(from_dict(DistillRecipe, distill_recipe(tmp_path, models, objective, "a", steps=4), "t"))
+    first_half = distill_recipe(tmp_path, models, objective, "b", steps=4, train={"save_every": 2})
+    first_half["train"]["steps"] = 2
+    distill(from_dict(DistillRecipe, first_half, "t"))
+    resumed = distill(from_dict(DistillRecipe, distill_recipe(tmp_path, models, objective, "b", steps=4), "t"),
+                      resume=True)
+    a, b = load_weights(straight / "final"), load_weights(resumed / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in metrics_of(resumed)] == [1, 2, 3, 4]
+
+
+def test_mismatched_vocabularies_are_refused(tmp_path, models):
+    recipe = distill_recipe(tmp_path, models, {"name": "lsm"})
+    recipe["student"] = {"tiny": {**TINY, "vocab_size": 300}}
+    proc = run_cli("distill", "--recipe", str(write_recipe(tmp_path, recipe)), check=False)
+    assert proc.returncode == 2 and "tokenizers differ" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_train_refuses_on_policy_and_distill_refuses_offline(tmp_path, models):
+    recipe = distill_recipe(tmp_path, models, {"name": "sft"})
+    proc = run_cli("distill", "--recipe", str(write_recipe(tmp_path, recipe)), check=False)
+    assert proc.returncode == 2 and "offline objective" in proc.stderr
