@@ -27,6 +27,7 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
-# Speed and memory of the chunked LM head vs dense cross-entropy; prints markdown tables.
+# Speed and memory of the chunked LM head vs dense cross-entropy, then grading throughput.
 bench: $(STAMP)
 	$(BIN)/python bench/head_bench.py
+	$(BIN)/python bench/grading_bench.py

@@ -47,7 +47,7 @@ def evaluate(
     samples: int = typer.Option(None, "--samples", "-k", help="Samples per problem (avg@k, pass@k)."),
     limit: int = typer.Option(None, "--limit", help="Only the first N problems of each benchmark."),
     out: str = typer.Option(None, "--out", "-o", help="Output directory (samples.jsonl, results.json per benchmark)."),
-    prompt: str = typer.Option(None, "--prompt", help="auto, qwen-boxed (the DFT paper's) or chat (tokenizer template)."),
+    prompt: str = typer.Option(None, "--prompt", help="chat (the tokenizer's template; default), qwen-boxed (the DFT paper's exact prompt) or raw."),
     backend: str = typer.Option(None, "--backend", help="hf (transformers, CPU or GPU) or vllm (GPU)."),
     temperature: float = typer.Option(None, "--temperature"),
     top_p: float = typer.Option(None, "--top-p"),

@@ -213,7 +213,7 @@ class EvalRecipe:
     model: str | None = None
     benchmarks: list[str] = field(default_factory=lambda: ["math500"])
     data_dir: str | None = None
-    prompt: Literal["auto", "qwen-boxed", "chat"] = "auto"
+    prompt: Literal["chat", "qwen-boxed", "raw"] = "chat"
     samples: int = 1
     limit: int | None = None
     seed: int = 0

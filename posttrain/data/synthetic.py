@@ -1,6 +1,8 @@
 """The built-in synthetic math task: step-by-step arithmetic with a \\boxed{} answer.
 
     problem:  Compute 23 + 45 - 12.
+    prompt:   the problem + "\\nPlease reason step by step, and put your final answer within \\boxed{}."
+              (exactly what `posttrain eval --prompt chat` sends, so recipes train on `prompt`)
     solution: 23 + 45 = 68. 68 - 12 = 56. The answer is \\boxed{56}.
 
 Splits (a tiny model can learn the first two in minutes on a CPU; the third tests transfer):
@@ -13,6 +15,8 @@ Running values never go below zero. Rows are a pure function of (split, index, s
 from __future__ import annotations
 
 import random
+
+from posttrain.eval.prompts import BOXED_INSTRUCTION
 
 SPLITS = {
     "pretrain": {"operands": (2, 3), "max_value": 49},
@@ -40,7 +44,7 @@ def make_row(rng: random.Random, split: str) -> dict:
         value = result
     problem = f"Compute {' '.join(terms)}."
     solution = " ".join(steps) + f" The answer is \\boxed{{{value}}}."
-    return {"problem": problem, "solution": solution, "answer": str(value)}
+    return {"problem": problem, "prompt": f"{problem}\n{BOXED_INSTRUCTION}", "solution": solution, "answer": str(value)}
 
 
 def make_rows(split: str, num_examples: int, seed: int) -> list[dict]:
@@ -61,7 +65,7 @@ def tokenizer_corpus() -> list[str]:
     texts = []
     for split in SPLITS:
         for row in make_rows(split, 2000, seed=0):
-            texts.append(row["problem"] + "\nPlease reason step by step, and put your final answer within \\boxed{}.")
+            texts.append(row["prompt"])
             texts.append(row["solution"])
     texts.append("You are a helpful assistant. system user assistant")
     return texts

@@ -1,0 +1,144 @@
+"""The benchmarks `posttrain eval` knows: where each comes from, its question, its gold answer.
+
+A benchmark is read from (first that applies):
+  NAME:PATH      an explicit local file (.jsonl, .jsonl.gz or .json)
+  --data-dir D   D/<file> (e.g. ../shared/benchmarks: nothing is copied into this repository)
+  the Hub        when online (the ids below are the usual community copies; not tested offline)
+The synthetic task's test sets are built in (`synthetic`, `synthetic_ood`).
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from posttrain.errors import UserError
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    kind: str  # "math" (boxed answer, math-verify) or "code" (HumanEval tests in a sandbox)
+    filename: str | None  # file name inside --data-dir
+    hub: tuple[str, str | None, str] | None  # (dataset id, config, split) for online use
+    question: Callable[[dict], str]
+    gold: Callable[[dict], str]
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (or \\fbox{...}) in `text`, braces matched."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    open_at = text.find("{", start)
+    if open_at < 0:
+        return None
+    depth = 0
+    for i in range(open_at, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[open_at + 1 : i]
+    return None  # unbalanced: the output was cut inside the box
+
+
+def _olympiad_gold(row: dict) -> str:
+    answers = row["final_answer"]
+    if isinstance(answers, str):
+        answers = ast.literal_eval(answers) if answers.startswith("[") else [answers]
+    return ", ".join(str(a).strip().strip("$") for a in answers)
+
+
+def _gsm8k_gold(row: dict) -> str:
+    return row["answer"].split("####")[-1].strip().replace(",", "")
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    b.name: b
+    for b in [
+        Benchmark("math500", "math", "math500.jsonl", ("HuggingFaceH4/MATH-500", None, "test"),
+                  lambda r: r["problem"], lambda r: r["answer"]),
+        Benchmark("aime24", "math", "aime24.jsonl", ("HuggingFaceH4/aime_2024", None, "train"),
+                  lambda r: r["problem"], lambda r: str(r["answer"])),
+        Benchmark("aime25", "math", "aime25.jsonl", ("math-ai/aime25", None, "test"),
+                  lambda r: r.get("question") or r["problem"], lambda r: str(r["answer"])),
+        Benchmark("amc23", "math", "amc23.jsonl", ("math-ai/amc23", None, "test"),
+                  lambda r: r.get("question") or r["problem"], lambda r: str(r["answer"])),
+        Benchmark("minerva_math", "math", "minerva_math.jsonl", ("math-ai/minervamath", None, "test"),
+                  lambda r: r["problem"], lambda r: last_boxed(r["solution"]) or r.get("answer", "")),
+        Benchmark("olympiadbench", "math", "olympiadbench.jsonl", ("Hothan/OlympiadBench", "OE_TO_maths_en_COMP", "train"),
+                  lambda r: r["question"], _olympiad_gold),
+        Benchmark("gsm8k", "math", "gsm8k.jsonl", ("openai/gsm8k", "main", "test"),
+                  lambda r: r["question"], _gsm8k_gold),
+        Benchmark("humaneval", "code", "humaneval.jsonl.gz", ("openai/openai_humaneval", None, "test"),
+                  lambda r: r["prompt"], lambda r: r["task_id"]),
+        Benchmark("synthetic", "math", None, None, lambda r: r["problem"], lambda r: r["answer"]),
+        Benchmark("synthetic_ood", "math", None, None, lambda r: r["problem"], lambda r: r["answer"]),
+    ]
+}
+
+
+@dataclass
+class LoadedBenchmark:
+    spec: Benchmark
+    rows: list[dict]
+    source: str  # a path, a hub id or "built-in"
+    sha256: str  # of the file read (or of the rows' JSON for the Hub / built-in)
+
+
+def load_benchmark(token: str, data_dir: str | None, limit: int | None) -> LoadedBenchmark:
+    """`token` is NAME or NAME:PATH; see the module docstring for the search order."""
+    name, _, explicit = token.partition(":")
+    if name not in BENCHMARKS:
+        raise UserError(f"unknown benchmark {name!r}; allowed: {', '.join(BENCHMARKS)} (or NAME:PATH for a local file)")
+    spec = BENCHMARKS[name]
+    if spec.filename is None:
+        from posttrain.data import synthetic
+
+        rows = synthetic.test_rows("in_domain" if name == "synthetic" else "out_of_domain")
+        return _finish(spec, rows, "built-in", _sha_of_rows(rows), limit)
+    path = Path(explicit) if explicit else (Path(data_dir) / spec.filename if data_dir else None)
+    if path is not None:
+        if not path.is_file():
+            raise UserError(f"benchmark {name}: file not found: {path}")
+        raw = path.read_bytes()
+        text = gzip.decompress(raw).decode() if path.suffix == ".gz" else raw.decode()
+        rows = json.loads(text) if path.suffix == ".json" else [json.loads(line) for line in text.splitlines() if line.strip()]
+        return _finish(spec, rows, str(path), hashlib.sha256(raw).hexdigest(), limit)
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise UserError(f"benchmark {name}: no --data-dir or NAME:PATH given, and the Hub is offline (HF_HUB_OFFLINE=1)")
+    import datasets
+
+    dataset_id, config, split = spec.hub
+    try:
+        rows = list(datasets.load_dataset(dataset_id, config, split=split))
+    except Exception as err:  # network / missing dataset: many exception types
+        raise UserError(f"benchmark {name}: cannot load {dataset_id} from the Hub: {str(err).splitlines()[0]}") from None
+    return _finish(spec, rows, f"hub:{dataset_id}", _sha_of_rows(rows), limit)
+
+
+def _finish(spec, rows, source, sha, limit) -> LoadedBenchmark:
+    return LoadedBenchmark(spec, rows[:limit] if limit else rows, source, sha)
+
+
+def _sha_of_rows(rows) -> str:
+    return hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def strip_think(text: str) -> str:
+    """The answer part of a reasoning model's output: after the last </think>; nothing if a
+    <think> was opened and never closed (the output was cut while thinking)."""
+    if "</think>" in text:
+        return text.rsplit("</think>", 1)[1]
+    if re.search(r"<think>", text):
+        return ""
+    return text

@@ -1,0 +1,49 @@
+"""Prompt presets: how a benchmark question becomes the model's input tokens.
+
+  qwen-boxed  byte-identical to the "qwen-boxed" template of the Qwen2.5-Math evaluation harness
+              that the DFT paper used (a fixed ChatML string; the tokenizer's template is ignored)
+  chat        the tokenizer's own chat template with the same user message (math), or a request
+              to complete the function (code); tokenized without adding a second BOS
+  raw         the question alone (HumanEval: the function prompt to continue, as in the original
+              harness; math: question + the boxed instruction, no template)
+"""
+
+from __future__ import annotations
+
+from posttrain.errors import UserError
+
+BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+QWEN_BOXED = (
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "<|im_start|>user\n{input}\n" + BOXED_INSTRUCTION + "<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+CODE_INSTRUCTION = "Complete the following Python function. Answer with the whole function in a ```python code block.\n\n"
+PRESETS = ("qwen-boxed", "chat", "raw")
+
+
+def prompt_text(preset: str, kind: str, question: str, tokenizer) -> str:
+    if preset not in PRESETS:
+        raise UserError(f"unknown prompt preset {preset!r}; allowed: {', '.join(PRESETS)}")
+    if kind == "code":
+        if preset == "raw":
+            return question
+        user = f"{CODE_INSTRUCTION}```python\n{question}```"
+    else:
+        if preset == "qwen-boxed":
+            return QWEN_BOXED.replace("{input}", question.strip())
+        user = f"{question.strip()}\n{BOXED_INSTRUCTION}"
+        if preset == "raw":
+            return user
+    if preset == "qwen-boxed":  # code under the qwen-boxed preset: the same ChatML wrapper
+        return ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("prompt preset 'chat' needs a tokenizer with a chat template; use --prompt raw or qwen-boxed")
+    return tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False)
+
+
+def prompt_ids(preset: str, kind: str, question: str, tokenizer) -> list[int]:
+    text = prompt_text(preset, kind, question, tokenizer)
+    # Templates write their own BOS where the model wants one; only raw text gets the tokenizer's.
+    return tokenizer(text, add_special_tokens=preset == "raw")["input_ids"]
