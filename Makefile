@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-slow bench bench-eval reproduce-table reproduce-smoke clean-runs
+.PHONY: install test test-slow bench reproduce-table reproduce-smoke clean-runs
 
 install: $(STAMP)
 
@@ -31,3 +31,60 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/head_bench.py
 	$(BIN)/python bench/grading_bench.py
+
+# ---------------------------------------------------------------------------------------------
+# The CPU-scale ("mini") reproduction: a make DAG, so shared steps run once, two jobs run side by
+# side on two cores (one thread each), and an interrupted reproduction continues where it stopped
+# (every run is started with --resume).
+MINI ?= runs/mini
+RESULTS ?= results/mini
+SEEDS ?= 0 1 2
+OFFLINE := sft dft otr otr-beta0
+ONLINE := opd opd-mask lsm lsm-norenorm lsm-student-topk
+BASE_ARGS ?=
+TEACHER_ARGS ?=
+TRAIN_ARGS ?=
+DISTILL_ARGS ?=
+EVAL_ARGS ?= --benchmark synthetic,synthetic_ood --samples 4 --limit 200 --max-new-tokens 96 --temperature 1.0 --workers 1
+POSTTRAIN := POSTTRAIN_THREADS=1 $(BIN)/posttrain
+
+OFFLINE_RUNS := $(foreach r,$(OFFLINE),$(foreach s,$(SEEDS),$(r)-seed$(s)))
+ONLINE_RUNS := $(foreach r,$(ONLINE),$(foreach s,$(SEEDS),$(r)-seed$(s)))
+EVALS := $(foreach r,base teacher $(OFFLINE_RUNS) $(ONLINE_RUNS),$(MINI)/$(r)/eval/results.json)
+
+.PHONY: mini-runs
+mini-runs: $(EVALS)
+
+$(MINI)/base/final: | $(STAMP)
+	$(POSTTRAIN) train --recipe recipes/mini/base.yaml out_dir=$(MINI) $(BASE_ARGS) --resume
+
+$(MINI)/teacher/final: | $(STAMP)
+	$(POSTTRAIN) train --recipe recipes/mini/teacher.yaml out_dir=$(MINI) $(TEACHER_ARGS) --resume
+
+define OFFLINE_RULE
+$(MINI)/$(1)-seed$(2)/final: $(MINI)/base/final
+	$(POSTTRAIN) train --recipe recipes/mini/$(1).yaml out_dir=$(MINI) name=$(1)-seed$(2) seed=$(2) model.path=$(MINI)/base/final $(TRAIN_ARGS) --resume
+endef
+define ONLINE_RULE
+$(MINI)/$(1)-seed$(2)/final: $(MINI)/base/final $(MINI)/teacher/final
+	$(POSTTRAIN) distill --recipe recipes/mini/$(1).yaml out_dir=$(MINI) name=$(1)-seed$(2) seed=$(2) student.path=$(MINI)/base/final teacher.path=$(MINI)/teacher/final $(DISTILL_ARGS) --resume
+endef
+$(foreach r,$(OFFLINE),$(foreach s,$(SEEDS),$(eval $(call OFFLINE_RULE,$(r),$(s)))))
+$(foreach r,$(ONLINE),$(foreach s,$(SEEDS),$(eval $(call ONLINE_RULE,$(r),$(s)))))
+
+$(MINI)/%/eval/results.json: $(MINI)/%/final
+	$(POSTTRAIN) eval --model $(MINI)/$*/final $(EVAL_ARGS)
+
+# The whole mini set (3 seeds), then the tables and plots in results/mini (≤ 45 min on 2 cores).
+reproduce-table: $(STAMP)
+	$(MAKE) -j2 --output-sync=target mini-runs
+	$(BIN)/posttrain report $(MINI) --out $(RESULTS)
+
+# The same pipeline on a few steps and one seed (a few minutes): checks that it all runs.
+reproduce-smoke: $(STAMP)
+	$(MAKE) reproduce-table MINI=runs/smoke RESULTS=results/smoke SEEDS=0 \
+	  BASE_ARGS="train.max_steps=30" TEACHER_ARGS="train.max_steps=30" TRAIN_ARGS="train.max_steps=10" \
+	  DISTILL_ARGS="train.steps=4" EVAL_ARGS="--benchmark synthetic,synthetic_ood --samples 2 --limit 16 --max-new-tokens 64 --workers 1"
+
+clean-runs:
+	rm -rf runs/smoke results/smoke

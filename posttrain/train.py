@@ -8,6 +8,8 @@ micro-batches or processes gives the same update.
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -27,6 +29,7 @@ from posttrain.runfolder import (
 )
 from posttrain.runtime import Runtime, make_runtime
 from posttrain.scale import prepare_model
+from posttrain.scoring import score_tokens
 
 
 def train(recipe: TrainRecipe, *, resume: bool = False, recipe_path: str = "recipe") -> Path:
@@ -69,6 +72,9 @@ def train(recipe: TrainRecipe, *, resume: bool = False, recipe_path: str = "reci
         write_text_atomic(run_dir / "config.yaml", f"# posttrain train --recipe {recipe_path}\n" + dump_yaml(recipe))
         if checkpoint:
             console.print(f"resuming {run_dir} from {checkpoint.name}")
+    probe = examples[:TOKEN_PROBE_EXAMPLES]  # the same training examples before and after
+    if checkpoint is None:
+        _write_token_probs(run_dir, runtime, "initial", token_probability_histogram(model, probe, tokenizer, runtime))
 
     started, last_row, order_cache = time.time(), {}, {}
     with StepProgress(f"train {recipe.name}", total_steps, start_step, enabled=runtime.is_main) as progress:
@@ -86,6 +92,7 @@ def train(recipe: TrainRecipe, *, resume: bool = False, recipe_path: str = "reci
                 save_checkpoint(run_dir, done, model, tokenizer, optimizer, scheduler, runtime, recipe.train.keep_checkpoints)
 
     final = save_checkpoint(run_dir, total_steps, model, tokenizer, optimizer, scheduler, runtime, recipe.train.keep_checkpoints)
+    _write_token_probs(run_dir, runtime, "final", token_probability_histogram(model, probe, tokenizer, runtime))
     if runtime.is_main:
         mark_final(run_dir, final)
         summary_table(f"train {recipe.name} ({objective.name})", [
@@ -132,6 +139,35 @@ def train_step(policy, optimizer, scheduler, runtime: Runtime, recipe: TrainReci
     tokens = max(totals.pop("tokens", 0.0), 1.0)
     row.update({k: v / tokens for k, v in totals.items()})  # per-token means of the objective's stats
     return row
+
+
+TOKEN_PROBE_EXAMPLES = 256
+LOG10_EDGES = [-8.0 + 0.25 * i for i in range(33)]  # histogram bins of log10 p, [-8, 0]
+
+
+def token_probability_histogram(model, examples, tokenizer, runtime: Runtime) -> list[float]:
+    """Counts of the model's probability of each response token of `examples` (the DFT paper's
+    Figure 2 looks at this distribution on the training data), binned in log10 p."""
+    counts = torch.zeros(len(LOG10_EDGES) - 1, dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    for group in micro_batches(examples, 32, None):
+        batch = {k: v.to(runtime.device) for k, v in collate(group, tokenizer.pad_token_id).items()}
+        with runtime.accelerator.autocast():
+            logp = score_tokens(model, batch, matmul_dtype=runtime.matmul_dtype)["token_logprob"][batch["loss_mask"]]
+        log10 = (logp.double() / math.log(10)).clamp(LOG10_EDGES[0], -1e-12).cpu()
+        counts += torch.histc(log10, bins=len(counts), min=LOG10_EDGES[0], max=LOG10_EDGES[-1])
+    model.train(was_training)
+    return counts.tolist()
+
+
+def _write_token_probs(run_dir: Path, runtime: Runtime, key: str, counts: list[float]) -> None:
+    if not runtime.is_main:
+        return
+    path = run_dir / "token_probs.json"
+    data = json.loads(path.read_text()) if path.exists() else {"log10_edges": LOG10_EDGES, "examples": TOKEN_PROBE_EXAMPLES}
+    data[key] = counts
+    write_text_atomic(path, json.dumps(data))
 
 
 def _clip(policy, runtime: Runtime, max_norm: float) -> float:

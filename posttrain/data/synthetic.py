@@ -6,9 +6,10 @@
     solution: 23 + 45 = 68. 68 - 12 = 56. The answer is \\boxed{56}.
 
 Splits (a tiny model can learn the first two in minutes on a CPU; the third tests transfer):
-  pretrain       2–3 numbers below 50: what the mini "base" model is pretrained on
+  pretrain       2–4 numbers below 50: what the mini "base" model is pretrained on
   in_domain      3 numbers below 100: the fine-tuning / distillation task and its test set
-  out_of_domain  4 numbers below 100: longer chains than anything trained on (harder)
+  out_of_domain  4 numbers below 100: longer chains with the larger numbers (harder): only the
+                 chain length was seen in pretraining, only the number range in fine-tuning
 Running values never go below zero. Rows are a pure function of (split, index, seed).
 """
 
@@ -19,7 +20,7 @@ import random
 from posttrain.eval.prompts import BOXED_INSTRUCTION
 
 SPLITS = {
-    "pretrain": {"operands": (2, 3), "max_value": 49},
+    "pretrain": {"operands": (2, 4), "max_value": 49},
     "in_domain": {"operands": (3, 3), "max_value": 99},
     "out_of_domain": {"operands": (4, 4), "max_value": 99},
 }

@@ -1,0 +1,320 @@
+"""`posttrain report RUNS... --out DIR`: comparison tables and plots, rebuilt from run folders only.
+
+A run folder (see runfolder.py) says everything needed: config.yaml (command, objective, seed,
+model paths), metrics.jsonl (training curves), token_probs.json (offline runs: training-token
+probabilities before/after), eval/results.json (benchmark metrics). Seeds of one variant are runs
+whose names differ only by a `-seed<N>` suffix. Base / student / teacher rows are found by
+following the model paths in the configs to the runs that produced them.
+
+Writes DIR/tables.md, DIR/runs.md (every run), DIR/summary.json and DIR/*.png.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from posttrain.errors import UserError
+from posttrain.paper_numbers import SOURCES, distill_paper_row, offline_paper_row
+from posttrain.progress import console
+from posttrain.runfolder import read_jsonl
+
+BENCHMARK_LABELS = {"synthetic": "in-domain", "synthetic_ood": "out-of-domain"}
+OBJECTIVE_ORDER = ["sft", "dft", "otr", "opd", "lsm"]
+
+
+@dataclass
+class Run:
+    path: Path
+    command: str  # "train" or "distill"
+    config: dict
+    metrics: list[dict] = field(default_factory=list)
+    results: dict | None = None  # eval/results.json
+    token_probs: dict | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config["name"]
+
+    @property
+    def variant(self) -> str:
+        return re.sub(r"-seed\d+$", "", self.name)
+
+    def scores(self) -> dict[str, float]:
+        """benchmark -> avg@k (percent) from this run's eval."""
+        if not self.results:
+            return {}
+        out = {}
+        for bench, res in self.results["benchmarks"].items():
+            key = next((k for k in res["metrics"] if k.startswith("avg@")), None)
+            if key:
+                out[bench] = res["metrics"][key]
+        return out
+
+
+def load_runs(paths: list[Path]) -> list[Run]:
+    folders = []
+    for path in paths:
+        if not path.exists():
+            raise UserError(f"report: {path} does not exist")
+        folders += [path] if (path / "config.yaml").exists() else sorted(p.parent for p in path.glob("*/config.yaml"))
+    runs = []
+    for folder in folders:
+        text = (folder / "config.yaml").read_text()
+        command = "distill" if text.startswith("# posttrain distill") else "train"
+        run = Run(folder, command, yaml.safe_load(text))
+        if (folder / "metrics.jsonl").exists():
+            run.metrics = read_jsonl(folder / "metrics.jsonl")
+        if (folder / "eval" / "results.json").exists():
+            run.results = json.loads((folder / "eval" / "results.json").read_text())
+        if (folder / "token_probs.json").exists():
+            run.token_probs = json.loads((folder / "token_probs.json").read_text())
+        runs.append(run)
+    if not runs:
+        raise UserError(f"report: no run folders (with config.yaml) under {', '.join(map(str, paths))}")
+    return runs
+
+
+def report(paths: list[Path], out: Path, with_papers: bool = True) -> dict:
+    runs = load_runs(paths)
+    out.mkdir(parents=True, exist_ok=True)
+    by_final = {_resolve(run.path / "final"): run for run in runs}
+    offline = [r for r in runs if r.command == "train" and _source_run(r, "model", by_final) is not None]
+    distilled = [r for r in runs if r.command == "distill"]
+    benchmarks = sorted({b for r in runs for b in r.scores()}, key=lambda b: (b not in BENCHMARK_LABELS, b))
+    sections, summary = [], {"benchmarks": benchmarks, "tables": {}}
+    if offline:
+        base = _source_run(offline[0], "model", by_final)
+        rows = [("base model", [base], offline_paper_row("base"))]
+        rows += [(variant, group, offline_paper_row("trained", group[0].config["objective"]["name"], group[0].config["objective"]))
+                 for variant, group in _variants(offline)]
+        sections.append(_table("Offline objectives from one base model (shaped like DFT Table 1)", rows, benchmarks,
+                               "paper: Qwen2.5-Math-1.5B Average@16", with_papers, summary, "offline"))
+    if distilled:
+        student = _source_run(distilled[0], "student", by_final)
+        teacher = _source_run(distilled[0], "teacher", by_final)
+        rows = [(label, [run], distill_paper_row(role)) for label, run, role in
+                (("student (init)", student, "student"), ("teacher", teacher, "teacher")) if run is not None]
+        for variant, group in _variants(distilled):
+            masked = bool(group[0].config["train"].get("mask_first_tokens"))
+            objective = group[0].config["objective"]
+            rows.append((variant, group, distill_paper_row("distilled", objective["name"], objective, masked)))
+        sections.append(_table("On-policy distillation from one student (shaped like the LSM paper's single-task table)",
+                               rows, benchmarks, "paper: 7B student, math average", with_papers, summary, "distill",
+                               extra=_distill_extras))
+    sections.append(_sources_note(with_papers))
+    (out / "tables.md").write_text("\n\n".join(sections) + "\n")
+    (out / "runs.md").write_text(_runs_table(runs, benchmarks))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    plots = _plots(runs, offline, distilled, by_final, out)
+    from rich.markdown import Markdown
+
+    console.print(Markdown("\n\n".join(sections)))
+    console.print(f"\nwrote {out / 'tables.md'}, {out / 'runs.md'}, {out / 'summary.json'}"
+                  + (f", {len(plots)} plots" if plots else ""))
+    return summary
+
+
+def _resolve(path: Path) -> Path:
+    return path.resolve() if path.exists() else path
+
+
+def _source_run(run: Run, key: str, by_final: dict) -> Run | None:
+    """The run whose final checkpoint this run's `key` (model/student/teacher) path points at."""
+    path = (run.config.get(key) or {}).get("path")
+    if not path:
+        return None
+    target = Path(path) if Path(path).is_absolute() else (Path.cwd() / path)
+    return by_final.get(_resolve(target))
+
+
+def _variants(runs: list[Run]) -> list[tuple[str, list[Run]]]:
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.variant, []).append(run)
+
+    def order(item):
+        objective = item[1][0].config["objective"]["name"]
+        rank = OBJECTIVE_ORDER.index(objective) if objective in OBJECTIVE_ORDER else len(OBJECTIVE_ORDER)
+        return rank, item[0]
+
+    return sorted(groups.items(), key=order)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    if not values:
+        return float("nan"), None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _fmt(values: list[float]) -> str:
+    mean, std = _mean_std(values)
+    if mean != mean:  # nan
+        return "–"
+    return f"{mean:.1f} ± {std:.1f}" if std is not None else f"{mean:.1f}"
+
+
+def _table(title, rows, benchmarks, paper_header, with_papers, summary, key, extra=None) -> str:
+    headers = ["method", "seeds"] + [f"{BENCHMARK_LABELS.get(b, b)} ({b}) avg@k" for b in benchmarks] + ["average"]
+    extra_headers, _ = extra(None) if extra else ([], None)
+    headers += extra_headers
+    if with_papers:
+        headers += [paper_header, "paper source"]
+    lines = [f"### {title}", "", "Ours: mean ± std over seeds (percent). Paper numbers are theirs, for their models and data.", "",
+             "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    summary["tables"][key] = []
+    for label, group, (paper_value, paper_source) in rows:
+        per_bench = {b: [r.scores()[b] for r in group if b in r.scores()] for b in benchmarks}
+        averages = [statistics.fmean(r.scores()[b] for b in benchmarks) for r in group
+                    if benchmarks and all(b in r.scores() for b in benchmarks)]
+        cells = [label, str(len(group))] + [_fmt(per_bench[b]) for b in benchmarks] + [_fmt(averages)]
+        extra_cells = extra(group)[1] if extra else []
+        cells += extra_cells
+        if with_papers:
+            cells += [paper_value, paper_source]
+        lines.append("| " + " | ".join(cells) + " |")
+        summary["tables"][key].append({"method": label, "runs": [r.name for r in group],
+                                       "scores": per_bench, "average": averages, "paper": paper_value})
+    return "\n".join(lines)
+
+
+def _tail_mean(run: Run, key: str) -> float | None:
+    values = [row[key] for row in run.metrics if key in row and row[key] == row[key]]
+    if not values:
+        return None
+    tail = values[-max(1, len(values) // 10):]
+    return statistics.fmean(tail)
+
+
+def _distill_extras(group):
+    headers = ["reverse KL (last 10% of steps)", "repetition", "student mass on support"]
+    if group is None:
+        return headers, None
+    cells = []
+    for key in ("reverse_kl", "repetition_frac", "student_mass"):
+        values = [v for v in (_tail_mean(r, key) for r in group) if v is not None]
+        cells.append(f"{statistics.fmean(values):.3f}" if values else "–")
+    return headers, cells
+
+
+def _sources_note(with_papers: bool) -> str:
+    note = ("Every number in the 'ours' columns is read from run folders (config.yaml, metrics.jsonl, "
+            "eval/results.json); `runs.md` lists each run.")
+    if with_papers:
+        note += (" Paper columns are typed in from the tables below (posttrain/paper_numbers.py) and describe "
+                 "billion-parameter models on real math benchmarks: compare directions, not values.\n\n"
+                 + "\n".join(f"- **{key}**: {text}" for key, text in SOURCES.items()))
+    return note
+
+
+def _runs_table(runs: list[Run], benchmarks: list[str]) -> str:
+    lines = ["| run | command | objective | seed | steps | " + " | ".join(benchmarks) + " |",
+             "|" + "---|" * (5 + len(benchmarks))]
+    for run in sorted(runs, key=lambda r: r.name):
+        scores = run.scores()
+        objective = run.config.get("objective", {})
+        params = ", ".join(f"{k}={v}" for k, v in objective.items() if k != "name")
+        lines.append(f"| {run.name} | {run.command} | {objective.get('name')}{f' ({params})' if params else ''} | "
+                     f"{run.config.get('seed')} | {len(run.metrics)} | "
+                     + " | ".join(f"{scores[b]:.1f}" if b in scores else "–" for b in benchmarks) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --- plots -------------------------------------------------------------------------------------
+
+
+def _plots(runs, offline, distilled, by_final, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+
+    def save(fig, name):
+        path = out / name
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    if offline:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for variant, group in _variants(offline):
+            _curve(axes[0], group, "loss", variant)
+            _curve(axes[1], group, "target_prob", variant)
+        axes[0].set(title="training loss (each objective's own loss)", xlabel="step")
+        axes[1].set(title="mean probability of the target token (training batches)", xlabel="step")
+        axes[1].legend(fontsize=8)
+        save(fig, "offline_training_curves.png")
+
+        otr = [(v, g) for v, g in _variants(offline) if g[0].config["objective"]["name"] == "otr"]
+        if otr:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for variant, group in otr:
+                _curve(ax, group, "n_gt_frac", variant)
+            ax.set(title="OTR: mean N_gt / K (share of draws that hit the target)", xlabel="step")
+            ax.legend(fontsize=8)
+            save(fig, "otr_n_gt.png")
+
+        with_probs = [(v, g) for v, g in _variants(offline) if any(r.token_probs for r in g)]
+        if with_probs:
+            fig, ax = plt.subplots(figsize=(7, 4))
+            first = next(r for _, g in with_probs for r in g if r.token_probs)
+            edges = first.token_probs["log10_edges"]
+            centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
+            ax.plot(centers, _normalised(first.token_probs["initial"]), "k--", label="base (before training)")
+            for variant, group in with_probs:
+                counts = [r.token_probs["final"] for r in group if r.token_probs]
+                ax.plot(centers, _normalised([sum(c) for c in zip(*counts)]), label=variant)
+            ax.set(title="probability of training tokens after training (cf. DFT paper Fig. 2)",
+                   xlabel="log10 p(token)", ylabel="share of tokens", yscale="log")
+            ax.legend(fontsize=8)
+            save(fig, "token_probability_histogram.png")
+
+    if distilled:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for variant, group in _variants(distilled):
+            _curve(axes[0], group, "reverse_kl", variant)
+            _curve(axes[1], group, "repetition_frac", variant)
+        axes[0].set(title="reverse KL to the teacher on rollouts (exact, per token)", xlabel="step")
+        axes[1].set(title="share of rollouts with a repetition loop", xlabel="step")
+        axes[0].legend(fontsize=8)
+        save(fig, "distill_reverse_kl_and_repetition.png")
+
+    scored = [(v, g) for v, g in _variants(offline + distilled) if any(r.scores() for r in g)]
+    if scored:
+        benchmarks = sorted({b for _, g in scored for r in g for b in r.scores()})
+        fig, axes = plt.subplots(1, len(benchmarks), figsize=(5 * len(benchmarks), 0.4 * len(scored) + 1.5), squeeze=False)
+        for ax, bench in zip(axes[0], benchmarks):
+            for y, (variant, group) in enumerate(scored):
+                values = [r.scores()[bench] for r in group if bench in r.scores()]
+                ax.scatter(values, [y] * len(values), s=18)
+                if values:
+                    ax.plot([statistics.fmean(values)] * 2, [y - 0.3, y + 0.3], "k-")
+            ax.set_yticks(range(len(scored)), [v for v, _ in scored], fontsize=8)
+            ax.set(title=f"{BENCHMARK_LABELS.get(bench, bench)} avg@k (dots: seeds, bar: mean)", xlabel="percent")
+        save(fig, "accuracy_by_seed.png")
+    return written
+
+
+def _curve(ax, group: list[Run], key: str, label: str) -> None:
+    """Mean over the seeds of a metric against step, smoothed by a trailing mean over ~5% of steps."""
+    series = [[row.get(key) for row in run.metrics] for run in group if any(key in row for row in run.metrics)]
+    if not series:
+        return
+    length = min(len(s) for s in series)
+    means = [statistics.fmean(s[i] for s in series if s[i] is not None) for i in range(length)]
+    window = max(1, length // 20)
+    smooth = [statistics.fmean(means[max(0, i - window + 1) : i + 1]) for i in range(length)]
+    ax.plot(range(1, length + 1), smooth, label=label)
+
+
+def _normalised(counts: list[float]) -> list[float]:
+    total = sum(counts) or 1.0
+    return [max(c / total, 1e-6) for c in counts]
