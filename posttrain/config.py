@@ -118,7 +118,8 @@ class TrainLoopConfig:
     micro_batch_size: int = 8  # examples per forward/backward (per process)
     micro_batch_tokens: int | None = None  # if set: micro-batches by padded-token budget instead
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    head_chunk_tokens: int | None = None  # tokens per LM-head chunk; None: from a 256 MB budget
+    parallel: Literal["ddp", "fsdp2"] = "ddp"  # with several processes: replicate (DDP) or shard (FSDP2)
+    head_chunk_tokens: int | None = None  # tokens per LM-head chunk; None: from a 128 MB budget
     gradient_checkpointing: bool = False
     lora: LoraConfig | None = None  # None: full fine-tuning
     save_every: int = 0  # optimizer steps between checkpoints; 0: only the final one
@@ -184,6 +185,7 @@ class DistillLoopConfig:
     ppo_epochs: int = 1
     micro_batch_size: int = 8
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    parallel: Literal["ddp", "fsdp2"] = "ddp"
     head_chunk_tokens: int | None = None
     gradient_checkpointing: bool = False
     lora: LoraConfig | None = None

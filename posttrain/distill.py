@@ -27,14 +27,14 @@ from posttrain.generation import SamplingSpec, make_backend
 from posttrain.losses import OBJECTIVES, normalise
 from posttrain.losses.objective import STUDENT_TOPK
 from posttrain.models import load_policy, same_vocabulary
-from posttrain.optim import build_optimizer, build_scheduler
-from posttrain.policy import PolicyLoss
+from posttrain.optim import build_scheduler
 from posttrain.progress import StepProgress, console, summary_table
 from posttrain.runfolder import (
     MetricsLog, latest_checkpoint, load_trainer_state, mark_final, prepare_run_dir, save_checkpoint, write_text_atomic,
 )
 from posttrain.runtime import Runtime, make_runtime
-from posttrain.scale import prepare_model, place_teacher
+from posttrain.memory import check_memory, training_memory
+from posttrain.scale import gathered, place_teacher, prepare_model, save_merged_lora, wrap_for_training
 from posttrain.scoring import has_repetition_loop, score_pair, score_tokens, support_diagnostics
 
 
@@ -47,24 +47,31 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, recipe_path: str = "
     if STUDENT_TOPK in objective.needs(params) and recipe.scoring.backend == "vllm":
         raise UserError(f"{recipe_path}: key 'scoring.backend': vllm returns only the teacher's own top-K, "
                         "so it cannot score the student's top-K support; use scoring.backend: hf")
-    runtime = make_runtime(recipe.train.precision)
+    runtime = make_runtime(recipe.train.precision, recipe.train.parallel)
     _check_sizes(recipe, runtime, recipe_path)
     run_dir = prepare_run_dir(recipe.out_dir, recipe.name, resume) if runtime.is_main else Path(recipe.out_dir) / recipe.name
     runtime.barrier()
+    if runtime.is_main:
+        console.print(f"{recipe.name}: {runtime.describe()}", highlight=False)
     checkpoint = latest_checkpoint(run_dir) if resume else None
 
     student_cfg = recipe.student if checkpoint is None or recipe.train.lora else ModelConfig(path=str(checkpoint))
     student, tokenizer = load_policy(student_cfg, "student", recipe.seed, runtime.device)
-    student = prepare_model(student, recipe.train, checkpoint)
+    student = prepare_model(student, recipe.train, checkpoint, recipe.seed)
     teacher = Teacher(recipe, runtime, tokenizer)
+    check_memory(training_memory(
+        student, tokens_per_micro_batch=recipe.train.micro_batch_size * (recipe.prompts.max_prompt_length + recipe.rollout.max_new_tokens),
+        bf16=runtime.matmul_dtype is not None, gradient_checkpointing=recipe.train.gradient_checkpointing,
+        world_size=runtime.world_size, sharded=runtime.sharded, head_chunk_tokens=recipe.train.head_chunk_tokens,
+        teacher=teacher.model,
+    ), runtime.device, show=runtime.is_main, where=recipe_path)
     mask_ids = _single_token_ids(tokenizer, recipe.train.mask_first_tokens, recipe_path)
     prompts = _load_prompts(recipe, tokenizer)
 
     rollouts_per_step = recipe.rollout.prompts_per_step * recipe.rollout.samples_per_prompt
     updates_per_step = recipe.train.ppo_epochs * (rollouts_per_step // recipe.train.mini_batch_size)
-    optimizer = build_optimizer(student, recipe.optim)
+    policy, optimizer = wrap_for_training(student, recipe.optim, runtime)
     scheduler = build_scheduler(optimizer, recipe.optim, recipe.train.steps * updates_per_step)
-    policy, optimizer = runtime.accelerator.prepare(PolicyLoss(student), optimizer)
     start_step = load_trainer_state(checkpoint, student, optimizer, scheduler, runtime) if checkpoint else 0
     backend = make_backend(recipe.rollout.backend, model=student, model_path=recipe.student.path, tokenizer=tokenizer,
                            vllm_options={"gpu_memory_utilization": recipe.rollout.vllm.gpu_memory_utilization,
@@ -99,6 +106,8 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, recipe_path: str = "
 
     final = save_checkpoint(run_dir, recipe.train.steps, student, tokenizer, optimizer, scheduler, runtime,
                             recipe.train.keep_checkpoints)
+    if recipe.train.lora is not None:
+        final = save_merged_lora(run_dir, student, tokenizer, runtime)
     if runtime.is_main:
         mark_final(run_dir, final)
         summary_table(f"distill {recipe.name} ({objective.name})", [
@@ -124,7 +133,8 @@ def distill_step(policy, optimizer, scheduler, backend, teacher, runtime: Runtim
                         top_p=recipe.rollout.top_p, top_k=recipe.rollout.top_k,
                         max_new_tokens=recipe.rollout.max_new_tokens,
                         seed=(recipe.seed * 1_000_003 + step) * 101 + runtime.rank)
-    completions = backend.generate(prompt_ids, spec)
+    with gathered(policy):  # under FSDP2 the hf backend runs the student outside its wrapped forward
+        completions = backend.generate(prompt_ids, spec)
     rollouts = [Example(p + c.token_ids, len(p)) for p, samples in zip(prompt_ids, completions) for c in samples]
     flat = [c for samples in completions for c in samples]
     time_generate = time.time() - clock
@@ -225,10 +235,12 @@ def fetch_signals(objective, params, policy, teacher, batch, recipe: DistillReci
     k = getattr(params, "k", recipe.scoring.diagnostics_k)
     score = dict(chunk_tokens=recipe.scoring.chunk_tokens, matmul_dtype=runtime.matmul_dtype)
     if teacher.vllm is None:
-        signals = score_pair(student, teacher.model, batch, k=k, **score)
+        with gathered(policy), gathered(teacher.model):
+            signals = score_pair(student, teacher.model, batch, k=k, **score)
     else:
         teach = teacher.vllm.score(batch)
-        old = score_tokens(student, batch, k=k, at_ids_BTJ=teach["topk_ids"], entropy=True, **score)
+        with gathered(policy):
+            old = score_tokens(student, batch, k=k, at_ids_BTJ=teach["topk_ids"], entropy=True, **score)
         signals = {
             "old_logprob": old["token_logprob"], "teacher_token_logprob": teach["token_logprob"],
             "student_topk_ids": old["topk_ids"], "student_topk_logprob": old["topk_logprob"],
@@ -304,7 +316,7 @@ def _load_prompts(recipe: DistillRecipe, tokenizer) -> list[list[int]]:
     if rows and cfg.prompt_field not in rows[0]:
         raise UserError(f"recipe key 'prompts.prompt_field': the data has no field {cfg.prompt_field!r}; "
                         f"fields: {', '.join(rows[0])}")
-    prompts = [render_prompt(tokenizer, str(row[cfg.prompt_field]), cfg.system_prompt) for row in rows]
+    prompts = [render_prompt(tokenizer, row[cfg.prompt_field], cfg.system_prompt) for row in rows]
     prompts = [p for p in prompts if len(p) <= cfg.max_prompt_length]
     if len(prompts) < recipe.rollout.prompts_per_step:
         raise UserError(f"recipe key 'rollout.prompts_per_step': only {len(prompts)} prompts fit "

@@ -19,6 +19,13 @@ class PolicyLoss(torch.nn.Module):
         super().__init__()
         self.model = model
 
+    @property
+    def _no_split_modules(self):
+        # accelerate's FSDP2 wraps these blocks as units. The wrapper deliberately has no
+        # get_output_embeddings: the head weight then stays in the root unit, unsharded inside
+        # this forward, which is where the chunked head engine reads it.
+        return getattr(self.model, "_no_split_modules", None)
+
     def forward(self, batch, objective, params, *, chunk_tokens=None, generator=None, matmul_dtype=None, stats=None):
         """Σ_t ℓ_t over the batch's loss positions (B×T tensors; loss_mask picks positions)."""
         decoder, weight_VH = decoder_and_head(self.model)

@@ -97,7 +97,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, sched
     if runtime.is_main:
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
+        model.save_pretrained(tmp, state_dict=_without_tied_copies(model_state, model), safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         state = {
             "step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
@@ -112,6 +112,19 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, sched
                 shutil.rmtree(old, ignore_errors=True)
     runtime.barrier()
     return final
+
+
+def _without_tied_copies(state: dict, model) -> dict:
+    """A state dict gathered from sharded parameters holds tied weights (embeddings = LM head) as
+    two separate copies, which save_pretrained cannot deduplicate; keep only the source."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    tied = getattr(base, "_tied_weights_keys", None)
+    if not getattr(base.config, "tie_word_embeddings", False) or not isinstance(tied, dict):
+        return state
+    for target in tied:
+        for key in [k for k in state if k == target or k.endswith("." + target)]:
+            del state[key]
+    return state
 
 
 def load_trainer_state(checkpoint: Path, model, optimizer, scheduler, runtime) -> int:

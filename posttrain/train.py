@@ -21,14 +21,14 @@ from posttrain.data.sft import build_examples, collate, epoch_order, load_rows, 
 from posttrain.errors import UserError
 from posttrain.losses import OBJECTIVES, normalise
 from posttrain.models import load_policy
-from posttrain.optim import build_optimizer, build_scheduler
-from posttrain.policy import PolicyLoss
+from posttrain.optim import build_scheduler
 from posttrain.progress import StepProgress, console, summary_table
 from posttrain.runfolder import (
     MetricsLog, latest_checkpoint, load_trainer_state, mark_final, prepare_run_dir, save_checkpoint, write_text_atomic,
 )
 from posttrain.runtime import Runtime, make_runtime
-from posttrain.scale import prepare_model
+from posttrain.memory import check_memory, training_memory
+from posttrain.scale import gathered, prepare_model, save_merged_lora, wrap_for_training
 from posttrain.scoring import score_tokens
 
 
@@ -37,16 +37,23 @@ def train(recipe: TrainRecipe, *, resume: bool = False, recipe_path: str = "reci
     if objective.on_policy:
         raise UserError(f"{recipe_path}: key 'objective.name': {objective.name!r} is an on-policy objective; "
                         "run it with `posttrain distill`")
-    runtime = make_runtime(recipe.train.precision)
+    runtime = make_runtime(recipe.train.precision, recipe.train.parallel)
     run_dir = prepare_run_dir(recipe.out_dir, recipe.name, resume) if runtime.is_main else Path(recipe.out_dir) / recipe.name
     runtime.barrier()
+    if runtime.is_main:
+        console.print(f"{recipe.name}: {runtime.describe()}", highlight=False)
     checkpoint = latest_checkpoint(run_dir) if resume else None
 
     # Model: from the recipe, or from the checkpoint being resumed (same loading path). A LoRA
     # checkpoint holds only the adapter: the base comes from the recipe, the adapter from it.
     model_cfg = recipe.model if checkpoint is None or recipe.train.lora else ModelConfig(path=str(checkpoint))
     model, tokenizer = load_policy(model_cfg, "model", recipe.seed, runtime.device)
-    model = prepare_model(model, recipe.train, checkpoint)
+    model = prepare_model(model, recipe.train, checkpoint, recipe.seed)
+    check_memory(training_memory(
+        model, tokens_per_micro_batch=recipe.train.micro_batch_tokens or recipe.train.micro_batch_size * recipe.data.max_length,
+        bf16=runtime.matmul_dtype is not None, gradient_checkpointing=recipe.train.gradient_checkpointing,
+        world_size=runtime.world_size, sharded=runtime.sharded, head_chunk_tokens=recipe.train.head_chunk_tokens,
+    ), runtime.device, show=runtime.is_main, where=recipe_path)
 
     # Data
     rows = load_rows(recipe.data.source, recipe.data.split, recipe.data.synthetic, recipe.data.max_examples, "data.source")
@@ -61,9 +68,8 @@ def train(recipe: TrainRecipe, *, resume: bool = False, recipe_path: str = "reci
     if recipe.train.max_steps:
         total_steps = min(total_steps, recipe.train.max_steps)
 
-    optimizer = build_optimizer(model, recipe.optim)
+    policy, optimizer = wrap_for_training(model, recipe.optim, runtime)
     scheduler = build_scheduler(optimizer, recipe.optim, total_steps)
-    policy, optimizer = runtime.accelerator.prepare(PolicyLoss(model), optimizer)
     start_step = load_trainer_state(checkpoint, model, optimizer, scheduler, runtime) if checkpoint else 0
 
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=runtime.is_main)
@@ -74,7 +80,7 @@ def train(recipe: TrainRecipe, *, resume: bool = False, recipe_path: str = "reci
             console.print(f"resuming {run_dir} from {checkpoint.name}")
     probe = examples[:TOKEN_PROBE_EXAMPLES]  # the same training examples before and after
     if checkpoint is None:
-        _write_token_probs(run_dir, runtime, "initial", token_probability_histogram(model, probe, tokenizer, runtime))
+        _write_token_probs(run_dir, runtime, "initial", token_probability_histogram(policy, model, probe, tokenizer, runtime))
 
     started, last_row, order_cache = time.time(), {}, {}
     with StepProgress(f"train {recipe.name}", total_steps, start_step, enabled=runtime.is_main) as progress:
@@ -92,7 +98,9 @@ def train(recipe: TrainRecipe, *, resume: bool = False, recipe_path: str = "reci
                 save_checkpoint(run_dir, done, model, tokenizer, optimizer, scheduler, runtime, recipe.train.keep_checkpoints)
 
     final = save_checkpoint(run_dir, total_steps, model, tokenizer, optimizer, scheduler, runtime, recipe.train.keep_checkpoints)
-    _write_token_probs(run_dir, runtime, "final", token_probability_histogram(model, probe, tokenizer, runtime))
+    if recipe.train.lora is not None:
+        final = save_merged_lora(run_dir, model, tokenizer, runtime)
+    _write_token_probs(run_dir, runtime, "final", token_probability_histogram(policy, model, probe, tokenizer, runtime))
     if runtime.is_main:
         mark_final(run_dir, final)
         summary_table(f"train {recipe.name} ({objective.name})", [
@@ -145,7 +153,7 @@ TOKEN_PROBE_EXAMPLES = 256
 LOG10_EDGES = [-8.0 + 0.25 * i for i in range(33)]  # histogram bins of log10 p, [-8, 0]
 
 
-def token_probability_histogram(model, examples, tokenizer, runtime: Runtime) -> list[float]:
+def token_probability_histogram(policy, model, examples, tokenizer, runtime: Runtime) -> list[float]:
     """Counts of the model's probability of each response token of `examples` (the DFT paper's
     Figure 2 looks at this distribution on the training data), binned in log10 p."""
     counts = torch.zeros(len(LOG10_EDGES) - 1, dtype=torch.float64)
@@ -153,7 +161,7 @@ def token_probability_histogram(model, examples, tokenizer, runtime: Runtime) ->
     model.eval()
     for group in micro_batches(examples, 32, None):
         batch = {k: v.to(runtime.device) for k, v in collate(group, tokenizer.pad_token_id).items()}
-        with runtime.accelerator.autocast():
+        with runtime.accelerator.autocast(), gathered(policy):
             logp = score_tokens(model, batch, matmul_dtype=runtime.matmul_dtype)["token_logprob"][batch["loss_mask"]]
         log10 = (logp.double() / math.log(10)).clamp(LOG10_EDGES[0], -1e-12).cpu()
         counts += torch.histc(log10, bins=len(counts), min=LOG10_EDGES[0], max=LOG10_EDGES[-1])

@@ -170,6 +170,25 @@ def test_vllm_backend_pushes_weights_in_place(tiny):
     assert set(backend.llm.loaded) == set(model.state_dict())
 
 
+def test_vllm_receives_merged_weights_from_a_lora_student(tiny):
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = tiny
+    student = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for name, param in student.named_parameters():
+            if "lora_B" in name:
+                param.fill_(0.1)  # a non-zero update to merge
+    backend = VLLMBackend("/models/student", tokenizer, vllm_module=STAND_IN)
+    backend.update_weights(student)
+    loaded, expected = backend.llm.loaded, copy.deepcopy(student).merge_and_unload().state_dict()
+    assert set(loaded) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(loaded[name], expected[name])
+
+
 def test_vllm_teacher_scores_like_the_local_teacher(tiny):
     model, tokenizer = tiny
     teacher = VLLMTeacher("/models/teacher", k=5, vllm_module=STAND_IN)

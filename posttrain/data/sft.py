@@ -59,13 +59,19 @@ def load_rows(source: str, split: str, synthetic_cfg: SyntheticConfig, max_examp
     return list(table)
 
 
-def render_prompt(tokenizer, prompt: str, system_prompt: str | None) -> list[int]:
-    """Token ids of the chat-rendered prompt with the generation prompt (no double BOS)."""
+def render_prompt(tokenizer, prompt, system_prompt: str | None) -> list[int]:
+    """Token ids of the chat-rendered prompt with the generation prompt (no double BOS).
+
+    `prompt` is the user's text, or already a list of {"role", "content"} messages (as in
+    DAPO-Math-17k's `prompt` field)."""
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("the tokenizer has no chat template; posttrain renders prompts through it")
-    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-        {"role": "user", "content": prompt}
-    ]
+    if isinstance(prompt, list):
+        messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
+    else:
+        messages = [{"role": "user", "content": str(prompt)}]
+    if system_prompt:
+        messages = [{"role": "system", "content": system_prompt}] + messages
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     # The template already writes any BOS it wants; tokenizing without special tokens avoids a second.
     return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -80,7 +86,7 @@ def build_examples(rows: list[dict], tokenizer, cfg: DataConfig, key: str = "dat
             )
     examples, truncated, dropped = [], 0, 0
     for row in rows:
-        prompt_ids = render_prompt(tokenizer, str(row[cfg.prompt_field]), cfg.system_prompt)
+        prompt_ids = render_prompt(tokenizer, row[cfg.prompt_field], cfg.system_prompt)
         response_ids = tokenizer(str(row[cfg.response_field]), add_special_tokens=False)["input_ids"]
         token_ids = prompt_ids + response_ids + [tokenizer.eos_token_id]
         if len(prompt_ids) >= cfg.max_length:

@@ -208,6 +208,9 @@ def _load_generator(cfg: EvalRecipe):
     import torch
 
     from posttrain.models import load_model, load_tokenizer
+    from posttrain.runtime import set_cpu_threads
+
+    set_cpu_threads()
 
     tokenizer = load_tokenizer(cfg.model)
     if cfg.backend == "vllm":

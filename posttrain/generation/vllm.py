@@ -76,10 +76,11 @@ class VLLMBackend:
         return Completion(token_ids=token_ids, logprobs=logprobs, finish_reason=finish, text=sample.text)
 
     def update_weights(self, model) -> None:
-        engine_model = engine_model_of(self.llm)
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        """The student's current weights into the engine, in place (gathered if sharded, LoRA merged)."""
+        from posttrain.scale import inference_state_dict
+
         with torch.no_grad():
-            engine_model.load_weights(((name, tensor.detach()) for name, tensor in base.state_dict().items()))
+            engine_model_of(self.llm).load_weights(inference_state_dict(model).items())
         self.llm.reset_prefix_cache()
 
 
