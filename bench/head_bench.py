@@ -1,9 +1,11 @@
 """Forward+backward of the LM head + loss: time and peak memory per objective, side by side.
 
-Each case runs in a fresh subprocess (so one case's allocations cannot hide another's peak):
-it allocates hidden [N, H] and weight [V, H], notes its resident memory, runs forward+backward
-once (peak = max RSS − that baseline), then times `--repeats` more runs and keeps the fastest
-(the least disturbed by other work on the machine).
+Memory: each case runs once in a fresh subprocess (so one case's allocations cannot hide
+another's peak): it allocates hidden [N, H] and weight [V, H], notes its resident memory, runs
+forward+backward (peak = max RSS − that baseline).
+Time: all cases in one process, interleaved round-robin `--repeats` times, keeping each case's
+fastest run: ratios are measured side by side, under the same conditions (on a small shared
+machine, separate processes differ by ±15%).
 
     python bench/head_bench.py                       # the issue's shape + a small-vocab shape
     python bench/head_bench.py --tokens 256 --vocab 32000 --hidden 512 --only sft,dense
@@ -35,13 +37,13 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def run_case(case: str, tokens: int, hidden: int, vocab: int, repeats: int, threads: int) -> dict:
+def setup(case: str, tokens: int, hidden: int, vocab: int):
+    """The tensors of one case and a function that runs its forward+backward once."""
     import torch
     import torch.nn.functional as F
 
     from posttrain.losses import OBJECTIVES, head_loss, lsm, opd, otr
 
-    torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
     h = (torch.randn(tokens, hidden, generator=gen) * 0.5).requires_grad_(True)
     w = (torch.randn(vocab, hidden, generator=gen) * 0.02).requires_grad_(True)
@@ -68,20 +70,31 @@ def run_case(case: str, tokens: int, hidden: int, vocab: int, repeats: int, thre
         elif case == "linear_ce":
             loss = F.linear_cross_entropy(h, w, target, reduction="sum")
         else:
-            name = "lsm" if case.startswith("lsm") else case
-            objective = OBJECTIVES[name]
+            objective = OBJECTIVES["lsm" if case.startswith("lsm") else case]
             loss = head_loss(h, w, objective, params or objective.Params(), inputs, generator=gen)
         loss.backward()
 
+    return step
+
+
+def peak_memory(case: str, tokens: int, hidden: int, vocab: int) -> int:
+    step = setup(case, tokens, hidden, vocab)
     base = _rss_bytes()
     step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    times = []
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base, 0)
+
+
+def interleaved_times(cases: list[str], tokens: int, hidden: int, vocab: int, repeats: int) -> dict[str, float]:
+    steps = {case: setup(case, tokens, hidden, vocab) for case in cases}
+    best = {case: float("inf") for case in cases}
+    for case in cases:  # warm-up: first-touch page faults and library init are not the loss's cost
+        steps[case]()
     for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return {"case": case, "seconds": min(times), "peak_bytes": max(peak, 0)}
+        for case in cases:
+            start = time.perf_counter()
+            steps[case]()
+            best[case] = min(best[case], time.perf_counter() - start)
+    return best
 
 
 def main() -> None:
@@ -97,8 +110,15 @@ def main() -> None:
     parser.add_argument("--json", default="", help="also write the rows to this file")
     args = parser.parse_args()
 
-    if args.child:
-        print(json.dumps(run_case(args.child, args.tokens, args.hidden, args.vocab, args.repeats, args.threads)))
+    if args.child:  # a fresh process measuring one thing
+        import torch
+
+        torch.set_num_threads(args.threads)
+        if args.child == "time":
+            result = interleaved_times(args.only.split(","), args.tokens, args.hidden, args.vocab, args.repeats)
+        else:
+            result = peak_memory(args.child, args.tokens, args.hidden, args.vocab)
+        print(json.dumps(result))
         return
 
     shapes = [(args.tokens, args.hidden, args.vocab)]
@@ -107,18 +127,25 @@ def main() -> None:
     cases = [c for c in CASES if not args.only or c in args.only.split(",")]
     all_rows = []
     for tokens, hidden, vocab in shapes:
-        rows = []
+        common = ["--tokens", str(tokens), "--hidden", str(hidden), "--vocab", str(vocab),
+                  "--repeats", str(args.repeats), "--threads", str(args.threads)]
+        peaks = {}
         for case in cases:
-            cmd = [sys.executable, __file__, "--child", case, "--tokens", str(tokens), "--hidden", str(hidden),
-                   "--vocab", str(vocab), "--repeats", str(args.repeats), "--threads", str(args.threads)]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
-            print(f"  measured {case} at N={tokens} H={hidden} V={vocab}", file=sys.stderr, flush=True)
+            peaks[case] = _child([case, *common])
+            print(f"  memory of {case} at N={tokens} H={hidden} V={vocab}", file=sys.stderr, flush=True)
+        print(f"  timing {len(cases)} cases interleaved, {args.repeats} rounds", file=sys.stderr, flush=True)
+        times = _child(["time", "--only", ",".join(cases), *common])
+        rows = [{"case": c, "seconds": times[c], "peak_bytes": peaks[c]} for c in cases]
         print_table(rows, tokens, hidden, vocab)
         all_rows.append({"tokens": tokens, "hidden": hidden, "vocab": vocab, "rows": rows})
     if args.json:
         with open(args.json, "w") as f:
             json.dump(all_rows, f, indent=1)
+
+
+def _child(args: list[str]):
+    out = subprocess.run([sys.executable, __file__, "--child", *args], check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def print_table(rows, tokens, hidden, vocab) -> None:

@@ -119,7 +119,7 @@ class TrainLoopConfig:
     micro_batch_tokens: int | None = None  # if set: micro-batches by padded-token budget instead
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     parallel: Literal["ddp", "fsdp2"] = "ddp"  # with several processes: replicate (DDP) or shard (FSDP2)
-    head_chunk_tokens: int | None = None  # tokens per LM-head chunk; None: from a 128 MB budget
+    head_chunk_tokens: int | None = None  # tokens per LM-head chunk; None: from a 160 MB buffer budget
     gradient_checkpointing: bool = False
     lora: LoraConfig | None = None  # None: full fine-tuning
     save_every: int = 0  # optimizer steps between checkpoints; 0: only the final one

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain.config import DistillRecipe, ModelConfig, dump_yaml
+from posttrain.config import DistillRecipe, dump_yaml
 from posttrain.data.sft import Example, collate, epoch_order, load_rows, micro_batches, render_prompt
 from posttrain.errors import UserError
 from posttrain.generation import SamplingSpec, make_backend
@@ -29,12 +29,11 @@ from posttrain.losses.objective import STUDENT_TOPK
 from posttrain.models import load_policy, same_vocabulary
 from posttrain.optim import build_scheduler
 from posttrain.progress import StepProgress, console, summary_table
-from posttrain.runfolder import (
-    MetricsLog, latest_checkpoint, load_trainer_state, mark_final, prepare_run_dir, save_checkpoint, write_text_atomic,
-)
+from posttrain.loop import open_run, optimizer_step
+from posttrain.runfolder import MetricsLog, load_trainer_state, mark_final, save_checkpoint, write_text_atomic
 from posttrain.runtime import Runtime, make_runtime
 from posttrain.memory import check_memory, training_memory
-from posttrain.scale import gathered, place_teacher, prepare_model, save_merged_lora, wrap_for_training
+from posttrain.scale import gathered, place_teacher, save_merged_lora, wrap_for_training
 from posttrain.scoring import has_repetition_loop, score_pair, score_tokens, support_diagnostics
 
 
@@ -49,15 +48,7 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, recipe_path: str = "
                         "so it cannot score the student's top-K support; use scoring.backend: hf")
     runtime = make_runtime(recipe.train.precision, recipe.train.parallel)
     _check_sizes(recipe, runtime, recipe_path)
-    run_dir = prepare_run_dir(recipe.out_dir, recipe.name, resume) if runtime.is_main else Path(recipe.out_dir) / recipe.name
-    runtime.barrier()
-    if runtime.is_main:
-        console.print(f"{recipe.name}: {runtime.describe()}", highlight=False)
-    checkpoint = latest_checkpoint(run_dir) if resume else None
-
-    student_cfg = recipe.student if checkpoint is None or recipe.train.lora else ModelConfig(path=str(checkpoint))
-    student, tokenizer = load_policy(student_cfg, "student", recipe.seed, runtime.device)
-    student = prepare_model(student, recipe.train, checkpoint, recipe.seed)
+    run_dir, checkpoint, student, tokenizer = open_run(recipe, "student", runtime, resume)
     teacher = Teacher(recipe, runtime, tokenizer)
     check_memory(training_memory(
         student, tokens_per_micro_batch=recipe.train.micro_batch_size * (recipe.prompts.max_prompt_length + recipe.rollout.max_new_tokens),
@@ -214,14 +205,7 @@ def ppo_update(policy, optimizer, scheduler, runtime, recipe, batch, rows, stats
                               generator=generator, matmul_dtype=runtime.matmul_dtype, stats=stats)
             runtime.accelerator.backward(normalise(loss_sum, global_tokens) * runtime.world_size)
         loss_sum_total += loss_sum.item()
-    params_with_grad = [p for p in policy.parameters() if p.grad is not None]
-    if recipe.optim.grad_clip > 0:
-        grad_norm = float(runtime.accelerator.clip_grad_norm_(params_with_grad, recipe.optim.grad_clip))
-    else:
-        grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params_with_grad]))
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm = optimizer_step(policy, optimizer, scheduler, runtime, recipe.optim.grad_clip)
     return runtime.sum_across_ranks({"l": loss_sum_total})["l"] / max(global_tokens, 1), grad_norm
 
 

@@ -13,6 +13,7 @@ import torch
 from rich.table import Table
 
 from posttrain.errors import UserError
+from posttrain.losses.engine import HEAD_BUFFER_BYTES
 from posttrain.progress import console
 
 GiB = 2**30
@@ -37,7 +38,7 @@ def training_memory(model, *, tokens_per_micro_batch: int, bf16: bool, gradient_
         activations = tokens_per_micro_batch * (layers * hidden * act_bytes + per_token_layer)
     else:
         activations = tokens_per_micro_batch * layers * per_token_layer
-    chunk = min(head_chunk_tokens or 128 * 2**20 // (4 * vocab), tokens_per_micro_batch)
+    chunk = min(head_chunk_tokens or HEAD_BUFFER_BYTES // (4 * vocab), tokens_per_micro_batch)
     rows = [
         ("parameters", total * param_bytes / split),
         ("gradients", trainable * 4 / split),

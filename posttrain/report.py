@@ -243,15 +243,20 @@ def _plots(runs, offline, distilled, by_final, out: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
 
+    def two_panels(runs, panels, filename):
+        """One figure: for each (metric, title), the metric against step, a line per variant."""
+        fig, axes = plt.subplots(1, len(panels), figsize=(11, 4))
+        for ax, (key, title) in zip(axes, panels):
+            for variant, group in _variants(runs):
+                _curve(ax, group, key, variant)
+            ax.set(title=title, xlabel="step")
+        axes[-1].legend(fontsize=8)
+        save(fig, filename)
+
     if offline:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for variant, group in _variants(offline):
-            _curve(axes[0], group, "loss", variant)
-            _curve(axes[1], group, "target_prob", variant)
-        axes[0].set(title="training loss (each objective's own loss)", xlabel="step")
-        axes[1].set(title="mean probability of the target token (training batches)", xlabel="step")
-        axes[1].legend(fontsize=8)
-        save(fig, "offline_training_curves.png")
+        two_panels(offline, [("loss", "training loss (each objective's own loss)"),
+                             ("target_prob", "mean probability of the target token (training batches)")],
+                   "offline_training_curves.png")
 
         otr = [(v, g) for v, g in _variants(offline) if g[0].config["objective"]["name"] == "otr"]
         if otr:
@@ -278,14 +283,9 @@ def _plots(runs, offline, distilled, by_final, out: Path) -> list[Path]:
             save(fig, "token_probability_histogram.png")
 
     if distilled:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for variant, group in _variants(distilled):
-            _curve(axes[0], group, "reverse_kl", variant)
-            _curve(axes[1], group, "repetition_frac", variant)
-        axes[0].set(title="reverse KL to the teacher on rollouts (exact, per token)", xlabel="step")
-        axes[1].set(title="share of rollouts with a repetition loop", xlabel="step")
-        axes[0].legend(fontsize=8)
-        save(fig, "distill_reverse_kl_and_repetition.png")
+        two_panels(distilled, [("reverse_kl", "reverse KL to the teacher on rollouts (exact, per token)"),
+                               ("repetition_frac", "share of rollouts with a repetition loop")],
+                   "distill_reverse_kl_and_repetition.png")
 
     scored = [(v, g) for v, g in _variants(offline + distilled) if any(r.scores() for r in g)]
     if scored:

@@ -26,9 +26,11 @@ STATE_FILE = "trainer_state.pt"
 
 
 def prepare_run_dir(out_dir: str, name: str, resume: bool) -> Path:
-    """Create runs/<name>; refuse to overwrite an existing run unless resuming."""
+    """Create runs/<name>; refuse to overwrite an existing run (one that wrote its config, a
+    metric or a checkpoint) unless resuming."""
     run_dir = Path(out_dir) / name
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+    used = (run_dir / "config.yaml").exists() or (run_dir / "metrics.jsonl").exists() or latest_checkpoint(run_dir)
+    if used and not resume:
         raise UserError(
             f"run folder {run_dir} already exists; add --resume to continue it, or pick another name (name=...)"
         )

@@ -16,19 +16,17 @@ from pathlib import Path
 
 import torch
 
-from posttrain.config import ModelConfig, TrainRecipe, dump_yaml
+from posttrain.config import TrainRecipe, dump_yaml
 from posttrain.data.sft import build_examples, collate, epoch_order, load_rows, micro_batches
 from posttrain.errors import UserError
 from posttrain.losses import OBJECTIVES, normalise
-from posttrain.models import load_policy
 from posttrain.optim import build_scheduler
 from posttrain.progress import StepProgress, console, summary_table
-from posttrain.runfolder import (
-    MetricsLog, latest_checkpoint, load_trainer_state, mark_final, prepare_run_dir, save_checkpoint, write_text_atomic,
-)
+from posttrain.loop import open_run, optimizer_step
+from posttrain.runfolder import MetricsLog, load_trainer_state, mark_final, save_checkpoint, write_text_atomic
 from posttrain.runtime import Runtime, make_runtime
 from posttrain.memory import check_memory, training_memory
-from posttrain.scale import gathered, prepare_model, save_merged_lora, wrap_for_training
+from posttrain.scale import gathered, save_merged_lora, wrap_for_training
 from posttrain.scoring import score_tokens
 
 
@@ -38,17 +36,7 @@ def train(recipe: TrainRecipe, *, resume: bool = False, recipe_path: str = "reci
         raise UserError(f"{recipe_path}: key 'objective.name': {objective.name!r} is an on-policy objective; "
                         "run it with `posttrain distill`")
     runtime = make_runtime(recipe.train.precision, recipe.train.parallel)
-    run_dir = prepare_run_dir(recipe.out_dir, recipe.name, resume) if runtime.is_main else Path(recipe.out_dir) / recipe.name
-    runtime.barrier()
-    if runtime.is_main:
-        console.print(f"{recipe.name}: {runtime.describe()}", highlight=False)
-    checkpoint = latest_checkpoint(run_dir) if resume else None
-
-    # Model: from the recipe, or from the checkpoint being resumed (same loading path). A LoRA
-    # checkpoint holds only the adapter: the base comes from the recipe, the adapter from it.
-    model_cfg = recipe.model if checkpoint is None or recipe.train.lora else ModelConfig(path=str(checkpoint))
-    model, tokenizer = load_policy(model_cfg, "model", recipe.seed, runtime.device)
-    model = prepare_model(model, recipe.train, checkpoint, recipe.seed)
+    run_dir, checkpoint, model, tokenizer = open_run(recipe, "model", runtime, resume)
     check_memory(training_memory(
         model, tokens_per_micro_batch=recipe.train.micro_batch_tokens or recipe.train.micro_batch_size * recipe.data.max_length,
         bf16=runtime.matmul_dtype is not None, gradient_checkpointing=recipe.train.gradient_checkpointing,
@@ -134,11 +122,8 @@ def train_step(policy, optimizer, scheduler, runtime: Runtime, recipe: TrainReci
             runtime.accelerator.backward(normalise(loss_sum, global_tokens) * runtime.world_size)
         loss_sum_total += loss_sum.item()
         seen_tokens += int(batch["attention_mask"].sum())
-    grad_norm = _clip(policy, runtime, recipe.optim.grad_clip)
     lr = scheduler.get_last_lr()[0]
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm = optimizer_step(policy, optimizer, scheduler, runtime, recipe.optim.grad_clip)
     totals = runtime.sum_across_ranks({"loss_sum": loss_sum_total, "seen_tokens": seen_tokens,
                                        **{k: float(v) for k, v in stats.items()}})
     seconds = time.time() - started
@@ -176,13 +161,6 @@ def _write_token_probs(run_dir: Path, runtime: Runtime, key: str, counts: list[f
     data = json.loads(path.read_text()) if path.exists() else {"log10_edges": LOG10_EDGES, "examples": TOKEN_PROBE_EXAMPLES}
     data[key] = counts
     write_text_atomic(path, json.dumps(data))
-
-
-def _clip(policy, runtime: Runtime, max_norm: float) -> float:
-    params = [p for p in policy.parameters() if p.grad is not None]
-    if max_norm > 0:
-        return float(runtime.accelerator.clip_grad_norm_(params, max_norm))
-    return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
 
 
 def _micro_batch_seed(seed: int, step: int, rank: int, index: int) -> int:

@@ -100,7 +100,8 @@ def _generate_and_grade(bench: LoadedBenchmark, cfg, tokenizer, backend, math_gr
     from rich.progress import Progress
 
     with Progress(console=console, disable=not console.is_terminal) as progress:
-        task = progress.add_task(f"eval {spec.name}", total=len(bench.rows), completed=len(bench.rows) - len(missing))
+        completed = len(bench.rows) - len(missing)
+        task = progress.add_task(f"eval {spec.name}", total=len(bench.rows), completed=completed)
         for start, indices in groups.items():
             rows = [bench.rows[i] for i in indices]
             prompts = [prompt_ids(cfg.prompt, spec.kind, spec.question(r), tokenizer) for r in rows]
@@ -117,8 +118,10 @@ def _generate_and_grade(bench: LoadedBenchmark, cfg, tokenizer, backend, math_gr
                         "finish_reason": c.finish_reason, "tokens": len(c.token_ids)} for i, j, c in items]
             timing["grading_seconds"] += _grade_and_append(bench, records, math_grader, sandbox, out, done)
             progress.update(task, advance=len(indices))
-            if not console.is_terminal:
-                console.print(f"eval {spec.name}: {indices[-1] + 1}/{len(bench.rows)} problems", highlight=False)
+            quarter_before = completed * 4 // len(bench.rows)
+            completed += len(indices)
+            if not console.is_terminal and completed * 4 // len(bench.rows) > quarter_before:  # a log line per quarter
+                console.print(f"eval {spec.name}: {completed}/{len(bench.rows)} problems", highlight=False)
     return timing
 
 

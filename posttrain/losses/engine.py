@@ -28,7 +28,7 @@ import torch
 
 from posttrain.losses.objective import Objective
 
-HEAD_BUFFER_BYTES = 128 * 2**20  # default memory budget of the per-chunk buffer
+HEAD_BUFFER_BYTES = 160 * 2**20  # default memory budget of the per-chunk buffer (see README: chunk size)
 SCRATCH_ROWS = 16  # rows per block of the softmax-statistics / sampling scratch buffer
 
 
@@ -155,8 +155,12 @@ def _dense_chunk(h_cH, weight_mm, plan, inputs_c, z_cV, scratch_rV, grad_hidden_
     logp_cJ = z_cV.gather(1, targets_cJ) - lse_c1
     loss_c, stats_c, d_cJ = _loss_and_score_grad(objective, params, logp_cJ, targets_cJ, inputs_c)
 
-    # g = ∂ℓ/∂z = scatter(d) − (Σ_j d_j) p with p = exp(z − lse), in place over the logits
-    z_cV.sub_(lse_c1).exp_().mul_(-d_cJ.sum(dim=1, keepdim=True))
+    # g = ∂ℓ/∂z = scatter(d) − (Σ_j d_j) p with p = exp(z − lse), in place over the logits, a
+    # block of rows at a time so that the three passes run on data still in cache
+    scale_c1 = -d_cJ.sum(dim=1, keepdim=True)
+    rows = scratch_rV.shape[0]
+    for r0 in range(0, z_cV.shape[0], rows):
+        z_cV[r0 : r0 + rows].sub_(lse_c1[r0 : r0 + rows]).exp_().mul_(scale_c1[r0 : r0 + rows])
     z_cV.scatter_add_(1, targets_cJ, d_cJ)
     _fold_gradient(z_cV, h_cH, h_mm, weight_mm, grad_hidden_cH, grad_weight)
     return loss_c, {"entropy": entropy_c, **stats_c}
@@ -167,16 +171,16 @@ def _softmax_stats(z_cV, scratch_rV):
 
     entropy = lse − Σ_v p_v z_v; the dot is a batched matmul, so nothing of size [c, V] is made.
     """
-    z_max_c1 = z_cV.amax(dim=1, keepdim=True)
-    lse_c1 = torch.empty_like(z_max_c1)
-    entropy_c = torch.empty_like(z_max_c1[:, 0])
+    lse_c1 = z_cV.new_empty(z_cV.shape[0], 1)
+    entropy_c = z_cV.new_empty(z_cV.shape[0])
     rows = scratch_rV.shape[0]
     for r0 in range(0, z_cV.shape[0], rows):
-        block_rV = z_cV[r0 : r0 + rows]
-        exp_rV = torch.sub(block_rV, z_max_c1[r0 : r0 + rows], out=scratch_rV[: block_rV.shape[0]]).exp_()
+        block_rV = z_cV[r0 : r0 + rows]  # max, exp, sum and dot on rows still in cache
+        max_r1 = block_rV.amax(dim=1, keepdim=True)
+        exp_rV = torch.sub(block_rV, max_r1, out=scratch_rV[: block_rV.shape[0]]).exp_()
         sum_exp_r1 = exp_rV.sum(dim=1, keepdim=True)
         p_dot_z_r1 = torch.bmm(exp_rV.unsqueeze(1), block_rV.unsqueeze(2)).view(-1, 1) / sum_exp_r1
-        lse_c1[r0 : r0 + rows] = z_max_c1[r0 : r0 + rows] + sum_exp_r1.log()
+        lse_c1[r0 : r0 + rows] = max_r1 + sum_exp_r1.log()
         entropy_c[r0 : r0 + rows] = (lse_c1[r0 : r0 + rows] - p_dot_z_r1).squeeze(1)
     return lse_c1, entropy_c
 
