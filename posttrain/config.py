@@ -11,15 +11,47 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 
 from posttrain.errors import UserError
+
+# ----------------------------------------------------------------------------------------------
+# Allowed ranges of numeric keys: attached to a type with Annotated, checked by the loader, so a
+# zero batch size or a negative learning rate is a one-line error before anything runs.
+
+
+@dataclass(frozen=True)
+class Bounds:
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False  # True: the value must be > low (else >= low)
+    high_open: bool = False
+
+    def allows(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def describe(self) -> str:
+        if self.high == math.inf:
+            return f"{'>' if self.low_open else '≥'} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+PositiveInt = Annotated[int, Bounds(low=1)]
+NonNegativeInt = Annotated[int, Bounds(low=0)]
+PositiveFloat = Annotated[float, Bounds(low=0, low_open=True)]
+NonNegativeFloat = Annotated[float, Bounds(low=0)]
+Probability = Annotated[float, Bounds(low=0, high=1)]  # [0, 1]
+OpenFraction = Annotated[float, Bounds(low=0, high=1, high_open=True)]  # [0, 1)
+Share = Annotated[float, Bounds(low=0, high=1, low_open=True)]  # (0, 1]: top-p, GPU memory share
 
 # ----------------------------------------------------------------------------------------------
 # Schema
@@ -30,13 +62,13 @@ class TinyModelConfig:
     """A randomly initialised small model plus a BPE tokenizer trained on the synthetic task."""
 
     arch: Literal["qwen2", "llama"] = "qwen2"
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 256
-    vocab_size: int = 384
-    max_position_embeddings: int = 512
+    hidden_size: PositiveInt = 64
+    num_layers: PositiveInt = 2
+    num_heads: PositiveInt = 4
+    num_kv_heads: PositiveInt = 2
+    intermediate_size: PositiveInt = 256
+    vocab_size: PositiveInt = 384
+    max_position_embeddings: PositiveInt = 512
 
 
 @dataclass
@@ -51,7 +83,7 @@ class SyntheticConfig:
     """The built-in step-by-step arithmetic task (see posttrain/data/synthetic.py)."""
 
     split: Literal["pretrain", "in_domain", "out_of_domain"] = "in_domain"
-    num_examples: int = 2000
+    num_examples: PositiveInt = 2000
     seed: int = 1234  # the data seed; the run seed changes init, order and sampling only
 
 
@@ -62,8 +94,8 @@ class DataConfig:
     prompt_field: str = "problem"
     response_field: str = "solution"
     system_prompt: str | None = None
-    max_examples: int | None = None  # keep the first N rows
-    max_length: int = 1024  # prompt + response tokens; longer examples are cut at the end
+    max_examples: PositiveInt | None = None  # keep the first N rows
+    max_length: PositiveInt = 1024  # prompt + response tokens; longer examples are cut at the end
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -92,19 +124,19 @@ class ObjectiveConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-5
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    lr: PositiveFloat = 1e-5
+    betas: tuple[OpenFraction, OpenFraction] = (0.9, 0.999)
+    weight_decay: NonNegativeFloat = 0.0
+    grad_clip: NonNegativeFloat = 1.0  # max global grad norm; 0 disables clipping
     schedule: Literal["cosine", "constant"] = "cosine"
-    warmup_ratio: float = 0.0
+    warmup_ratio: OpenFraction = 0.0
 
 
 @dataclass
 class LoraConfig:
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
+    rank: PositiveInt = 16
+    alpha: PositiveFloat = 32.0
+    dropout: OpenFraction = 0.0
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
@@ -112,19 +144,19 @@ class LoraConfig:
 
 @dataclass
 class TrainLoopConfig:
-    epochs: int = 1
-    max_steps: int | None = None  # stop early after this many optimizer steps
-    batch_size: int = 32  # examples per optimizer step, over all processes
-    micro_batch_size: int = 8  # examples per forward/backward (per process)
-    micro_batch_tokens: int | None = None  # if set: micro-batches by padded-token budget instead
+    epochs: PositiveInt = 1
+    max_steps: PositiveInt | None = None  # stop early after this many optimizer steps
+    batch_size: PositiveInt = 32  # examples per optimizer step, over all processes
+    micro_batch_size: PositiveInt = 8  # examples per forward/backward (per process)
+    micro_batch_tokens: PositiveInt | None = None  # if set: micro-batches by padded-token budget instead
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     parallel: Literal["ddp", "fsdp2"] = "ddp"  # with several processes: replicate (DDP) or shard (FSDP2)
-    head_chunk_tokens: int | None = None  # tokens per LM-head chunk; None: from a 160 MB buffer budget
+    head_chunk_tokens: PositiveInt | None = None  # tokens per LM-head chunk; None: from a 160 MB buffer budget
     gradient_checkpointing: bool = False
     lora: LoraConfig | None = None  # None: full fine-tuning
-    save_every: int = 0  # optimizer steps between checkpoints; 0: only the final one
-    keep_checkpoints: int = 2
-    log_every: int = 1
+    save_every: NonNegativeInt = 0  # optimizer steps between checkpoints; 0: only the final one
+    keep_checkpoints: PositiveInt = 2
+    log_every: PositiveInt = 1
 
 
 @dataclass
@@ -145,26 +177,26 @@ class PromptsConfig:
     split: str = "train"
     prompt_field: str = "problem"
     system_prompt: str | None = None
-    max_examples: int | None = None
-    max_prompt_length: int = 512  # longer prompts are skipped
+    max_examples: PositiveInt | None = None
+    max_prompt_length: PositiveInt = 512  # longer prompts are skipped
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
 @dataclass
 class VllmConfig:
-    gpu_memory_utilization: float = 0.5
-    tensor_parallel_size: int = 1
+    gpu_memory_utilization: Share = 0.5
+    tensor_parallel_size: PositiveInt = 1
 
 
 @dataclass
 class RolloutConfig:
     backend: Literal["hf", "vllm"] = "hf"
-    prompts_per_step: int = 16
-    samples_per_prompt: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: no top-k cut
-    max_new_tokens: int = 256
+    prompts_per_step: PositiveInt = 16
+    samples_per_prompt: PositiveInt = 8
+    temperature: NonNegativeFloat = 1.0  # 0: greedy
+    top_p: Share = 1.0
+    top_k: NonNegativeInt = 0  # 0: no top-k cut
+    max_new_tokens: PositiveInt = 256
     vllm: VllmConfig = field(default_factory=VllmConfig)
 
 
@@ -173,26 +205,26 @@ class ScoringConfig:
     """How the teacher (and the student's π_old) score rollout tokens."""
 
     backend: Literal["hf", "vllm"] = "hf"  # hf: local transformers, no grad; vllm: prompt_logprobs=K
-    chunk_tokens: int = 1024  # positions per scoring chunk: only [chunk, V] logits exist at once
-    diagnostics_k: int = 32  # top-K for the support/overlap metrics when the objective has no k
-    gpu_memory_utilization: float = 0.3  # vllm teacher only
+    chunk_tokens: PositiveInt = 1024  # positions per scoring chunk: only [chunk, V] logits exist at once
+    diagnostics_k: PositiveInt = 32  # top-K for the support/overlap metrics when the objective has no k
+    gpu_memory_utilization: Share = 0.3  # vllm teacher only
 
 
 @dataclass
 class DistillLoopConfig:
-    steps: int = 100
-    mini_batch_size: int = 64  # rollouts per optimizer step (PPO mini-batch), over all processes
-    ppo_epochs: int = 1
-    micro_batch_size: int = 8
+    steps: PositiveInt = 100
+    mini_batch_size: PositiveInt = 64  # rollouts per optimizer step (PPO mini-batch), over all processes
+    ppo_epochs: PositiveInt = 1
+    micro_batch_size: PositiveInt = 8
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     parallel: Literal["ddp", "fsdp2"] = "ddp"
-    head_chunk_tokens: int | None = None
+    head_chunk_tokens: PositiveInt | None = None
     gradient_checkpointing: bool = False
     lora: LoraConfig | None = None
     mask_first_tokens: list[str] = field(default_factory=list)  # LSM paper's special-token mask
-    save_every: int = 0
-    keep_checkpoints: int = 2
-    log_every: int = 1
+    save_every: NonNegativeInt = 0
+    keep_checkpoints: PositiveInt = 2
+    log_every: PositiveInt = 1
 
 
 @dataclass
@@ -216,16 +248,16 @@ class EvalRecipe:
     benchmarks: list[str] = field(default_factory=lambda: ["math500"])
     data_dir: str | None = None
     prompt: Literal["chat", "qwen-boxed", "raw"] = "chat"
-    samples: int = 1
-    limit: int | None = None
+    samples: PositiveInt = 1
+    limit: PositiveInt | None = None
     seed: int = 0
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 1024
+    temperature: NonNegativeFloat = 1.0  # 0: greedy
+    top_p: Share = 1.0
+    top_k: NonNegativeInt = 0
+    max_new_tokens: PositiveInt = 1024
     backend: Literal["hf", "vllm"] = "hf"
-    batch_size: int = 32  # prompts per generation call
-    workers: int = 2  # grading processes
+    batch_size: PositiveInt = 32  # prompts per generation call
+    workers: PositiveInt = 2  # grading processes
     out: str | None = None
 
 
@@ -235,15 +267,15 @@ class EvalRecipe:
 
 @dataclass
 class _Where:
-    """Where values came from, so every error can name the file and the override."""
+    """Where values came from, so every error can name the file and the override or flag."""
 
     file: str
-    overrides: dict[str, str] = field(default_factory=dict)
+    given: dict[str, str] = field(default_factory=dict)  # key -> how the user wrote it, e.g. "--limit 0"
 
     def fail(self, key: str, problem: str) -> typing.NoReturn:
         origin = self.file
-        if key in self.overrides:
-            origin += f" (override {key}={self.overrides[key]})"
+        if key in self.given:
+            origin += f" ({self.given[key]})"
         raise UserError(f"{origin}: key '{key}' {problem}")
 
 
@@ -271,9 +303,10 @@ def parse_yaml(text: str, label: str) -> Any:
         raise UserError(f"{label}: malformed YAML{at}: {problem}") from None
 
 
-def from_dict(schema: type, raw: dict, label: str) -> Any:
-    """Validate an in-memory mapping (e.g. CLI flags merged over a recipe)."""
-    return _build(schema, raw, "", _Where(label))
+def from_dict(schema: type, raw: dict, label: str, given: dict[str, str] | None = None) -> Any:
+    """Validate an in-memory mapping (e.g. CLI flags merged over a recipe); `given` says how the
+    user wrote a key (e.g. "--limit 0") for the error message."""
+    return _build(schema, raw, "", _Where(label, given or {}))
 
 
 def to_dict(obj: Any) -> Any:
@@ -296,7 +329,7 @@ def _apply_override(raw: dict, item: str, where: _Where) -> None:
         raise UserError(f"{where.file}: override {item!r} must look like key=value (e.g. optim.lr=1e-4)")
     key, text = item.split("=", 1)
     key = key.strip()
-    where.overrides[key] = text
+    where.given[key] = f"override {key}={text}"
     try:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
@@ -318,7 +351,7 @@ def _build(schema: type, raw: Any, prefix: str, where: _Where) -> Any:
         return schema._parse(raw, prefix, where)
     if not isinstance(raw, dict):
         where.fail(prefix or "(top level)", f"must be a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(schema)
+    hints = typing.get_type_hints(schema, include_extras=True)
     known = [f.name for f in dataclasses.fields(schema)]
     for key in raw:
         if key not in known:
@@ -346,6 +379,12 @@ def _coerce(value: Any, hint: Any, key: str, where: _Where) -> Any:
         if len(inner) == 1:
             return _coerce(value, inner[0], key, where)
     if hint is Any:
+        return value
+    if origin is Annotated:
+        value = _coerce(value, args[0], key, where)
+        for bounds in hint.__metadata__:
+            if not bounds.allows(value):
+                where.fail(key, f"must be {_describe(hint)}, got {value!r}")
         return value
     if dataclasses.is_dataclass(hint):
         return _build(hint, {} if value is None else value, key, where)
@@ -402,12 +441,14 @@ def _describe(hint: Any) -> str:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in args if a is not type(None))
+    if origin is Annotated:
+        return " ".join([_describe(args[0])] + [bounds.describe() for bounds in hint.__metadata__])
     if origin is Literal:
         return "one of: " + ", ".join(map(str, args))
     if origin is list:
-        return f"a list of {_describe(args[0])}s"
+        return f"a list, each item {_describe(args[0])}"
     if origin is tuple:
-        return f"a list of {len(args)} {_describe(args[0])}s"
+        return f"a list of {len(args)} items, each {_describe(args[0])}"
     names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
     if dataclasses.is_dataclass(hint):
         return "a mapping"

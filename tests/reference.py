@@ -42,7 +42,7 @@ def opd(hidden, weight, inputs, params):
         return -(adv * logp).sum()
     ratio = (logp - inputs["old_logprob"].to(logp.dtype)).exp()
     per_token = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - params.clip_low, 1 + params.clip_high))
-    if params.dual_clip > 0:
+    if params.dual_clip is not None:
         per_token = torch.where(adv < 0, torch.minimum(per_token, -adv * params.dual_clip), per_token)
     return per_token.sum()
 

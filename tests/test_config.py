@@ -76,6 +76,39 @@ def test_override_errors_name_the_override(tmp_path):
     assert "must look like key=value" in error_of(path, overrides=["optim.lr"])
 
 
+@pytest.mark.parametrize(
+    "section,key,value,allowed",
+    [
+        ("optim", "lr", -1, "a number > 0"),
+        ("optim", "warmup_ratio", 1.0, "a number in [0, 1)"),
+        ("optim", "betas", [0.9, 1.5], "a number in [0, 1)"),
+        ("train", "micro_batch_size", 0, "an integer ≥ 1"),
+        ("train", "max_steps", 0, "an integer ≥ 1"),
+        ("train", "save_every", -1, "an integer ≥ 0"),
+        ("objective", "k", 0, "an integer ≥ 1"),
+        ("objective", "kappa", 0, "a number > 0"),
+    ],
+)
+def test_out_of_range_values_name_the_allowed_range(tmp_path, section, key, value, allowed):
+    recipe = tiny_train_recipe(tmp_path, objective={"name": "otr"})
+    recipe.setdefault(section, {})[key] = value
+    message = error_of(write_recipe(tmp_path, recipe))
+    assert f"key '{section}.{key}' must be {allowed}, got" in message, message
+
+
+def test_range_bounds_are_inclusive_or_open_as_declared(tmp_path):
+    recipe = tiny_train_recipe(tmp_path, optim={"warmup_ratio": 0.0, "weight_decay": 0.0}, train={"save_every": 0})
+    loaded = load_recipe(write_recipe(tmp_path, recipe), TrainRecipe)
+    assert loaded.optim.warmup_ratio == 0.0 and loaded.train.save_every == 0
+    distill = {"name": "d", "student": {"path": "s"}, "teacher": {"path": "t"},
+               "objective": {"name": "opd", "dual_clip": None, "discount": 1.0}, "rollout": {"top_p": 1.0}}
+    loaded = load_recipe(write_recipe(tmp_path, distill), DistillRecipe)
+    assert loaded.objective.params.dual_clip is None and loaded.objective.params.discount == 1.0
+    path = write_recipe(tmp_path, distill)
+    assert "must be a number > 1, got 1.0" in error_of(path, DistillRecipe, ["objective.dual_clip=1"])
+    assert "must be a number in (0, 1], got 0.0" in error_of(path, DistillRecipe, ["rollout.top_p=0"])
+
+
 def test_other_schemas_load(tmp_path):
     distill = {"name": "d", "student": {"path": "s"}, "teacher": {"path": "t"}, "objective": {"name": "lsm", "k": 16}}
     loaded = load_recipe(write_recipe(tmp_path, distill), DistillRecipe)

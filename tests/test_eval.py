@@ -277,3 +277,8 @@ def test_unknown_benchmark_is_a_clear_error():
     proc = run_cli("eval", "--model", "x", "--benchmark", "math5000", check=False)
     assert proc.returncode == 2 and "unknown benchmark 'math5000'" in proc.stderr
 
+
+def test_out_of_range_eval_flag_names_the_flag():
+    proc = run_cli("eval", "--model", "x", "--benchmark", "synthetic", "--limit", "0", check=False)
+    assert proc.returncode == 2 and "(--limit 0): key 'limit' must be an integer ≥ 1, got 0" in proc.stderr
+    assert "Traceback" not in proc.stderr

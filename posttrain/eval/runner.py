@@ -34,7 +34,8 @@ from posttrain.runfolder import read_jsonl, write_text_atomic
 def eval_from_cli(recipe_path: Path | None, flags: dict, completions: Path | None) -> dict:
     raw = asdict(load_recipe(recipe_path, EvalRecipe)) if recipe_path else {}
     raw.update(flags)
-    cfg = from_dict(EvalRecipe, raw, str(recipe_path or "command line"))
+    given = {key: f"--{'benchmark' if key == 'benchmarks' else key.replace('_', '-')} {value}" for key, value in flags.items()}
+    cfg = from_dict(EvalRecipe, raw, str(recipe_path or "command line"), given)
     if completions is None and not cfg.model:
         raise UserError("--model is required (or --completions FILE to grade completions made elsewhere)")
     if completions is not None and len(cfg.benchmarks) != 1:

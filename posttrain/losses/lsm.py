@@ -18,6 +18,7 @@ from typing import Literal
 
 import torch
 
+from posttrain.config import PositiveInt
 from posttrain.losses.objective import STUDENT_TOPK, TEACHER_TOKEN, TEACHER_TOPK, Objective
 
 _MASKED = -1e30  # finite stand-in for −inf: exp gives 0 and differences stay finite (no NaN grads)
@@ -25,7 +26,7 @@ _MASKED = -1e30  # finite stand-in for −inf: exp gives 0 and differences stay 
 
 @dataclass
 class Params:
-    k: int = 32
+    k: PositiveInt = 32
     renormalize: bool = True
     support: Literal["teacher", "student"] = "teacher"
     add_sampled_token: bool = False

@@ -10,19 +10,21 @@ The expected plain gradient over y ~ π equals the gradient of KL(π ‖ q).
 """
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 
+from posttrain.config import Bounds, NonNegativeFloat, OpenFraction, Probability
 from posttrain.losses.objective import OLD_LOGPROB, TEACHER_TOKEN, Objective
 
 
 @dataclass
 class Params:
     ppo_clip: bool = True  # false: plain policy gradient −A log π
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: float = 3.0  # c; 0 disables the dual clip
-    discount: float = 0.0  # γ for the reward-to-go
+    clip_low: OpenFraction = 0.2  # ε_lo: the ratio is clipped below at 1 − ε_lo
+    clip_high: NonNegativeFloat = 0.2
+    dual_clip: Annotated[float, Bounds(low=1, low_open=True)] | None = 3.0  # c > 1; null: no dual clip
+    discount: Probability = 0.0  # γ for the reward-to-go
 
 
 def needs(params):
@@ -58,7 +60,7 @@ def token_loss(params, logp_CJ, targets_CJ, inputs):
     clipped_C = -adv_C * ratio_C.clamp(1.0 - params.clip_low, 1.0 + params.clip_high)
     loss_C = torch.maximum(unclipped_C, clipped_C)
     clipped = clipped_C > unclipped_C
-    if params.dual_clip > 0:
+    if params.dual_clip is not None:
         bound_C = -adv_C * params.dual_clip
         dual = (adv_C < 0) & (loss_C > bound_C)
         loss_C = torch.where(dual, bound_C, loss_C)

@@ -13,14 +13,15 @@ from dataclasses import dataclass
 
 import torch
 
+from posttrain.config import PositiveInt, PositiveFloat
 from posttrain.losses.engine import inverse_cdf_draws
 from posttrain.losses.objective import Objective
 
 
 @dataclass
 class Params:
-    k: int = 256  # draws per position
-    kappa: float = 1.3  # sampling temperature of the exploration policy (> 1 explores)
+    k: PositiveInt = 256  # draws per position
+    kappa: PositiveFloat = 1.3  # sampling temperature of the exploration policy (> 1 explores)
     beta: float = -0.1  # reward of a drawn token that is not the ground truth
 
 
