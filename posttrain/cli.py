@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -26,7 +27,8 @@ def train(recipe: Path = RECIPE, overrides: list[str] = OVERRIDES, resume: bool 
     from posttrain.config import TrainRecipe, load_recipe
     from posttrain.train import train as run
 
-    run(load_recipe(recipe, TrainRecipe, overrides), resume=resume, recipe_path=str(recipe))
+    with naming_the_recipe(recipe):
+        run(load_recipe(recipe, TrainRecipe, overrides), resume=resume, recipe_path=str(recipe))
 
 
 @app.command()
@@ -35,7 +37,21 @@ def distill(recipe: Path = RECIPE, overrides: list[str] = OVERRIDES, resume: boo
     from posttrain.config import DistillRecipe, load_recipe
     from posttrain.distill import distill as run
 
-    run(load_recipe(recipe, DistillRecipe, overrides), resume=resume, recipe_path=str(recipe))
+    with naming_the_recipe(recipe):
+        run(load_recipe(recipe, DistillRecipe, overrides), resume=resume, recipe_path=str(recipe))
+
+
+@contextmanager
+def naming_the_recipe(recipe: Path):
+    """Errors raised where the recipe file is not known ("recipe key 'data.source': ...", from the
+    data and model loaders) are reported with the file's name, like the loader's own errors."""
+    try:
+        yield
+    except UserError as err:
+        message = str(err)
+        if message.startswith("recipe key "):
+            raise UserError(f"{recipe}: key {message.removeprefix('recipe key ')}") from None
+        raise
 
 
 @app.command(name="eval")

@@ -107,10 +107,19 @@ def load_policy(cfg: ModelConfig, key: str, seed: int, device, dtype=torch.float
         tokenizer = build_tiny_tokenizer(cfg.tiny.vocab_size)
         model = build_tiny_model(cfg.tiny, len(tokenizer), seed).to(device=device, dtype=dtype)
         return model, tokenizer
-    if not Path(cfg.path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise UserError(f"recipe key '{key}.path': {cfg.path!r} is not a local directory and HF_HUB_OFFLINE=1")
+    check_model_path(cfg.path, f"recipe key '{key}.path'")
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.path)
     return load_model(cfg.path, dtype, device), tokenizer
+
+
+def check_model_path(path: str, what: str) -> None:
+    """One clear line for a model that is not there, before transformers retries it as a Hub id.
+    A missing path counts as local when offline or when no Hub id could look like it (absolute,
+    ./ or ../, or more than one '/')."""
+    looks_local = path.startswith(("/", "./", "../", "~")) or path.count("/") > 1
+    if not Path(path).exists() and (looks_local or os.environ.get("HF_HUB_OFFLINE") == "1"):
+        raise UserError(f"{what}: {path!r} does not exist (a local checkpoint directory or, when online, "
+                        "a Hub id like Qwen/Qwen2.5-Math-1.5B)")
 
 
 def check_head_supported(model, where: str) -> None:

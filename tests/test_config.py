@@ -123,6 +123,7 @@ def test_other_schemas_load(tmp_path):
         ({"optim": {"lrr": 1}}, "did you mean 'optim.lr'"),
         ({"optim": {"lr": "abc"}}, "must be a number"),
         ({"objective": {"name": "lsm"}}, "is an on-policy objective; run it with `posttrain distill`"),
+        ({"optim": {"lr": 0}}, "key 'optim.lr' must be a number > 0, got 0"),
     ],
 )
 def test_cli_prints_one_line_and_exits_2(tmp_path, change, expected):
@@ -133,6 +134,24 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, change, expected):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        ({"model": {"path": "/no/such/model"}}, "recipe.yaml: key 'model.path': '/no/such/model' does not exist"),
+        ({"data": {"source": "/no/such/data.jsonl"}}, "recipe.yaml: key 'data.source': cannot load"),
+    ],
+)
+def test_errors_found_while_loading_name_the_recipe_file(tmp_path, change, expected):
+    """Paths are checked when the run opens them (after the run's header line): still one error line,
+    naming the file and the key, last on stderr."""
+    recipe = tiny_train_recipe(tmp_path)
+    recipe.update(change)
+    proc = run_cli("train", "--recipe", str(write_recipe(tmp_path, recipe)), check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and expected in errors[0], proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == errors[0] and "Traceback" not in proc.stderr
 
 
 def test_cli_missing_recipe_file(tmp_path):

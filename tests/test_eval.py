@@ -273,9 +273,13 @@ def test_grading_completions_made_elsewhere(tmp_path):
     assert proc.returncode == 2 and "outside math500" in proc.stderr
 
 
-def test_unknown_benchmark_is_a_clear_error():
-    proc = run_cli("eval", "--model", "x", "--benchmark", "math5000", check=False)
+def test_unknown_benchmark_or_missing_model_is_a_clear_error_and_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli("eval", "--model", "x", "--benchmark", "math5000", "--out", str(out), check=False)
     assert proc.returncode == 2 and "unknown benchmark 'math5000'" in proc.stderr
+    proc = run_cli("eval", "--model", str(tmp_path / "missing"), "--benchmark", "synthetic", "--out", str(out), check=False)
+    assert proc.returncode == 2 and "--model: " in proc.stderr and "does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
 
 
 def test_out_of_range_eval_flag_names_the_flag():

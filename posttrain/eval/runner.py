@@ -58,9 +58,14 @@ def default_out_dir(model: str | None, completions: Path | None) -> Path:
 
 
 def evaluate(cfg: EvalRecipe, out: Path, completions: Path | None = None) -> dict:
+    # Everything that can be a user mistake is checked before the output folder is made.
+    benchmarks = [load_benchmark(token, cfg.data_dir, cfg.limit) for token in cfg.benchmarks]
+    if completions is None:
+        from posttrain.models import check_model_path  # torch: only when a model is evaluated
+
+        check_model_path(cfg.model, "--model")
     out.mkdir(parents=True, exist_ok=True)
     _check_resume_config(out, cfg, completions)
-    benchmarks = [load_benchmark(token, cfg.data_dir, cfg.limit) for token in cfg.benchmarks]
     done = _existing_samples(out / "samples.jsonl")
     results = {"config": {**asdict(cfg), "completions": str(completions) if completions else None},
                "versions": _versions(), "benchmarks": {}}
@@ -215,7 +220,6 @@ def _load_generator(cfg: EvalRecipe):
     from posttrain.runtime import set_cpu_threads
 
     set_cpu_threads()
-
     tokenizer = load_tokenizer(cfg.model)
     if cfg.backend == "vllm":
         backend = make_backend("vllm", model_path=cfg.model, tokenizer=tokenizer, vllm_options={"seed": cfg.seed})
