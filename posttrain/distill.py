@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain.config import DistillRecipe, dump_yaml
+from posttrain.config import DistillRecipe
 from posttrain.data.sft import Example, collate, epoch_order, load_rows, micro_batches, render_prompt
 from posttrain.errors import UserError
 from posttrain.generation import SamplingSpec, make_backend
@@ -28,12 +28,12 @@ from posttrain.losses import OBJECTIVES, normalise
 from posttrain.losses.objective import STUDENT_TOPK
 from posttrain.models import load_policy, same_vocabulary
 from posttrain.optim import build_scheduler
-from posttrain.progress import StepProgress, console, summary_table
-from posttrain.loop import open_run, optimizer_step
-from posttrain.runfolder import MetricsLog, load_trainer_state, mark_final, save_checkpoint, write_text_atomic
+from posttrain.progress import StepProgress, summary_table
+from posttrain.loop import open_logs, open_run, optimizer_step, save_final
+from posttrain.runfolder import load_trainer_state, save_checkpoint
 from posttrain.runtime import Runtime, make_runtime
 from posttrain.memory import check_memory, training_memory
-from posttrain.scale import gathered, place_teacher, save_merged_lora, wrap_for_training
+from posttrain.scale import gathered, place_teacher, wrap_for_training
 from posttrain.scoring import has_repetition_loop, score_pair, score_tokens, support_diagnostics
 
 
@@ -71,14 +71,9 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, recipe_path: str = "
     if checkpoint is not None:
         backend.update_weights(student)
 
-    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=runtime.is_main)
-    rollout_log = MetricsLog(run_dir / "rollouts.jsonl", enabled=runtime.is_main)  # two responses per step
-    for log in (metrics, rollout_log):
-        log.truncate_after(start_step)
-    if runtime.is_main:
-        write_text_atomic(run_dir / "config.yaml", f"# posttrain distill --recipe {recipe_path}\n" + dump_yaml(recipe))
-        if checkpoint:
-            console.print(f"resuming {run_dir} from {checkpoint.name}")
+    # rollouts.jsonl: two responses per step
+    metrics, rollout_log = open_logs(run_dir, runtime, recipe, f"posttrain distill --recipe {recipe_path}", checkpoint,
+                                     start_step, "metrics.jsonl", "rollouts.jsonl")
 
     started, row = time.time(), {}
     with StepProgress(f"distill {recipe.name}", recipe.train.steps, start_step, enabled=runtime.is_main) as progress:
@@ -95,12 +90,8 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, recipe_path: str = "
             if recipe.train.save_every and done % recipe.train.save_every == 0 and done < recipe.train.steps:
                 save_checkpoint(run_dir, done, student, tokenizer, optimizer, scheduler, runtime, recipe.train.keep_checkpoints)
 
-    final = save_checkpoint(run_dir, recipe.train.steps, student, tokenizer, optimizer, scheduler, runtime,
-                            recipe.train.keep_checkpoints)
-    if recipe.train.lora is not None:
-        final = save_merged_lora(run_dir, student, tokenizer, runtime)
+    save_final(run_dir, recipe.train.steps, student, tokenizer, optimizer, scheduler, runtime, recipe.train)
     if runtime.is_main:
-        mark_final(run_dir, final)
         summary_table(f"distill {recipe.name} ({objective.name})", [
             ("steps", f"{recipe.train.steps} ({start_step} before this session)"),
             ("reverse KL exact / sampled", f"{row.get('reverse_kl', float('nan')):.4f} / "

@@ -6,12 +6,14 @@ from pathlib import Path
 
 import torch
 
-from posttrain.config import ModelConfig
+from posttrain.config import ModelConfig, dump_yaml
 from posttrain.models import load_policy
 from posttrain.progress import console
-from posttrain.runfolder import latest_checkpoint, prepare_run_dir
+from posttrain.runfolder import (
+    MetricsLog, latest_checkpoint, mark_final, prepare_run_dir, save_checkpoint, write_text_atomic,
+)
 from posttrain.runtime import Runtime
-from posttrain.scale import prepare_model
+from posttrain.scale import prepare_model, save_merged_lora
 
 
 def open_run(recipe, model_key: str, runtime: Runtime, resume: bool):
@@ -29,6 +31,29 @@ def open_run(recipe, model_key: str, runtime: Runtime, resume: bool):
         model_cfg = ModelConfig(path=str(checkpoint))
     model, tokenizer = load_policy(model_cfg, model_key, recipe.seed, runtime.device)
     return run_dir, checkpoint, prepare_model(model, recipe.train, checkpoint, recipe.seed), tokenizer
+
+
+def open_logs(run_dir: Path, runtime: Runtime, recipe, command: str, checkpoint, start_step: int,
+              *filenames: str) -> list[MetricsLog]:
+    """The run's JSONL logs (rows past the resumed step dropped) and its resolved config.yaml,
+    headed by the command that made it."""
+    logs = [MetricsLog(run_dir / name, enabled=runtime.is_main) for name in filenames]
+    for log in logs:
+        log.truncate_after(start_step)
+    if runtime.is_main:
+        write_text_atomic(run_dir / "config.yaml", f"# {command}\n" + dump_yaml(recipe))
+        if checkpoint:
+            console.print(f"resuming {run_dir} from {checkpoint.name}")
+    return logs
+
+
+def save_final(run_dir: Path, steps: int, model, tokenizer, optimizer, scheduler, runtime: Runtime, train_cfg) -> None:
+    """The last checkpoint (and, for LoRA, the merged model), then runs/<name>/final pointing to it."""
+    final = save_checkpoint(run_dir, steps, model, tokenizer, optimizer, scheduler, runtime, train_cfg.keep_checkpoints)
+    if train_cfg.lora is not None:
+        final = save_merged_lora(run_dir, model, tokenizer, runtime)
+    if runtime.is_main:
+        mark_final(run_dir, final)
 
 
 def optimizer_step(policy, optimizer, scheduler, runtime: Runtime, grad_clip: float) -> float:

@@ -16,17 +16,17 @@ from pathlib import Path
 
 import torch
 
-from posttrain.config import TrainRecipe, dump_yaml
+from posttrain.config import TrainRecipe
 from posttrain.data.sft import build_examples, collate, epoch_order, load_rows, micro_batches
 from posttrain.errors import UserError
 from posttrain.losses import OBJECTIVES, normalise
 from posttrain.optim import build_scheduler
-from posttrain.progress import StepProgress, console, summary_table
-from posttrain.loop import open_run, optimizer_step
-from posttrain.runfolder import MetricsLog, load_trainer_state, mark_final, save_checkpoint, write_text_atomic
+from posttrain.progress import StepProgress, summary_table
+from posttrain.loop import open_logs, open_run, optimizer_step, save_final
+from posttrain.runfolder import load_trainer_state, save_checkpoint, write_text_atomic
 from posttrain.runtime import Runtime, make_runtime
 from posttrain.memory import check_memory, training_memory
-from posttrain.scale import gathered, save_merged_lora, wrap_for_training
+from posttrain.scale import gathered, wrap_for_training
 from posttrain.scoring import score_tokens
 
 
@@ -60,12 +60,8 @@ def train(recipe: TrainRecipe, *, resume: bool = False, recipe_path: str = "reci
     scheduler = build_scheduler(optimizer, recipe.optim, total_steps)
     start_step = load_trainer_state(checkpoint, model, optimizer, scheduler, runtime) if checkpoint else 0
 
-    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=runtime.is_main)
-    metrics.truncate_after(start_step)
-    if runtime.is_main:
-        write_text_atomic(run_dir / "config.yaml", f"# posttrain train --recipe {recipe_path}\n" + dump_yaml(recipe))
-        if checkpoint:
-            console.print(f"resuming {run_dir} from {checkpoint.name}")
+    [metrics] = open_logs(run_dir, runtime, recipe, f"posttrain train --recipe {recipe_path}", checkpoint, start_step,
+                          "metrics.jsonl")
     probe = examples[:TOKEN_PROBE_EXAMPLES]  # the same training examples before and after
     if checkpoint is None:
         _write_token_probs(run_dir, runtime, "initial", token_probability_histogram(policy, model, probe, tokenizer, runtime))
@@ -85,12 +81,9 @@ def train(recipe: TrainRecipe, *, resume: bool = False, recipe_path: str = "reci
             if recipe.train.save_every and done % recipe.train.save_every == 0 and done < total_steps:
                 save_checkpoint(run_dir, done, model, tokenizer, optimizer, scheduler, runtime, recipe.train.keep_checkpoints)
 
-    final = save_checkpoint(run_dir, total_steps, model, tokenizer, optimizer, scheduler, runtime, recipe.train.keep_checkpoints)
-    if recipe.train.lora is not None:
-        final = save_merged_lora(run_dir, model, tokenizer, runtime)
+    save_final(run_dir, total_steps, model, tokenizer, optimizer, scheduler, runtime, recipe.train)
     _write_token_probs(run_dir, runtime, "final", token_probability_histogram(policy, model, probe, tokenizer, runtime))
     if runtime.is_main:
-        mark_final(run_dir, final)
         summary_table(f"train {recipe.name} ({objective.name})", [
             ("steps", f"{total_steps} ({start_step} before this session)"),
             ("examples", f"{data_counts['examples']} ({data_counts['truncated']} truncated, {data_counts['dropped']} dropped)"),
