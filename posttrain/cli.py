@@ -64,7 +64,8 @@ def evaluate(
     limit: int = typer.Option(None, "--limit", help="Only the first N problems of each benchmark (default: all)."),
     out: str = typer.Option(None, "--out", "-o", help="Output directory for samples.jsonl, results.json and "
                             "eval_config.json (default: <run>/eval for a run's checkpoint, else <model>/eval)."),
-    prompt: str = typer.Option(None, "--prompt", help="chat (the tokenizer's template; default), qwen-boxed (the DFT paper's exact prompt) or raw."),
+    prompt: str = typer.Option(None, "--prompt", help="chat (the tokenizer's template; default), qwen-boxed (the DFT paper's exact prompt), "
+                        "lsm-think (the LSM authors' math template, through the chat template) or raw."),
     backend: str = typer.Option(None, "--backend", help="hf (transformers, CPU or GPU; default) or vllm (GPU)."),
     temperature: float = typer.Option(None, "--temperature", help="Sampling temperature; 0 is greedy (default 1.0)."),
     top_p: float = typer.Option(None, "--top-p", help="Nucleus sampling mass (default 1.0: off)."),
@@ -77,6 +78,12 @@ def evaluate(
     completions: Path = typer.Option(None, "--completions", help="Grade this JSONL of {index, completion} instead of "
                                      "generating (no model needed)."),
     recipe: Path = typer.Option(None, "--recipe", "-r", help="Eval recipe YAML; flags given here override it."),
+    extract: str = typer.Option(None, "--extract", help="Math answer and grader: boxed (last \\boxed{} after "
+                                "<think>…</think>, math-verify; default), after-think (the LSM authors' eval: after the "
+                                "first </think>) or harness (the Qwen2.5-Math harness of the DFT paper: last boxed, else "
+                                "the last number, its own equivalence rules)."),
+    cross_check: bool = typer.Option(False, "--cross-check", help="Also grade the samples with both math-verify and "
+                                     "harness-style rules; counts in results.json, disagreements in cross_check.jsonl."),
 ) -> None:
     """Evaluate a checkpoint (or grade given completions) on math and code benchmarks."""
     from posttrain.eval.runner import eval_from_cli
@@ -84,8 +91,8 @@ def evaluate(
     flags = {"model": model, "benchmarks": benchmark, "data_dir": data_dir, "samples": samples, "limit": limit,
              "out": out, "prompt": prompt, "backend": backend, "temperature": temperature, "top_p": top_p,
              "top_k": top_k, "max_new_tokens": max_new_tokens, "seed": seed, "batch_size": batch_size,
-             "workers": workers}
-    eval_from_cli(recipe, {k: v for k, v in flags.items() if v is not None}, completions)
+             "workers": workers, "extract": extract}
+    eval_from_cli(recipe, {k: v for k, v in flags.items() if v is not None}, completions, cross_check)
 
 
 @app.command()

@@ -247,7 +247,8 @@ class EvalRecipe:
     model: str | None = None
     benchmarks: list[str] = field(default_factory=lambda: ["math500"])
     data_dir: str | None = None
-    prompt: Literal["chat", "qwen-boxed", "raw"] = "chat"
+    prompt: Literal["chat", "qwen-boxed", "raw", "lsm-think"] = "chat"
+    extract: Literal["boxed", "after-think", "harness"] = "boxed"  # math answer extraction + grader: eval/protocols.py
     samples: PositiveInt = 1
     limit: PositiveInt | None = None
     seed: int = 0

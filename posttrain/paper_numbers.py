@@ -56,3 +56,18 @@ def distill_paper_row(role: str, objective: str | None = None, params: dict | No
             return "reported as an ablation (no single number)", LSM_ABLATION
         return ("41.5", LSM_TABLE) if masked else ("41.7", LSM_TABLE)
     return "-", ""
+
+
+# LSM paper AIME24 ablation table: avg@32 on AIME24 (32 samples per problem at temperature 1.0, top-p 0.9); the
+# only avg@32 numbers in the paper (its single-task table is one sample per problem). Protocol:
+# recipes/paper/eval-lsm-aime24-ablation.yaml.
+LSM_AIME24_ABLATION = "LSM AIME24 ablation"
+SOURCES[LSM_AIME24_ABLATION] = ("LSM paper (arXiv 2603.25562) AIME24 avg@32 ablation table: Qwen2.5-7B-Instruct student, "
+                                "OpenThinker3-7B teacher")
+LSM_AIME24_AVG32 = {
+    "init": 10.0,  # the student before distillation
+    "opd": 20.4,  # sampled-token OPD, rollouts with top-p 1.0
+    "opd + top-p": 21.6,  # OPD with top-p 0.9 rollouts
+    "top-K without top-p": 17.7,  # LSM (teacher top-K, renormalised) with top-p 1.0 rollouts
+    "lsm": 23.6,  # teacher top-K local support matching, top-p 0.9 rollouts
+}

@@ -6,10 +6,14 @@
               to complete the function (code); tokenized without adding a second BOS
   raw         the question alone (HumanEval: the function prompt to continue, as in the original
               harness; math: question + the boxed instruction, no template)
+  lsm-think   math only: the LSM authors' template (posttrain/data/templates.py: "Math problem: …",
+              reasoning inside <think> and </think>, answer in \\boxed{}) as the only user turn,
+              through the tokenizer's chat template (no system message is added, as in their eval)
 """
 
 from __future__ import annotations
 
+from posttrain.data.templates import LSM_MATH_TEMPLATE
 from posttrain.errors import UserError
 
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -19,12 +23,16 @@ QWEN_BOXED = (
     "<|im_start|>assistant\n"
 )
 CODE_INSTRUCTION = "Complete the following Python function. Answer with the whole function in a ```python code block.\n\n"
-PRESETS = ("qwen-boxed", "chat", "raw")
+PRESETS = ("qwen-boxed", "chat", "raw", "lsm-think")
 
 
 def prompt_text(preset: str, kind: str, question: str, tokenizer) -> str:
     if preset not in PRESETS:
         raise UserError(f"unknown prompt preset {preset!r}; allowed: {', '.join(PRESETS)}")
+    if preset == "lsm-think":
+        if kind != "math":
+            raise UserError("prompt preset 'lsm-think' is for math benchmarks; use chat, qwen-boxed or raw for code")
+        return _chat(tokenizer, LSM_MATH_TEMPLATE.format(question=question.strip()), preset)
     if kind == "code":
         if preset == "raw":
             return question
@@ -38,8 +46,12 @@ def prompt_text(preset: str, kind: str, question: str, tokenizer) -> str:
     if preset == "qwen-boxed":  # code under the qwen-boxed preset: the same ChatML wrapper
         return ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
                 f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
+    return _chat(tokenizer, user, preset)
+
+
+def _chat(tokenizer, user: str, preset: str) -> str:
     if not getattr(tokenizer, "chat_template", None):
-        raise UserError("prompt preset 'chat' needs a tokenizer with a chat template; use --prompt raw or qwen-boxed")
+        raise UserError(f"prompt preset '{preset}' needs a tokenizer with a chat template; use --prompt raw or qwen-boxed")
     return tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False)
 
 

@@ -23,7 +23,8 @@ from posttrain.config import EvalRecipe, from_dict, load_recipe
 from posttrain.errors import UserError
 from posttrain.eval.benchmarks import LoadedBenchmark, load_benchmark
 from posttrain.eval.code_sandbox import CodeSandbox, assemble_program
-from posttrain.eval.math_grader import MathGrader
+from posttrain.eval.protocols import cross_check as run_cross_check
+from posttrain.eval.protocols import make_math_grader
 from posttrain.eval.metrics import summarize
 from posttrain.eval.prompts import prompt_ids, prompt_text
 from posttrain.generation import SamplingSpec, make_backend
@@ -31,7 +32,7 @@ from posttrain.progress import console
 from posttrain.runfolder import read_jsonl, write_text_atomic
 
 
-def eval_from_cli(recipe_path: Path | None, flags: dict, completions: Path | None) -> dict:
+def eval_from_cli(recipe_path: Path | None, flags: dict, completions: Path | None, cross_check: bool = False) -> dict:
     raw = asdict(load_recipe(recipe_path, EvalRecipe)) if recipe_path else {}
     raw.update(flags)
     given = {key: f"--{'benchmark' if key == 'benchmarks' else key.replace('_', '-')} {value}" for key, value in flags.items()}
@@ -41,7 +42,7 @@ def eval_from_cli(recipe_path: Path | None, flags: dict, completions: Path | Non
     if completions is not None and len(cfg.benchmarks) != 1:
         raise UserError("--completions grades one benchmark at a time: pass exactly one --benchmark")
     out = Path(cfg.out) if cfg.out else default_out_dir(cfg.model, completions)
-    return evaluate(cfg, out, completions)
+    return evaluate(cfg, out, completions, cross_check)
 
 
 def default_out_dir(model: str | None, completions: Path | None) -> Path:
@@ -57,7 +58,7 @@ def default_out_dir(model: str | None, completions: Path | None) -> Path:
     return Path("eval") / model.replace("/", "__")
 
 
-def evaluate(cfg: EvalRecipe, out: Path, completions: Path | None = None) -> dict:
+def evaluate(cfg: EvalRecipe, out: Path, completions: Path | None = None, cross_check: bool = False) -> dict:
     # Everything that can be a user mistake is checked before the output folder is made.
     benchmarks = [load_benchmark(token, cfg.data_dir, cfg.limit) for token in cfg.benchmarks]
     if completions is None:
@@ -72,7 +73,7 @@ def evaluate(cfg: EvalRecipe, out: Path, completions: Path | None = None) -> dic
     tokenizer = backend = None
     if completions is None:
         tokenizer, backend = _load_generator(cfg)
-    math_grader = MathGrader(cfg.workers) if any(b.spec.kind == "math" for b in benchmarks) else None
+    math_grader = make_math_grader(cfg.extract, cfg.workers) if any(b.spec.kind == "math" for b in benchmarks) else None
     sandbox = CodeSandbox(cfg.workers) if any(b.spec.kind == "code" for b in benchmarks) else None
     try:
         for bench in benchmarks:
@@ -90,9 +91,22 @@ def evaluate(cfg: EvalRecipe, out: Path, completions: Path | None = None) -> dic
         key = avg_keys.pop()
         values = [r["metrics"][key] for r in results["benchmarks"].values()]
         results["macro_average"] = {key: sum(values) / len(values)}
+    if cross_check:
+        results["cross_check"] = _cross_check(out, benchmarks, cfg)
     write_text_atomic(out / "results.json", json.dumps(results, indent=1))
     _print_table(results, out)
     return results
+
+
+def _cross_check(out: Path, benchmarks: list, cfg: EvalRecipe) -> dict:
+    """--cross-check: the same samples graded by math-verify and harness-style (eval/protocols.py)."""
+    report = run_cross_check(out, benchmarks, cfg.extract, cfg.workers)
+    for name, counts in report["benchmarks"].items():
+        accuracies = ", ".join(f"{k.removeprefix('accuracy_')} {v:.2f}" for k, v in counts.items() if k.startswith("accuracy_"))
+        console.print(f"cross-check {name}: {counts['disagreements']} of {counts['samples']} samples graded differently "
+                      f"({counts['only_mathverify_correct']} only math-verify correct, {counts['only_harness_correct']} only "
+                      f"harness correct; accuracy {accuracies}) → {report['file']}", highlight=False)
+    return report
 
 
 def _generate_and_grade(bench: LoadedBenchmark, cfg, tokenizer, backend, math_grader, sandbox, out, done) -> dict:
