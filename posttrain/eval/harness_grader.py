@@ -220,21 +220,36 @@ def _to_sympy(latex: str):
         text = text.replace(name, replacement)
     for name in _FUNCTIONS:
         text = text.replace("\\" + name, " " + name)
-    if "\\" in text or re.search(r"\*\*\s*\(?\s*\d{3,}", text.replace("^", "**")):
-        return None  # an untranslated command, or a huge power
+    if "\\" in text:
+        return None  # an untranslated command
     text = text.replace("{", "(").replace("}", ")").replace("^", "**")
+    import sympy
     from sympy.parsing.sympy_parser import (convert_xor, implicit_multiplication_application, parse_expr,
                                             standard_transformations)
 
+    transformations = standard_transformations + (implicit_multiplication_application, convert_xor)
     try:
-        return parse_expr(text, transformations=standard_transformations + (implicit_multiplication_application, convert_xor),
-                          evaluate=True)
+        unevaluated = parse_expr(text, transformations=transformations, evaluate=False)
+        if not _powers_are_small(unevaluated, sympy):
+            return None
+        return parse_expr(text, transformations=transformations, evaluate=True)
     except Exception:  # SyntaxError, TokenError, TypeError ... on text that is not an expression
         return None
 
 
+def _powers_are_small(expr, sympy) -> bool:
+    """No power towers and no integer exponent above 1000: evaluating 9^(9^(9^9)) would never end."""
+    for node in sympy.preorder_traversal(expr):
+        if isinstance(node, sympy.Pow):
+            exponent = node.exp
+            towers = [p for p in sympy.preorder_traversal(exponent) if isinstance(p, sympy.Pow) and p.exp != -1]
+            if towers or (exponent.is_Number and abs(exponent) > 1000):  # (a/b is a * b^-1: allowed)
+                return False
+    return True
+
+
 def _expand_commands(text: str) -> str | None:
-    """\\frac{a}{b} → ((a)/(b)), \\sqrt{a} → sqrt(a), \\sqrt[n]{a} → ((a)**(1/(n))), recursively."""
+    """\\frac{a}{b} → ((a)/(b)), \\sqrt{a} → sqrt(a), \\sqrt[n]{a} → root(a,n), recursively."""
     out, i = [], 0
     while i < len(text):
         if text.startswith("\\frac", i):
@@ -261,7 +276,7 @@ def _expand_commands(text: str) -> str | None:
             inner = _expand_commands(body[0])
             if inner is None:
                 return None
-            out.append(f"(({inner})**(1/({root})))")
+            out.append(f"sqrt({inner})" if root == "2" else f"root({inner},{root})")
             i = body[1]
         else:
             out.append(text[i])
