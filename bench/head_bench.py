@@ -3,11 +3,17 @@
 Memory: each case runs once in a fresh subprocess (so one case's allocations cannot hide
 another's peak): it allocates hidden [N, H] and weight [V, H], notes its resident memory, runs
 forward+backward (peak = max RSS − that baseline).
-Time: all cases in one process, interleaved round-robin `--repeats` times, keeping each case's
-fastest run: ratios are measured side by side, under the same conditions (on a small shared
-machine, separate processes differ by ±15%).
+Time: all cases in one process, `--rounds` rounds, each round running every case once in a new
+random order (a fixed order favours or penalises whichever case follows another); the table gives
+each case's fastest and median round. The machine's load average (before and after) and the thread
+counts are printed with it: on a shared machine the ratios are only as good as the load was steady.
+
+torch's `F.linear_cross_entropy` appears twice: with default options it takes the reference path
+(full [N, V] logits, like dense); with `options=torch.nn.LinearCrossEntropyOptions()` torch 2.13
+chunks it too (its own "auto" choices for CPU/fp32), the fair comparison for memory.
 
     python bench/head_bench.py                       # the issue's shape + a small-vocab shape
+    python bench/head_bench.py --tokens 256 --hidden 256 --vocab 8192 --second-shape '' --rounds 3   # a quick check
     python bench/head_bench.py --tokens 256 --vocab 32000 --hidden 512 --only sft,dense
 """
 
@@ -15,14 +21,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import random
 import resource
+import statistics
 import subprocess
 import sys
 import time
 
 CASES = {
     "dense": "F.cross_entropy on full [N, V] logits",
-    "linear_ce": "torch F.linear_cross_entropy (default options)",
+    "linear_ce": "torch F.linear_cross_entropy, default options (reference path: full logits)",
+    "linear_ce_chunked": "torch F.linear_cross_entropy, options=LinearCrossEntropyOptions() (torch's chunking)",
     "sft": "chunked SFT",
     "dft": "chunked DFT",
     "otr": "chunked OTR, K = 256",
@@ -69,6 +79,8 @@ def setup(case: str, tokens: int, hidden: int, vocab: int):
             loss = F.cross_entropy(h @ w.t(), target, reduction="sum")
         elif case == "linear_ce":
             loss = F.linear_cross_entropy(h, w, target, reduction="sum")
+        elif case == "linear_ce_chunked":
+            loss = F.linear_cross_entropy(h, w, target, reduction="sum", options=torch.nn.LinearCrossEntropyOptions())
         else:
             objective = OBJECTIVES["lsm" if case.startswith("lsm") else case]
             loss = head_loss(h, w, objective, params or objective.Params(), inputs, generator=gen)
@@ -84,17 +96,21 @@ def peak_memory(case: str, tokens: int, hidden: int, vocab: int) -> int:
     return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base, 0)
 
 
-def interleaved_times(cases: list[str], tokens: int, hidden: int, vocab: int, repeats: int) -> dict[str, float]:
+def interleaved_times(cases: list[str], tokens: int, hidden: int, vocab: int, rounds: int, seed: int = 0) -> dict:
+    """Every round runs each case once, in a new random order; returns {case: [seconds per round]}."""
     steps = {case: setup(case, tokens, hidden, vocab) for case in cases}
-    best = {case: float("inf") for case in cases}
+    times = {case: [] for case in cases}
     for case in cases:  # warm-up: first-touch page faults and library init are not the loss's cost
         steps[case]()
-    for _ in range(repeats):
-        for case in cases:
+    order = list(cases)
+    shuffler = random.Random(seed)
+    for _ in range(rounds):
+        shuffler.shuffle(order)
+        for case in order:
             start = time.perf_counter()
             steps[case]()
-            best[case] = min(best[case], time.perf_counter() - start)
-    return best
+            times[case].append(time.perf_counter() - start)
+    return times
 
 
 def main() -> None:
@@ -103,8 +119,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=151_936)
     parser.add_argument("--second-shape", default="2048,512,32000", help="tokens,hidden,vocab of a second table ('' to skip)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=9, help="timing rounds (each in a new random case order)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads in the measuring processes")
     parser.add_argument("--only", default="", help="comma-separated subset of: " + ", ".join(CASES))
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     parser.add_argument("--json", default="", help="also write the rows to this file")
@@ -115,7 +131,9 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
         if args.child == "time":
-            result = interleaved_times(args.only.split(","), args.tokens, args.hidden, args.vocab, args.repeats)
+            load_before = os.getloadavg()
+            result = {"times": interleaved_times(args.only.split(","), args.tokens, args.hidden, args.vocab, args.rounds),
+                      "torch_threads": torch.get_num_threads(), "load_before": load_before, "load_after": os.getloadavg()}
         else:
             result = peak_memory(args.child, args.tokens, args.hidden, args.vocab)
         print(json.dumps(result))
@@ -128,16 +146,19 @@ def main() -> None:
     all_rows = []
     for tokens, hidden, vocab in shapes:
         common = ["--tokens", str(tokens), "--hidden", str(hidden), "--vocab", str(vocab),
-                  "--repeats", str(args.repeats), "--threads", str(args.threads)]
+                  "--rounds", str(args.rounds), "--threads", str(args.threads)]
         peaks = {}
         for case in cases:
             peaks[case] = _child([case, *common])
             print(f"  memory of {case} at N={tokens} H={hidden} V={vocab}", file=sys.stderr, flush=True)
-        print(f"  timing {len(cases)} cases interleaved, {args.repeats} rounds", file=sys.stderr, flush=True)
-        times = _child(["time", "--only", ",".join(cases), *common])
-        rows = [{"case": c, "seconds": times[c], "peak_bytes": peaks[c]} for c in cases]
-        print_table(rows, tokens, hidden, vocab)
-        all_rows.append({"tokens": tokens, "hidden": hidden, "vocab": vocab, "rows": rows})
+        print(f"  timing {len(cases)} cases, {args.rounds} rounds in random order", file=sys.stderr, flush=True)
+        timing = _child(["time", "--only", ",".join(cases), *common])
+        rows = [{"case": c, "min_seconds": min(timing["times"][c]), "median_seconds": statistics.median(timing["times"][c]),
+                 "seconds": timing["times"][c], "peak_bytes": peaks[c]} for c in cases]
+        machine = {"cpu_count": os.cpu_count(), "torch_threads": timing["torch_threads"], "rounds": args.rounds,
+                   "load_before": timing["load_before"], "load_after": timing["load_after"]}
+        print_table(rows, tokens, hidden, vocab, machine)
+        all_rows.append({"tokens": tokens, "hidden": hidden, "vocab": vocab, "machine": machine, "rows": rows})
     if args.json:
         with open(args.json, "w") as f:
             json.dump(all_rows, f, indent=1)
@@ -148,19 +169,23 @@ def _child(args: list[str]):
     return json.loads(out.strip().splitlines()[-1])
 
 
-def print_table(rows, tokens, hidden, vocab) -> None:
+def print_table(rows, tokens, hidden, vocab, machine: dict) -> None:
     by_case = {r["case"]: r for r in rows}
-    dense = by_case.get("dense")
-    sft = by_case.get("sft")
+    dense, sft = by_case.get("dense"), by_case.get("sft")
+    load = " → ".join("/".join(f"{x:.2f}" for x in machine[k]) for k in ("load_before", "load_after"))
     print(f"\nLM head + loss, forward+backward, N={tokens} tokens, H={hidden}, V={vocab:,}, fp32, CPU")
-    print("| case | what | time (s) | peak (MB) | time / dense | peak / dense | time / chunked SFT |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print(f"{machine['cpu_count']} CPUs, {machine['torch_threads']} torch threads, {machine['rounds']} rounds in random "
+          f"order; load average (1/5/15 min) {load}")
+    print("| case | what | min (s) | median (s) | peak (MB) | min / dense | median / dense | peak / dense | median / chunked SFT |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+
+    def ratio(row, base, key):
+        return f"{row[key] / base[key]:.2f}" if base else "-"
+
     for r in rows:
-        rel_dense_t = f"{r['seconds'] / dense['seconds']:.2f}" if dense else "-"
-        rel_dense_m = f"{r['peak_bytes'] / dense['peak_bytes']:.2f}" if dense else "-"
-        rel_sft = f"{r['seconds'] / sft['seconds']:.2f}" if sft else "-"
-        print(f"| {r['case']} | {CASES[r['case']]} | {r['seconds']:.2f} | {r['peak_bytes'] / 2**20:.0f} | "
-              f"{rel_dense_t} | {rel_dense_m} | {rel_sft} |")
+        print(f"| {r['case']} | {CASES[r['case']]} | {r['min_seconds']:.2f} | {r['median_seconds']:.2f} | "
+              f"{r['peak_bytes'] / 2**20:.0f} | {ratio(r, dense, 'min_seconds')} | {ratio(r, dense, 'median_seconds')} | "
+              f"{ratio(r, dense, 'peak_bytes')} | {ratio(r, sft, 'median_seconds')} |")
 
 
 if __name__ == "__main__":
