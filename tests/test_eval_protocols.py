@@ -73,6 +73,7 @@ def test_harness_accepts(gold, answer):
 @pytest.mark.parametrize("gold, answer", [
     ("2", "3"), ("\\frac{1}{3}", "0.33"), ("(1,2)", "(1,3)"), ("(1,2)", "(1,2,3)"), ("x+1", "x+2"),
     ("\\sqrt{2}", "1.41"), ("10", ""), ("7", "\\frac{7}{0}"), ("2x - y = 1", "2x + y = 1"), ("\\pi", "3.14"),
+    ("ab", "ba"), ("\\text{evens}", "\\text{seven}"),  # words are not products of letters
 ])
 def test_harness_rejects(gold, answer):
     assert not harness_equal(gold, answer)
@@ -82,6 +83,24 @@ def test_harness_normalisation_and_numbers():
     assert normalize("\\left( \\dfrac12 \\right).") == "(\\frac{1}{2})"
     assert to_number("1,234.50") == 1234.5 and to_number("-\\frac{3}{4}") == -0.75 and to_number("x") is None
     assert to_number("1,2") is None  # a pair, not a number with a thousands comma
+
+
+DATA = REPO.parent / "shared" / "benchmarks"
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="../shared/benchmarks is not beside the checkout")
+def test_harness_grader_accepts_every_math500_reference_solution_and_rejects_shifted_ones():
+    from posttrain.eval.benchmarks import load_benchmark
+
+    bench = load_benchmark("math500", str(DATA), None)
+    golds = [bench.spec.gold(r) for r in bench.rows]
+    grader = HarnessGrader(2)
+    try:
+        assert all(v["correct"] for v in grader.grade(golds, [r["solution"] for r in bench.rows]))
+        shifted = grader.grade(golds, [bench.rows[(i + 1) % len(golds)]["solution"] for i in range(len(golds))])
+        assert sum(v["correct"] for v in shifted) <= 5  # coincidences ("5" vs "x = 5") and the percent rule (200 vs 2)
+    finally:
+        grader.close()
 
 
 def test_hostile_expressions_do_not_hang_the_harness_grader():

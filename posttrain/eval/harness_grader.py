@@ -222,6 +222,9 @@ def _to_sympy(latex: str):
         text = text.replace("\\" + name, " " + name)
     if "\\" in text:
         return None  # an untranslated command
+    if re.search(r"[a-zA-Z]{2,}", re.sub(r"sqrt|root|pi|oo|arcsin|arccos|arctan|sin|cos|tan|cot|sec|csc|ln|log|exp",
+                                         " ", text)):
+        return None  # words: implicit multiplication would make "ab" equal "ba" (and "evens" equal "seven")
     text = text.replace("{", "(").replace("}", ")").replace("^", "**")
     import sympy
     from sympy.parsing.sympy_parser import (convert_xor, implicit_multiplication_application, parse_expr,

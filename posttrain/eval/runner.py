@@ -220,6 +220,7 @@ def _check_resume_config(out: Path, cfg: EvalRecipe, completions) -> None:
     path = out / "eval_config.json"
     if path.exists():
         before = json.loads(path.read_text())
+        before.setdefault("extract", "boxed")  # folders made before --extract existed were graded boxed
         changed = sorted(k for k in wanted if before.get(k) != wanted[k])
         if changed and (out / "samples.jsonl").exists():
             raise UserError(f"{out} holds samples made with different settings ({', '.join(changed)}); "
