@@ -48,7 +48,8 @@ def _rss_bytes() -> int:
 
 
 def setup(case: str, tokens: int, hidden: int, vocab: int):
-    """The tensors of one case and a function that runs its forward+backward once."""
+    """The tensors of one case and a function that runs its forward+backward once (returning the
+    loss and the gradients of hidden and weight)."""
     import torch
     import torch.nn.functional as F
 
@@ -85,6 +86,7 @@ def setup(case: str, tokens: int, hidden: int, vocab: int):
             objective = OBJECTIVES["lsm" if case.startswith("lsm") else case]
             loss = head_loss(h, w, objective, params or objective.Params(), inputs, generator=gen)
         loss.backward()
+        return loss.detach(), h.grad, w.grad  # for checking that every case computes the same thing
 
     return step
 
@@ -125,6 +127,11 @@ def main() -> None:
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     parser.add_argument("--json", default="", help="also write the rows to this file")
     args = parser.parse_args()
+    unknown = [c for c in args.only.split(",") if c and c not in CASES] if not args.child else []
+    if unknown:
+        parser.error(f"--only: unknown case(s) {', '.join(unknown)}; allowed: {', '.join(CASES)}")
+    if args.rounds < 1 or args.threads < 1 or min(args.tokens, args.hidden, args.vocab) < 1:
+        parser.error("--rounds, --threads, --tokens, --hidden and --vocab must be ≥ 1")
 
     if args.child:  # a fresh process measuring one thing
         import torch
