@@ -109,6 +109,7 @@ class LoadedBenchmark:
     rows: list[dict]
     source: str  # a path, a hub id or "built-in"
     sha256: str  # of the file read (or of the rows' JSON for the Hub / built-in)
+    size: int  # problems in the whole benchmark (rows may hold only the first --limit of them)
 
 
 def load_benchmark(token: str, data_dir: str | None, limit: int | None) -> LoadedBenchmark:
@@ -127,8 +128,8 @@ def load_benchmark(token: str, data_dir: str | None, limit: int | None) -> Loade
         if not path.is_file():
             raise UserError(f"benchmark {name}: file not found: {path}")
         raw = path.read_bytes()
-        text = gzip.decompress(raw).decode() if path.suffix == ".gz" else raw.decode()
-        rows = json.loads(text) if path.suffix == ".json" else [json.loads(line) for line in text.splitlines() if line.strip()]
+        rows = _read_rows(path, raw)
+        _check_rows(spec, rows, path)
         return _finish(spec, rows, str(path), hashlib.sha256(raw).hexdigest(), limit)
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise UserError(f"benchmark {name}: no --data-dir or NAME:PATH given, and the Hub is offline (HF_HUB_OFFLINE=1)")
@@ -142,8 +143,51 @@ def load_benchmark(token: str, data_dir: str | None, limit: int | None) -> Loade
     return _finish(spec, rows, f"hub:{dataset_id}", _sha_of_rows(rows), limit)
 
 
+def _read_rows(path: Path, raw: bytes) -> list[dict]:
+    """The rows of a .json / .jsonl / .jsonl.gz benchmark file; a malformed file is a UserError naming it."""
+    try:
+        text = gzip.decompress(raw).decode() if path.suffix == ".gz" else raw.decode()
+    except (OSError, EOFError, UnicodeDecodeError) as err:
+        raise UserError(f"benchmark file {path}: cannot be read as {'gzip-compressed ' if path.suffix == '.gz' else ''}"
+                        f"UTF-8 text ({err})") from None
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UserError(f"benchmark file {path}: not valid JSON ({err})") from None
+        if not isinstance(rows, list):
+            raise UserError(f"benchmark file {path}: a .json benchmark must hold a list of objects")
+        return rows
+    rows = []
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise UserError(f"benchmark file {path}: line {line_no} is not valid JSON ({err.msg})") from None
+    return rows
+
+
+def _check_rows(spec: Benchmark, rows: list, path: Path) -> None:
+    """Every row must be an object with the fields this benchmark reads (checked before any work)."""
+    if not rows:
+        raise UserError(f"benchmark file {path}: holds no problems")
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise UserError(f"benchmark file {path}: problem {number} is not a JSON object")
+        try:
+            question, gold = spec.question(row), spec.gold(row)
+        except KeyError as err:
+            raise UserError(f"benchmark file {path}: problem {number} has no field {err} (needed by {spec.name})") from None
+        except (TypeError, ValueError, SyntaxError, AttributeError) as err:
+            raise UserError(f"benchmark file {path}: problem {number}: unreadable question or answer ({err})") from None
+        if not isinstance(question, str) or not isinstance(gold, str) or (spec.kind == "math" and not gold.strip()):
+            raise UserError(f"benchmark file {path}: problem {number}: the question and the gold answer must be "
+                            f"non-empty text for {spec.name}")
+
+
 def _finish(spec, rows, source, sha, limit) -> LoadedBenchmark:
-    return LoadedBenchmark(spec, rows[:limit] if limit else rows, source, sha)
+    return LoadedBenchmark(spec, rows[:limit] if limit else rows, source, sha, len(rows))
 
 
 def _sha_of_rows(rows) -> str:

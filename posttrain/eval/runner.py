@@ -11,9 +11,12 @@ the groups that were missing and the samples do not depend on where the run stop
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import platform
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,6 +32,9 @@ from posttrain.eval.prompts import prompt_ids, prompt_text
 from posttrain.generation import SamplingSpec, make_backend
 from posttrain.progress import console
 from posttrain.runfolder import read_jsonl, write_text_atomic
+
+LOCK_FILE = ".eval.lock"
+COMPLETIONS_CHUNK = 64  # --completions: samples graded and appended at a time, so a killed eval keeps them
 
 
 def eval_from_cli(recipe_path: Path | None, flags: dict, completions: Path | None) -> dict:
@@ -64,7 +70,28 @@ def evaluate(cfg: EvalRecipe, out: Path, completions: Path | None = None) -> dic
         from posttrain.models import check_model_path  # torch: only when a model is evaluated
 
         check_model_path(cfg.model, "--model")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file, not a folder; give a folder for samples.jsonl and results.json")
+    if completions is not None and not completions.is_file():
+        raise UserError(f"--completions: file not found: {completions}")
     out.mkdir(parents=True, exist_ok=True)
+    with _locked(out):
+        return _evaluate_locked(cfg, out, completions, benchmarks)
+
+
+@contextmanager
+def _locked(out: Path):
+    """One eval writes a folder at a time: two would interleave their samples in one samples.jsonl."""
+    with open(out / LOCK_FILE, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"--out {out}: another eval is writing this folder (it holds {out / LOCK_FILE}); "
+                            "wait for it to finish or use another --out") from None
+        yield  # the lock goes with the process, so a killed eval leaves nothing to clean up
+
+
+def _evaluate_locked(cfg: EvalRecipe, out: Path, completions: Path | None, benchmarks: list[LoadedBenchmark]) -> dict:
     _check_resume_config(out, cfg, completions)
     done = _existing_samples(out / "samples.jsonl")
     results = {"config": {**asdict(cfg), "completions": str(completions) if completions else None},
@@ -86,7 +113,8 @@ def evaluate(cfg: EvalRecipe, out: Path, completions: Path | None = None) -> dic
             math_grader.close()
     # Macro average over benchmarks, when they share the same avg@k.
     avg_keys = {next((k for k in r["metrics"] if k.startswith("avg@")), None) for r in results["benchmarks"].values()}
-    if len(avg_keys) == 1 and None not in avg_keys:
+    complete = all(r["coverage"]["complete"] for r in results["benchmarks"].values())
+    if len(avg_keys) == 1 and None not in avg_keys and complete:  # never average a partial benchmark in
         key = avg_keys.pop()
         values = [r["metrics"][key] for r in results["benchmarks"].values()]
         results["macro_average"] = {key: sum(values) / len(values)}
@@ -133,8 +161,6 @@ def _generate_and_grade(bench: LoadedBenchmark, cfg, tokenizer, backend, math_gr
 
 def _grade_given(bench: LoadedBenchmark, path: Path, math_grader, sandbox, out, done) -> dict:
     """--completions: JSONL lines {"index": i, "completion": "..."}; several lines per index = samples."""
-    if not path.is_file():
-        raise UserError(f"--completions: file not found: {path}")
     spec, records, counts = bench.spec, [], {}
     for line_no, row in enumerate(read_jsonl(path), 1):
         if not isinstance(row.get("index"), int) or not isinstance(row.get("completion"), str):
@@ -147,7 +173,9 @@ def _grade_given(bench: LoadedBenchmark, path: Path, math_grader, sandbox, out, 
             records.append({"benchmark": spec.name, "index": row["index"], "sample": sample,
                             "prompt": spec.question(bench.rows[row["index"]]), "completion": row["completion"],
                             "finish_reason": row.get("finish_reason"), "tokens": None})
-    seconds = _grade_and_append(bench, records, math_grader, sandbox, out, done) if records else 0.0
+    seconds = 0.0
+    for start in range(0, len(records), COMPLETIONS_CHUNK):  # grade and save as it goes
+        seconds += _grade_and_append(bench, records[start : start + COMPLETIONS_CHUNK], math_grader, sandbox, out, done)
     return {"grading_seconds": seconds, "samples_graded": len(records)}
 
 
@@ -166,9 +194,11 @@ def _grade_and_append(bench, records, math_grader, sandbox, out, done) -> float:
             record.update(gold=gold, extracted=None, correct=verdict["passed"], error=verdict["error"])
     seconds = time.time() - clock
     with open(out / "samples.jsonl", "a") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
-            done.setdefault((record["benchmark"], record["index"]), {})[record["sample"]] = record
+        f.write("".join(json.dumps(record) + "\n" for record in records))
+        f.flush()
+        os.fsync(f.fileno())
+    for record in records:
+        done.setdefault((record["benchmark"], record["index"]), {})[record["sample"]] = record
     return seconds
 
 
@@ -180,7 +210,10 @@ def _benchmark_result(bench: LoadedBenchmark, out: Path, timing: dict) -> dict:
     verdicts = [[bool(s["correct"]) for s in p] for p in per_problem]
     answers = [[s.get("extracted") for s in p] for p in per_problem] if bench.spec.kind == "math" else None
     flat = [s for p in per_problem for s in p]
-    result = {"source": bench.source, "sha256": bench.sha256, "metrics": summarize(verdicts, answers),
+    graded = len(per_problem)
+    # A score covers the whole benchmark or says how much of it it covers (--limit, a partial --completions file).
+    coverage = {"problems_graded": graded, "problems": bench.size, "complete": graded == bench.size}
+    result = {"source": bench.source, "sha256": bench.sha256, "coverage": coverage, "metrics": summarize(verdicts, answers),
               "truncated_frac": sum(s.get("finish_reason") == "length" for s in flat) / max(len(flat), 1),
               "no_answer_frac": sum(s.get("extracted") is None for s in flat) / max(len(flat), 1)
               if bench.spec.kind == "math" else None, **timing}
@@ -195,9 +228,23 @@ def _existing_samples(path: Path) -> dict:
     """(benchmark, index) -> {sample: record} from an earlier (possibly killed) run."""
     done: dict = {}
     if path.exists():
+        _repair_torn_tail(path)
         for record in read_jsonl(path):
             done.setdefault((record["benchmark"], record["index"]), {})[record["sample"]] = record
     return done
+
+
+def _repair_torn_tail(path: Path) -> None:
+    """An eval killed mid-write leaves a last line without its newline; the next append would be
+    glued onto it and lost too. Cut the file back to its last complete line (and say so)."""
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return
+    keep = data.rfind(b"\n") + 1
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+    console.print(f"{path}: removed a torn last line ({len(data) - keep} bytes) left by an interrupted eval; "
+                  "that sample is graded again", highlight=False)
 
 
 def _check_resume_config(out: Path, cfg: EvalRecipe, completions) -> None:
@@ -248,7 +295,10 @@ def _print_table(results: dict, out: Path) -> None:
     for name, res in results["benchmarks"].items():
         m = res["metrics"]
         k = m.get("samples_per_problem", 0)
-        table.add_row(name, str(m.get("problems", 0)), str(k), f"{m.get(f'avg@{k}', 0):.2f}",
+        coverage = res["coverage"]
+        problems = str(m.get("problems", 0)) if coverage["complete"] else \
+            f"{coverage['problems_graded']}/{coverage['problems']} (partial)"
+        table.add_row(name, problems, str(k), f"{m.get(f'avg@{k}', 0):.2f}",
                       f"{m['std_over_samples']:.2f}" if "std_over_samples" in m else "-",
                       f"{m.get(f'pass@{k}', 0):.2f}", f"{m[f'maj@{k}']:.2f}" if f"maj@{k}" in m else "-",
                       f"{100 * res['truncated_frac']:.0f}%", f"{res.get('samples_per_s', 0):.1f}")
@@ -256,3 +306,9 @@ def _print_table(results: dict, out: Path) -> None:
         key, value = next(iter(results["macro_average"].items()))
         table.add_row("macro average", "", "", f"{value:.2f}", "", "", "", "", "")
     console.print(table)
+    for name, res in results["benchmarks"].items():
+        coverage, metrics = res["coverage"], res["metrics"]
+        if not coverage["complete"]:  # a plain line too, so a log or a grep cannot mistake it for a score
+            key = next((k for k in metrics if k.startswith("avg@")), "avg@1")
+            console.print(f"{name} {key} {metrics.get(key, 0.0):.2f} on {coverage['problems_graded']}/"
+                          f"{coverage['problems']} problems (partial): not a benchmark score", highlight=False)
