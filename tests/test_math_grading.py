@@ -154,6 +154,8 @@ SURFACE_FORMS = [
     ("\\frac{37}{4} m", "\\boxed{\\frac{37}{4}}", False),
     ("\\frac{1}{3} E_{1}+\\frac{2}{3} E_{2}", "\\boxed{\\frac{2}{3}}", False),
     ("5", "\\boxed{-5}", False),
+    ("5", "\\boxed{5 \\text{ million}}", False),
+    ("5", "\\boxed{5\\text{ thousand}}", False),
     ("\\frac{1}{2}", "\\boxed{0.55}", False),
     ("(3,4]", "\\boxed{[3,4]}", False),
     ("1000", "\\boxed{100}", False),

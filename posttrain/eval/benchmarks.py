@@ -181,6 +181,9 @@ def _check_rows(spec: Benchmark, rows: list, path: Path) -> None:
             raise UserError(f"benchmark file {path}: problem {number} has no field {err} (needed by {spec.name})") from None
         except (TypeError, ValueError, SyntaxError, AttributeError) as err:
             raise UserError(f"benchmark file {path}: problem {number}: unreadable question or answer ({err})") from None
+        missing = [key for key in ("test", "entry_point") if spec.kind == "code" and not isinstance(row.get(key), str)]
+        if missing:
+            raise UserError(f"benchmark file {path}: problem {number} has no text field {missing[0]!r} (needed by {spec.name})")
         if not isinstance(question, str) or not isinstance(gold, str) or (spec.kind == "math" and not gold.strip()):
             raise UserError(f"benchmark file {path}: problem {number}: the question and the gold answer must be "
                             f"non-empty text for {spec.name}")

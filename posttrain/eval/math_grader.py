@@ -31,7 +31,10 @@ TRAILING_POINT = re.compile(r"(\d)\.(?![\d])")
 MATH_DELIMITERS = re.compile(r"\$|\\\(|\\\)|\\\[|\\\]")
 # A unit written as text after a number: `5.4 \text{ cents}`, `15\mbox{ cm}^2`. (math-verify's own unit
 # list also strips bare trailing letters, so `\frac{37}{4} m` became 37/4: it is switched off.)
-TEXT_UNIT = re.compile(r"(?<=[\d}\s])\s*\\(?:text|mbox|mathrm)\s*\{\s*[a-zA-Z][a-zA-Z .]*\}(?:\^\{?\d\}?)?$")
+# Words that change the number (`5 \text{ million}`) are not units and stay.
+TEXT_UNIT = re.compile(r"(?<=[\d}\s])\s*\\(?:text|mbox|mathrm)\s*\{\s*"
+                       r"(?!(?:hundred|thousand|million|billion|trillion|dozen|percent|%)s?\b)[a-zA-Z][a-zA-Z .]*\}"
+                       r"(?:\^\{?\d\}?)?$")
 # Names latex2sympy reads as constants or functions: E_{1} (an energy) fails as Euler's e with a
 # subscript; \gamma (a Lorentz factor) becomes the gamma function. Both sides are renamed alike.
 RENAMES = [(re.compile(r"(?<![\\a-zA-Z])E_"), r"\\mathcal{E}_"), (re.compile(r"\\gamma(?![a-zA-Z])"), r"\\mathcal{\\gamma}"),
