@@ -75,6 +75,15 @@ def test_torn_last_line_is_repaired_on_resume(tmp_path):
     assert "removed a torn last line" in proc.stdout + proc.stderr
     records = [json.loads(line) for line in samples.read_text().splitlines()]
     assert [r["index"] for r in records] == [0, 1, 2]
+    changed = tmp_path / "c.jsonl"
+    rows = [json.loads(line) for line in changed.read_text().splitlines()]
+    rows[1]["completion"] = "\\boxed{0}"  # regenerated into the same path
+    changed.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    proc = _grade(changed, out, check=False)
+    assert proc.returncode == 2 and "line 2: differs from the completion already graded" in proc.stderr
+    changed.write_text(changed.read_text() + '{"index": 3, "completion": "\\s"}\n')  # not JSON: "\s"
+    proc = _grade(changed, tmp_path / "other", check=False)
+    assert proc.returncode == 2 and "line 4 is not valid JSON" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @needs_data

@@ -162,14 +162,18 @@ def _generate_and_grade(bench: LoadedBenchmark, cfg, tokenizer, backend, math_gr
 def _grade_given(bench: LoadedBenchmark, path: Path, math_grader, sandbox, out, done) -> dict:
     """--completions: JSONL lines {"index": i, "completion": "..."}; several lines per index = samples."""
     spec, records, counts = bench.spec, [], {}
-    for line_no, row in enumerate(read_jsonl(path), 1):
+    for line_no, row in _read_completions(path):
         if not isinstance(row.get("index"), int) or not isinstance(row.get("completion"), str):
             raise UserError(f"{path}: line {line_no}: each line needs an integer 'index' and a string 'completion'")
         if not 0 <= row["index"] < len(bench.rows):
             raise UserError(f"{path}: line {line_no}: index {row['index']} is outside {spec.name} (0..{len(bench.rows) - 1})")
         sample = counts.get(row["index"], 0)
         counts[row["index"]] = sample + 1
-        if sample >= len(done.get((spec.name, row["index"]), ())):
+        graded = done.get((spec.name, row["index"]), {})
+        if sample in graded and graded[sample]["completion"] != row["completion"]:  # the file was changed since
+            raise UserError(f"{path}: line {line_no}: differs from the completion already graded in {out} "
+                            f"(index {row['index']}, sample {sample}); use another --out or delete it")
+        if sample >= len(graded):
             records.append({"benchmark": spec.name, "index": row["index"], "sample": sample,
                             "prompt": spec.question(bench.rows[row["index"]]), "completion": row["completion"],
                             "finish_reason": row.get("finish_reason"), "tokens": None})
@@ -177,6 +181,23 @@ def _grade_given(bench: LoadedBenchmark, path: Path, math_grader, sandbox, out, 
     for start in range(0, len(records), COMPLETIONS_CHUNK):  # grade and save as it goes
         seconds += _grade_and_append(bench, records[start : start + COMPLETIONS_CHUNK], math_grader, sandbox, out, done)
     return {"grading_seconds": seconds, "samples_graded": len(records)}
+
+
+def _read_completions(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) for each non-empty line; a line that is not a JSON object is an error
+    (skipping it, as a torn tail of our own files is skipped, would score the file short)."""
+    rows = []
+    for line_no, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}: line {line_no} is not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}: line {line_no}: each line needs an integer 'index' and a string 'completion'")
+        rows.append((line_no, row))
+    return rows
 
 
 def _grade_and_append(bench, records, math_grader, sandbox, out, done) -> float:
