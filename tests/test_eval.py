@@ -243,8 +243,9 @@ def test_eval_cli_end_to_end_and_resume(tmp_path, tiny_checkpoint):
     assert set(results["benchmarks"]) == {"math500", "humaneval"}
     math500 = results["benchmarks"]["math500"]
     assert math500["metrics"]["problems"] == 20 and "avg@4" in math500["metrics"] and len(math500["sha256"]) == 64
-    assert results["versions"]["torch"] and "macro_average" not in results  # 20 of 500 problems: partial
-    assert math500["coverage"] == {"problems_graded": 20, "problems": 500, "complete": False}
+    assert results["versions"]["torch"] and "macro_average" in results
+    assert math500["coverage"] == {"problems_graded": 20, "problems_asked": 20, "problems_in_benchmark": 500,
+                                   "complete": True}  # --limit 20: a complete eval of a subset, said so
     assert "math500" in proc.stderr  # the table
     changed = run_cli(*args, "--limit", "20", "--temperature", "0.5", check=False)
     assert changed.returncode == 2 and "different settings" in changed.stderr

@@ -37,7 +37,8 @@ def test_partial_completions_are_labelled_everywhere(tmp_path):
     proc = _grade(_completions(tmp_path / "c.jsonl", 1), tmp_path / "g")
     assert "math500 avg@1 100.00 on 1/500 problems (partial)" in proc.stdout + proc.stderr
     results = json.loads((tmp_path / "g" / "results.json").read_text())
-    assert results["benchmarks"]["math500"]["coverage"] == {"problems_graded": 1, "problems": 500, "complete": False}
+    assert results["benchmarks"]["math500"]["coverage"] == {"problems_graded": 1, "problems_asked": 500,
+                                                            "problems_in_benchmark": 500, "complete": False}
     assert "macro_average" not in results
     from posttrain.report import Run
 

@@ -70,12 +70,15 @@ def _latex_config():
     return LatexExtractionConfig(normalization_config=normalization)
 
 
-@lru_cache(maxsize=4096)
 def parse_answer(text: str) -> list:
-    """math-verify's parse of a cleaned answer: [sympy object, text] or [] when it cannot parse."""
+    """math-verify's parse of an answer or gold: [sympy object, text], or [] when it cannot parse."""
+    return _parse_cleaned(clean_answer(text))
+
+
+@lru_cache(maxsize=8192)
+def _parse_cleaned(cleaned: str) -> list:  # keyed by the cleaned text: `\boxed{ 5 }` and `\boxed{5}` parse once
     from math_verify import parse
 
-    cleaned = clean_answer(text)
     if not cleaned:
         return []
     return parse(f"\\boxed{{{cleaned}}}", extraction_config=[_latex_config()], parsing_timeout=VERIFY_TIMEOUT)

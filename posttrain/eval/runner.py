@@ -232,8 +232,10 @@ def _benchmark_result(bench: LoadedBenchmark, out: Path, timing: dict) -> dict:
     answers = [[s.get("extracted") for s in p] for p in per_problem] if bench.spec.kind == "math" else None
     flat = [s for p in per_problem for s in p]
     graded = len(per_problem)
-    # A score covers the whole benchmark or says how much of it it covers (--limit, a partial --completions file).
-    coverage = {"problems_graded": graded, "problems": bench.size, "complete": graded == bench.size}
+    # A score covers what was asked (all problems, or the first --limit of them) or is labelled partial
+    # everywhere it appears (an interrupted eval, a --completions file that covers only some problems).
+    coverage = {"problems_graded": graded, "problems_asked": len(bench.rows), "problems_in_benchmark": bench.size,
+                "complete": graded == len(bench.rows)}
     result = {"source": bench.source, "sha256": bench.sha256, "coverage": coverage, "metrics": summarize(verdicts, answers),
               "truncated_frac": sum(s.get("finish_reason") == "length" for s in flat) / max(len(flat), 1),
               "no_answer_frac": sum(s.get("extracted") is None for s in flat) / max(len(flat), 1)
@@ -317,8 +319,11 @@ def _print_table(results: dict, out: Path) -> None:
         m = res["metrics"]
         k = m.get("samples_per_problem", 0)
         coverage = res["coverage"]
-        problems = str(m.get("problems", 0)) if coverage["complete"] else \
-            f"{coverage['problems_graded']}/{coverage['problems']} (partial)"
+        problems = f"{coverage['problems_graded']}/{coverage['problems_asked']} (partial)"
+        if coverage["complete"]:
+            problems = str(coverage["problems_graded"])
+            if coverage["problems_asked"] < coverage["problems_in_benchmark"]:
+                problems += f" of {coverage['problems_in_benchmark']}"  # --limit: a subset, said so
         table.add_row(name, problems, str(k), f"{m.get(f'avg@{k}', 0):.2f}",
                       f"{m['std_over_samples']:.2f}" if "std_over_samples" in m else "-",
                       f"{m.get(f'pass@{k}', 0):.2f}", f"{m[f'maj@{k}']:.2f}" if f"maj@{k}" in m else "-",
@@ -332,4 +337,4 @@ def _print_table(results: dict, out: Path) -> None:
         if not coverage["complete"]:  # a plain line too, so a log or a grep cannot mistake it for a score
             key = next((k for k in metrics if k.startswith("avg@")), "avg@1")
             console.print(f"{name} {key} {metrics.get(key, 0.0):.2f} on {coverage['problems_graded']}/"
-                          f"{coverage['problems']} problems (partial): not a benchmark score", highlight=False)
+                          f"{coverage['problems_asked']} problems (partial): not a benchmark score", highlight=False)
