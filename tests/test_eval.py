@@ -3,10 +3,12 @@ and `posttrain eval` end to end on a tiny model with the real benchmark files.""
 
 import gzip
 import json
+import os
 import re
 import socket
 import threading
 from itertools import combinations
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +19,7 @@ from posttrain.eval.metrics import pass_at_k, summarize
 from posttrain.eval.prompts import QWEN_BOXED, prompt_ids, prompt_text
 from tests.helpers import REPO, run_cli, tiny_train_recipe, write_recipe
 
-DATA = REPO.parent / "shared" / "benchmarks"
+DATA = Path(os.environ.get("POSTTRAIN_BENCHMARK_DIR", REPO.parent / "shared" / "benchmarks"))
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/benchmarks is not beside the checkout")
 
 
