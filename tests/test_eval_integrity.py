@@ -141,3 +141,37 @@ def test_pool_recovers_from_killed_and_dying_workers():
     with TimeoutPool(_always_die, workers=1, timeout=30, on_timeout={"correct": False}) as pool:
         with pytest.raises(UserError, match="grading processes keep dying"):
             pool.map(list(range(20)))
+
+
+def _grading_workers(pid: int) -> list[int]:
+    """The spawned grading processes among `pid`'s children (not multiprocessing's resource tracker)."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(c) for c in (task / "children").read_text().split()]
+    workers = []
+    for child in children:
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
+        except FileNotFoundError:
+            continue
+        if b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
+            workers.append(child)
+    return workers
+
+
+@needs_data
+def test_eval_survives_a_killed_grading_worker(tmp_path):
+    completions, out = _completions(tmp_path / "c.jsonl", 200), tmp_path / "g"
+    args = [sys.executable, "-m", "posttrain.cli", "eval", "--benchmark", "math500", "--data-dir", str(DATA),
+            "--completions", str(completions), "--out", str(out), "--workers", "2"]
+    proc = subprocess.Popen(args, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    samples, deadline = out / "samples.jsonl", time.time() + 120
+    while time.time() < deadline and not samples.exists():  # the first chunk is graded: workers are up
+        time.sleep(0.05)
+    workers = _grading_workers(proc.pid)
+    assert workers and samples.read_text().count("\n") < 200
+    os.kill(workers[0], signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    records = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert sorted(r["index"] for r in records) == list(range(200)) and all(r["correct"] for r in records)
