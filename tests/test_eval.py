@@ -175,6 +175,8 @@ def test_summarize_known_answers():
     assert m["std_over_samples"] == pytest.approx(__import__("statistics").stdev(columns))
     assert m["pass@1"] == pytest.approx(m["avg@4"]) and m["pass@4"] == pytest.approx(200 / 3)
     assert m["maj@4"] == pytest.approx(200 / 3)  # "1" wins problem 0, "5" (wrong) problem 1, "x" problem 2
+    m = summarize([[False, False, True, True, True]], [["7", "7", "12.", "$12$", " 12 "]])
+    assert m["maj@5"] == 100.0  # three ways of writing 12 are one answer
 
 
 # --- prompts ---------------------------------------------------------------------------------
