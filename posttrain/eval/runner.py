@@ -186,8 +186,12 @@ def _grade_given(bench: LoadedBenchmark, path: Path, math_grader, sandbox, out, 
 def _read_completions(path: Path) -> list[tuple[int, dict]]:
     """(line number, row) for each non-empty line; a line that is not a JSON object is an error
     (skipping it, as a torn tail of our own files is skipped, would score the file short)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text ({err})") from None
     rows = []
-    for line_no, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+    for line_no, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
