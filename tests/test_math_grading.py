@@ -146,7 +146,13 @@ SURFACE_FORMS = [
     ("\\frac{37}{4} m", "\\boxed{\\frac{37 m}{4}}", True),
     ("221,8", "\\boxed{221, 8}", True),
     ("\\text{(C)}", "\\boxed{\\text{(C)}}", True),
+    ("2.88e-19", "\\boxed{2.88 \\times 10^{-19}}", True),
+    ("1e-5", "\\boxed{0.00001}", True),
+    ("\\frac{1}{3}", "\\boxed{0.333333}", True),
     # wrong answers that must be rejected
+    ("2.88e-19", "\\boxed{1.325 \\times 10^{-27}}", False),  # math-verify alone: every tiny number is equal
+    (".0000672", "\\boxed{0.0000671}", False),
+    ("1e-8", "\\boxed{0}", False),
     ("1e-5", "\\boxed{e-5}", False),
     ("4.5e33", "\\boxed{4.5 \\cdot e \\cdot 33}", False),
     ("-1./3", "\\boxed{-1}", False),

@@ -93,7 +93,24 @@ def verify_pair(pair: tuple[str, str]) -> dict:
     if not gold_parsed:
         return {"correct": False, "error": f"gold answer not parseable: {gold!r}"}
     answer_parsed = parse_answer(answer)
-    return {"correct": bool(verify(gold_parsed, answer_parsed, timeout_seconds=VERIFY_TIMEOUT)), "error": None}
+    correct = bool(verify(gold_parsed, answer_parsed, timeout_seconds=VERIFY_TIMEOUT))
+    if correct and _tiny_numbers_that_differ(gold_parsed[0], answer_parsed[0]):
+        correct = False
+    return {"correct": correct, "error": None}
+
+
+def _tiny_numbers_that_differ(gold, answer) -> bool:
+    """math-verify compares numbers to 6 decimal places (or chops tiny differences to 0), so
+    every number below ~1e-6 equals every other: 2.88e-19 "equals" 1.325e-27. Below 1e-3 we ask
+    for agreement to 5 significant digits instead, the precision it gives numbers near 1."""
+    import sympy
+
+    try:
+        gold_value, answer_value = complex(sympy.N(gold, 30)), complex(sympy.N(answer, 30))
+    except (TypeError, ValueError, AttributeError):  # not plain numbers (symbols, sets, equations)
+        return False
+    scale = max(abs(gold_value), abs(answer_value))
+    return 0 < scale < 1e-3 and abs(gold_value - answer_value) > 1e-5 * scale
 
 
 class MathGrader:
