@@ -52,6 +52,8 @@ class Run:
         out = {}
         for bench, res in self.results["benchmarks"].items():
             key = next((k for k in res["metrics"] if k.startswith("avg@")), None)
+            if not res.get("coverage", {}).get("complete", False):
+                continue  # a partial eval (--limit, an incomplete completions file) is not a benchmark score
             if key:
                 out[bench] = res["metrics"][key]
         return out

@@ -3,10 +3,12 @@ and `posttrain eval` end to end on a tiny model with the real benchmark files.""
 
 import gzip
 import json
+import os
 import re
 import socket
 import threading
 from itertools import combinations
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +19,7 @@ from posttrain.eval.metrics import pass_at_k, summarize
 from posttrain.eval.prompts import QWEN_BOXED, prompt_ids, prompt_text
 from tests.helpers import REPO, run_cli, tiny_train_recipe, write_recipe
 
-DATA = REPO.parent / "shared" / "benchmarks"
+DATA = Path(os.environ.get("POSTTRAIN_BENCHMARK_DIR", REPO.parent / "shared" / "benchmarks"))
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/benchmarks is not beside the checkout")
 
 
@@ -173,6 +175,8 @@ def test_summarize_known_answers():
     assert m["std_over_samples"] == pytest.approx(__import__("statistics").stdev(columns))
     assert m["pass@1"] == pytest.approx(m["avg@4"]) and m["pass@4"] == pytest.approx(200 / 3)
     assert m["maj@4"] == pytest.approx(200 / 3)  # "1" wins problem 0, "5" (wrong) problem 1, "x" problem 2
+    m = summarize([[False, False, True, True, True]], [["7", "7", "12.", "$12$", " 12 "]])
+    assert m["maj@5"] == 100.0  # three ways of writing 12 are one answer
 
 
 # --- prompts ---------------------------------------------------------------------------------
@@ -244,6 +248,8 @@ def test_eval_cli_end_to_end_and_resume(tmp_path, tiny_checkpoint):
     math500 = results["benchmarks"]["math500"]
     assert math500["metrics"]["problems"] == 20 and "avg@4" in math500["metrics"] and len(math500["sha256"]) == 64
     assert results["versions"]["torch"] and "macro_average" in results
+    assert math500["coverage"] == {"problems_graded": 20, "problems_asked": 20, "problems_in_benchmark": 500,
+                                   "complete": True}  # --limit 20: a complete eval of a subset, said so
     assert "math500" in proc.stderr  # the table
     changed = run_cli(*args, "--limit", "20", "--temperature", "0.5", check=False)
     assert changed.returncode == 2 and "different settings" in changed.stderr

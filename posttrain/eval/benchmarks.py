@@ -33,13 +33,18 @@ class Benchmark:
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} (or \\fbox{...}) in `text`, braces matched."""
+    """Content of the last \\boxed{...} (or \\fbox{...}) in `text`, braces matched; `\\boxed 5`
+    (TeX's unbraced argument) gives the token after the space."""
     start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
     if start < 0:
         return None
-    open_at = text.find("{", start)
-    if open_at < 0:
+    after = start + (6 if text.startswith("\\boxed", start) else 5)
+    unbraced = re.match(r"[ \t]+([^\s{}$]+)", text[after:])
+    if unbraced:
+        return unbraced.group(1)
+    if not text[after:].lstrip().startswith("{"):
         return None
+    open_at = text.find("{", after)
     depth = 0
     for i in range(open_at, len(text)):
         if text[i] == "{":
@@ -51,11 +56,22 @@ def last_boxed(text: str) -> str | None:
     return None  # unbalanced: the output was cut inside the box
 
 
+# OlympiadBench answers whose text is not a formula: the formula a mathematician reads in it.
+OLYMPIAD_GOLD_FIXES = {
+    1965: "f(x)=a x+b",  # "$f(x)=a x+b$, where $b$ is an arbitrary integer, and $a$ is ... with $\\mho(a)=0$"
+    2045: "(0,4]",  # "t(0,4]": all t in (0, 4]
+    2212: "n",  # "N=n": the largest N is n (math-verify folds case, so N=n would read as n=n, always true)
+}
+
+
 def _olympiad_gold(row: dict) -> str:
+    if row.get("id") in OLYMPIAD_GOLD_FIXES:
+        return OLYMPIAD_GOLD_FIXES[row["id"]]
     answers = row["final_answer"]
     if isinstance(answers, str):
         answers = ast.literal_eval(answers) if answers.startswith("[") else [answers]
-    return ", ".join(str(a).strip().strip("$") for a in answers)
+    # An answer can hold several math spans ("$69$,$84$", "$221,$8$"): drop every `$`, keep the text.
+    return ", ".join(str(a).replace("$", "").strip() for a in answers)
 
 
 def _gsm8k_gold(row: dict) -> str:
@@ -74,7 +90,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark("amc23", "math", "amc23.jsonl", ("math-ai/amc23", None, "test"),
                   lambda r: r.get("question") or r["problem"], lambda r: str(r["answer"])),
         Benchmark("minerva_math", "math", "minerva_math.jsonl", ("math-ai/minervamath", None, "test"),
-                  lambda r: r["problem"], lambda r: last_boxed(r["solution"]) or r.get("answer", "")),
+                  lambda r: r["problem"], lambda r: (last_boxed(r["solution"]) or r.get("answer", "")).strip()),
         Benchmark("olympiadbench", "math", "olympiadbench.jsonl", ("Hothan/OlympiadBench", "OE_TO_maths_en_COMP", "train"),
                   lambda r: r["question"], _olympiad_gold),
         Benchmark("gsm8k", "math", "gsm8k.jsonl", ("openai/gsm8k", "main", "test"),
@@ -93,6 +109,7 @@ class LoadedBenchmark:
     rows: list[dict]
     source: str  # a path, a hub id or "built-in"
     sha256: str  # of the file read (or of the rows' JSON for the Hub / built-in)
+    size: int  # problems in the whole benchmark (rows may hold only the first --limit of them)
 
 
 def load_benchmark(token: str, data_dir: str | None, limit: int | None) -> LoadedBenchmark:
@@ -111,8 +128,8 @@ def load_benchmark(token: str, data_dir: str | None, limit: int | None) -> Loade
         if not path.is_file():
             raise UserError(f"benchmark {name}: file not found: {path}")
         raw = path.read_bytes()
-        text = gzip.decompress(raw).decode() if path.suffix == ".gz" else raw.decode()
-        rows = json.loads(text) if path.suffix == ".json" else [json.loads(line) for line in text.splitlines() if line.strip()]
+        rows = _read_rows(path, raw)
+        _check_rows(spec, rows, path)
         return _finish(spec, rows, str(path), hashlib.sha256(raw).hexdigest(), limit)
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise UserError(f"benchmark {name}: no --data-dir or NAME:PATH given, and the Hub is offline (HF_HUB_OFFLINE=1)")
@@ -126,8 +143,54 @@ def load_benchmark(token: str, data_dir: str | None, limit: int | None) -> Loade
     return _finish(spec, rows, f"hub:{dataset_id}", _sha_of_rows(rows), limit)
 
 
+def _read_rows(path: Path, raw: bytes) -> list[dict]:
+    """The rows of a .json / .jsonl / .jsonl.gz benchmark file; a malformed file is a UserError naming it."""
+    try:
+        text = gzip.decompress(raw).decode() if path.suffix == ".gz" else raw.decode()
+    except (OSError, EOFError, UnicodeDecodeError) as err:
+        raise UserError(f"benchmark file {path}: cannot be read as {'gzip-compressed ' if path.suffix == '.gz' else ''}"
+                        f"UTF-8 text ({err})") from None
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UserError(f"benchmark file {path}: not valid JSON ({err})") from None
+        if not isinstance(rows, list):
+            raise UserError(f"benchmark file {path}: a .json benchmark must hold a list of objects")
+        return rows
+    rows = []
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise UserError(f"benchmark file {path}: line {line_no} is not valid JSON ({err.msg})") from None
+    return rows
+
+
+def _check_rows(spec: Benchmark, rows: list, path: Path) -> None:
+    """Every row must be an object with the fields this benchmark reads (checked before any work)."""
+    if not rows:
+        raise UserError(f"benchmark file {path}: holds no problems")
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise UserError(f"benchmark file {path}: problem {number} is not a JSON object")
+        try:
+            question, gold = spec.question(row), spec.gold(row)
+        except KeyError as err:
+            raise UserError(f"benchmark file {path}: problem {number} has no field {err} (needed by {spec.name})") from None
+        except (TypeError, ValueError, SyntaxError, AttributeError) as err:
+            raise UserError(f"benchmark file {path}: problem {number}: unreadable question or answer ({err})") from None
+        missing = [key for key in ("test", "entry_point") if spec.kind == "code" and not isinstance(row.get(key), str)]
+        if missing:
+            raise UserError(f"benchmark file {path}: problem {number} has no text field {missing[0]!r} (needed by {spec.name})")
+        if not isinstance(question, str) or not isinstance(gold, str) or (spec.kind == "math" and not gold.strip()):
+            raise UserError(f"benchmark file {path}: problem {number}: the question and the gold answer must be "
+                            f"non-empty text for {spec.name}")
+
+
 def _finish(spec, rows, source, sha, limit) -> LoadedBenchmark:
-    return LoadedBenchmark(spec, rows[:limit] if limit else rows, source, sha)
+    return LoadedBenchmark(spec, rows[:limit] if limit else rows, source, sha, len(rows))
 
 
 def _sha_of_rows(rows) -> str:

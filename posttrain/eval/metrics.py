@@ -43,7 +43,9 @@ def summarize(verdicts: list[list[bool]], answers: list[list[str | None]] | None
 
 
 def _majority_correct(verdicts: list[bool], answers: list[str | None]) -> bool:
-    voted = [(" ".join(a.split()), ok) for a, ok in zip(answers, verdicts) if a is not None]
+    from posttrain.eval.math_grader import clean_answer  # `5.`, `$5$` and ` 5 ` are one vote (graded alike)
+
+    voted = [(clean_answer(a), ok) for a, ok in zip(answers, verdicts) if a is not None]
     if not voted:
         return False
     winner, _ = Counter(a for a, _ in voted).most_common(1)[0]

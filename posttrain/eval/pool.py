@@ -3,6 +3,11 @@
 math-verify's own timeouts use signals, which only work in a main thread; a pathological
 expression can also hang inside C code. Here each item runs in a worker process, and a worker
 that overruns its item's deadline is killed and replaced; the item is reported as timed out.
+
+A worker that dies (killed, out of memory) shows up as EOFError or ConnectionResetError on its
+pipe, depending on when it died. Its item is retried once on a fresh worker, then reported as
+failed. Workers that keep dying without finishing anything (a broken environment) stop the
+pool with one clear error instead of marking every item wrong.
 """
 
 from __future__ import annotations
@@ -10,6 +15,10 @@ from __future__ import annotations
 import multiprocessing as mp
 import time
 from multiprocessing.connection import wait
+
+from posttrain.errors import UserError
+
+TRIES_PER_ITEM = 2
 
 
 def _worker_loop(conn, function):
@@ -33,6 +42,7 @@ class TimeoutPool:
         self.function, self.timeout, self.on_timeout = function, timeout, on_timeout
         self.context = mp.get_context("spawn")  # no inherited threads, CUDA or model state
         self.workers = [self._start() for _ in range(max(1, workers))]
+        self.deaths_in_a_row = 0  # worker deaths since the last item that finished
 
     def _start(self):
         parent, child = self.context.Pipe()
@@ -42,34 +52,50 @@ class TimeoutPool:
 
     def map(self, items: list) -> list:
         results = [None] * len(items)
+        tries = [0] * len(items)
         pending = list(enumerate(items))[::-1]
         busy = []
         while pending or busy:
             for worker in self.workers:
                 if worker["job"] is None and pending:
                     worker["job"] = pending.pop()
+                    tries[worker["job"][0]] += 1
                     worker["started"] = time.monotonic()
-                    worker["conn"].send(worker["job"])
                     busy.append(worker)
-            now = time.monotonic()
-            nearest = min(w["started"] + self.timeout for w in busy) - now
+                    try:
+                        worker["conn"].send(worker["job"])
+                    except OSError:  # already dead: wait() reports its pipe ready and recv fails below
+                        pass
+            nearest = min(w["started"] + self.timeout for w in busy) - time.monotonic()
             ready = wait([w["conn"] for w in busy], timeout=max(0.0, nearest))
             for worker in list(busy):
+                index = worker["job"][0]
                 if worker["conn"] in ready:
                     try:
-                        index, result = worker["conn"].recv()
-                    except EOFError:  # the worker died (e.g. out of memory)
-                        index, result = worker["job"][0], {"error": "grader process died"}
-                        self._replace(worker)
-                    results[index] = result
+                        _, results[index] = worker["conn"].recv()
+                        self.deaths_in_a_row = 0
+                    except (EOFError, OSError):  # died: EOF, or ConnectionResetError if it died early
+                        self._died(worker)
+                        if tries[index] < TRIES_PER_ITEM:
+                            pending.append(worker["job"])
+                        else:
+                            results[index] = {**self.on_timeout, "error": "grader process died"}
                 elif time.monotonic() - worker["started"] > self.timeout:
-                    results[worker["job"][0]] = dict(self.on_timeout)
+                    results[index] = dict(self.on_timeout)
                     self._replace(worker)
                 else:
                     continue
                 worker["job"] = None
                 busy.remove(worker)
         return results
+
+    def _died(self, worker):
+        self.deaths_in_a_row += 1
+        if self.deaths_in_a_row > TRIES_PER_ITEM * len(self.workers) + 2:
+            self.close()
+            raise UserError(f"grading processes keep dying ({self.deaths_in_a_row} in a row, none finished an item); "
+                            "check memory limits and that the posttrain package imports in a fresh interpreter")
+        self._replace(worker)
 
     def _replace(self, worker):
         worker["process"].kill()

@@ -11,9 +11,12 @@ the groups that were missing and the samples do not depend on where the run stop
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import platform
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,6 +33,9 @@ from posttrain.eval.prompts import prompt_ids, prompt_text
 from posttrain.generation import SamplingSpec, make_backend
 from posttrain.progress import console
 from posttrain.runfolder import read_jsonl, write_text_atomic
+
+LOCK_FILE = ".eval.lock"
+COMPLETIONS_CHUNK = 64  # --completions: samples graded and appended at a time, so a killed eval keeps them
 
 
 def eval_from_cli(recipe_path: Path | None, flags: dict, completions: Path | None, cross_check: bool = False) -> dict:
@@ -65,7 +71,28 @@ def evaluate(cfg: EvalRecipe, out: Path, completions: Path | None = None, cross_
         from posttrain.models import check_model_path  # torch: only when a model is evaluated
 
         check_model_path(cfg.model, "--model")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file, not a folder; give a folder for samples.jsonl and results.json")
+    if completions is not None and not completions.is_file():
+        raise UserError(f"--completions: file not found: {completions}")
     out.mkdir(parents=True, exist_ok=True)
+    with _locked(out):
+        return _evaluate_locked(cfg, out, completions, benchmarks)
+
+
+@contextmanager
+def _locked(out: Path):
+    """One eval writes a folder at a time: two would interleave their samples in one samples.jsonl."""
+    with open(out / LOCK_FILE, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"--out {out}: another eval is writing this folder (it holds {out / LOCK_FILE}); "
+                            "wait for it to finish or use another --out") from None
+        yield  # the lock goes with the process, so a killed eval leaves nothing to clean up
+
+
+def _evaluate_locked(cfg: EvalRecipe, out: Path, completions: Path | None, benchmarks: list[LoadedBenchmark]) -> dict:
     _check_resume_config(out, cfg, completions)
     done = _existing_samples(out / "samples.jsonl")
     results = {"config": {**asdict(cfg), "completions": str(completions) if completions else None},
@@ -87,7 +114,8 @@ def evaluate(cfg: EvalRecipe, out: Path, completions: Path | None = None, cross_
             math_grader.close()
     # Macro average over benchmarks, when they share the same avg@k.
     avg_keys = {next((k for k in r["metrics"] if k.startswith("avg@")), None) for r in results["benchmarks"].values()}
-    if len(avg_keys) == 1 and None not in avg_keys:
+    complete = all(r["coverage"]["complete"] for r in results["benchmarks"].values())
+    if len(avg_keys) == 1 and None not in avg_keys and complete:  # never average a partial benchmark in
         key = avg_keys.pop()
         values = [r["metrics"][key] for r in results["benchmarks"].values()]
         results["macro_average"] = {key: sum(values) / len(values)}
@@ -147,22 +175,47 @@ def _generate_and_grade(bench: LoadedBenchmark, cfg, tokenizer, backend, math_gr
 
 def _grade_given(bench: LoadedBenchmark, path: Path, math_grader, sandbox, out, done) -> dict:
     """--completions: JSONL lines {"index": i, "completion": "..."}; several lines per index = samples."""
-    if not path.is_file():
-        raise UserError(f"--completions: file not found: {path}")
     spec, records, counts = bench.spec, [], {}
-    for line_no, row in enumerate(read_jsonl(path), 1):
+    for line_no, row in _read_completions(path):
         if not isinstance(row.get("index"), int) or not isinstance(row.get("completion"), str):
             raise UserError(f"{path}: line {line_no}: each line needs an integer 'index' and a string 'completion'")
         if not 0 <= row["index"] < len(bench.rows):
             raise UserError(f"{path}: line {line_no}: index {row['index']} is outside {spec.name} (0..{len(bench.rows) - 1})")
         sample = counts.get(row["index"], 0)
         counts[row["index"]] = sample + 1
-        if sample >= len(done.get((spec.name, row["index"]), ())):
+        graded = done.get((spec.name, row["index"]), {})
+        if sample in graded and graded[sample]["completion"] != row["completion"]:  # the file was changed since
+            raise UserError(f"{path}: line {line_no}: differs from the completion already graded in {out} "
+                            f"(index {row['index']}, sample {sample}); use another --out or delete it")
+        if sample >= len(graded):
             records.append({"benchmark": spec.name, "index": row["index"], "sample": sample,
                             "prompt": spec.question(bench.rows[row["index"]]), "completion": row["completion"],
                             "finish_reason": row.get("finish_reason"), "tokens": None})
-    seconds = _grade_and_append(bench, records, math_grader, sandbox, out, done) if records else 0.0
+    seconds = 0.0
+    for start in range(0, len(records), COMPLETIONS_CHUNK):  # grade and save as it goes
+        seconds += _grade_and_append(bench, records[start : start + COMPLETIONS_CHUNK], math_grader, sandbox, out, done)
     return {"grading_seconds": seconds, "samples_graded": len(records)}
+
+
+def _read_completions(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) for each non-empty line; a line that is not a JSON object is an error
+    (skipping it, as a torn tail of our own files is skipped, would score the file short)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text ({err})") from None
+    rows = []
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}: line {line_no} is not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}: line {line_no}: each line needs an integer 'index' and a string 'completion'")
+        rows.append((line_no, row))
+    return rows
 
 
 def _grade_and_append(bench, records, math_grader, sandbox, out, done) -> float:
@@ -180,9 +233,11 @@ def _grade_and_append(bench, records, math_grader, sandbox, out, done) -> float:
             record.update(gold=gold, extracted=None, correct=verdict["passed"], error=verdict["error"])
     seconds = time.time() - clock
     with open(out / "samples.jsonl", "a") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
-            done.setdefault((record["benchmark"], record["index"]), {})[record["sample"]] = record
+        f.write("".join(json.dumps(record) + "\n" for record in records))
+        f.flush()
+        os.fsync(f.fileno())
+    for record in records:
+        done.setdefault((record["benchmark"], record["index"]), {})[record["sample"]] = record
     return seconds
 
 
@@ -194,7 +249,12 @@ def _benchmark_result(bench: LoadedBenchmark, out: Path, timing: dict) -> dict:
     verdicts = [[bool(s["correct"]) for s in p] for p in per_problem]
     answers = [[s.get("extracted") for s in p] for p in per_problem] if bench.spec.kind == "math" else None
     flat = [s for p in per_problem for s in p]
-    result = {"source": bench.source, "sha256": bench.sha256, "metrics": summarize(verdicts, answers),
+    graded = len(per_problem)
+    # A score covers what was asked (all problems, or the first --limit of them) or is labelled partial
+    # everywhere it appears (an interrupted eval, a --completions file that covers only some problems).
+    coverage = {"problems_graded": graded, "problems_asked": len(bench.rows), "problems_in_benchmark": bench.size,
+                "complete": graded == len(bench.rows)}
+    result = {"source": bench.source, "sha256": bench.sha256, "coverage": coverage, "metrics": summarize(verdicts, answers),
               "truncated_frac": sum(s.get("finish_reason") == "length" for s in flat) / max(len(flat), 1),
               "no_answer_frac": sum(s.get("extracted") is None for s in flat) / max(len(flat), 1)
               if bench.spec.kind == "math" else None, **timing}
@@ -209,9 +269,23 @@ def _existing_samples(path: Path) -> dict:
     """(benchmark, index) -> {sample: record} from an earlier (possibly killed) run."""
     done: dict = {}
     if path.exists():
+        _repair_torn_tail(path)
         for record in read_jsonl(path):
             done.setdefault((record["benchmark"], record["index"]), {})[record["sample"]] = record
     return done
+
+
+def _repair_torn_tail(path: Path) -> None:
+    """An eval killed mid-write leaves a last line without its newline; the next append would be
+    glued onto it and lost too. Cut the file back to its last complete line (and say so)."""
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return
+    keep = data.rfind(b"\n") + 1
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+    console.print(f"{path}: removed a torn last line ({len(data) - keep} bytes) left by an interrupted eval; "
+                  "that sample is graded again", highlight=False)
 
 
 def _check_resume_config(out: Path, cfg: EvalRecipe, completions) -> None:
@@ -263,7 +337,13 @@ def _print_table(results: dict, out: Path) -> None:
     for name, res in results["benchmarks"].items():
         m = res["metrics"]
         k = m.get("samples_per_problem", 0)
-        table.add_row(name, str(m.get("problems", 0)), str(k), f"{m.get(f'avg@{k}', 0):.2f}",
+        coverage = res["coverage"]
+        problems = f"{coverage['problems_graded']}/{coverage['problems_asked']} (partial)"
+        if coverage["complete"]:
+            problems = str(coverage["problems_graded"])
+            if coverage["problems_asked"] < coverage["problems_in_benchmark"]:
+                problems += f" of {coverage['problems_in_benchmark']}"  # --limit: a subset, said so
+        table.add_row(name, problems, str(k), f"{m.get(f'avg@{k}', 0):.2f}",
                       f"{m['std_over_samples']:.2f}" if "std_over_samples" in m else "-",
                       f"{m.get(f'pass@{k}', 0):.2f}", f"{m[f'maj@{k}']:.2f}" if f"maj@{k}" in m else "-",
                       f"{100 * res['truncated_frac']:.0f}%", f"{res.get('samples_per_s', 0):.1f}")
@@ -271,3 +351,9 @@ def _print_table(results: dict, out: Path) -> None:
         key, value = next(iter(results["macro_average"].items()))
         table.add_row("macro average", "", "", f"{value:.2f}", "", "", "", "", "")
     console.print(table)
+    for name, res in results["benchmarks"].items():
+        coverage, metrics = res["coverage"], res["metrics"]
+        if not coverage["complete"]:  # a plain line too, so a log or a grep cannot mistake it for a score
+            key = next((k for k in metrics if k.startswith("avg@")), "avg@1")
+            console.print(f"{name} {key} {metrics.get(key, 0.0):.2f} on {coverage['problems_graded']}/"
+                          f"{coverage['problems_asked']} problems (partial): not a benchmark score", highlight=False)
