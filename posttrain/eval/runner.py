@@ -77,7 +77,7 @@ def evaluate(cfg: EvalRecipe, out: Path, completions: Path | None = None, cross_
         raise UserError(f"--completions: file not found: {completions}")
     out.mkdir(parents=True, exist_ok=True)
     with _locked(out):
-        return _evaluate_locked(cfg, out, completions, benchmarks)
+        return _evaluate_locked(cfg, out, completions, benchmarks, cross_check)
 
 
 @contextmanager
@@ -92,7 +92,8 @@ def _locked(out: Path):
         yield  # the lock goes with the process, so a killed eval leaves nothing to clean up
 
 
-def _evaluate_locked(cfg: EvalRecipe, out: Path, completions: Path | None, benchmarks: list[LoadedBenchmark]) -> dict:
+def _evaluate_locked(cfg: EvalRecipe, out: Path, completions: Path | None, benchmarks: list[LoadedBenchmark],
+                     cross_check: bool) -> dict:
     _check_resume_config(out, cfg, completions)
     done = _existing_samples(out / "samples.jsonl")
     results = {"config": {**asdict(cfg), "completions": str(completions) if completions else None},
