@@ -26,7 +26,7 @@ from posttrain.data.sft import Example, collate, epoch_order, load_rows, micro_b
 from posttrain.errors import UserError
 from posttrain.generation import SamplingSpec, make_backend
 from posttrain.losses import OBJECTIVES
-from posttrain.losses.aggregation import token_weights, top_entropy_mask
+from posttrain.losses.aggregation import micro_batch_aggregation, top_entropy_mask
 from posttrain.losses.objective import STUDENT_TOPK
 from posttrain.models import load_policy, same_vocabulary
 from posttrain.optim import build_scheduler
@@ -201,13 +201,15 @@ def ppo_update(policy, optimizer, scheduler, runtime, recipe, batch, rows, stats
     loss_total = 0.0
     for i, group in enumerate(groups):
         micro = _select_rows(batch, group)
-        micro["loss_weight"] = token_weights(recipe.train.loss_aggregation, micro["loss_mask"], counts).float()
+        weights, divisor = micro_batch_aggregation(recipe.train.loss_aggregation, micro["loss_mask"], counts)
+        if weights is not None:
+            micro["loss_weight"] = weights
         generator = torch.Generator(device=runtime.device).manual_seed(seed * 31 + i)
         last = i == len(groups) - 1
         with nullcontext() if last else runtime.accelerator.no_sync(policy):
             weighted_loss = policy(micro, objective, params, chunk_tokens=recipe.train.head_chunk_tokens,
                                    generator=generator, matmul_dtype=runtime.matmul_dtype, stats=stats,
-                                   temperature=temperature)
+                                   temperature=temperature) / divisor
             runtime.accelerator.backward(weighted_loss * runtime.world_size)
         loss_total += weighted_loss.item()
     grad_norm = optimizer_step(policy, optimizer, scheduler, runtime, recipe.optim.grad_clip)
@@ -352,6 +354,11 @@ def _prompts_for_step(prompts, recipe: DistillRecipe, runtime, step) -> list[lis
 
 
 def _check_sizes(recipe: DistillRecipe, runtime, recipe_path) -> None:
+    if recipe.prompts.template is not None:
+        try:
+            resolve_template(recipe.prompts.template)
+        except ValueError as err:
+            raise UserError(f"{recipe_path}: key 'prompts.template' {err}") from None
     if recipe.scoring.at_rollout_temperature and recipe.rollout.temperature == 0:
         raise UserError(f"{recipe_path}: key 'scoring.at_rollout_temperature': rollout.temperature is 0 (greedy); "
                         "log-probs at temperature 0 are undefined")

@@ -88,3 +88,4 @@ def apply_precision(model, precision: str) -> None:
     bf16, as the DFT authors' run does (model_dtype=bf16); the other modes keep fp32 weights."""
     if precision == "bf16-pure":
         model.to(torch.bfloat16)
+        console.print("precision bf16-pure: weights, gradients and AdamW state in bf16", highlight=False)

@@ -21,7 +21,7 @@ from posttrain.config import TrainRecipe
 from posttrain.data.sft import build_examples, collate, epoch_order, load_rows, micro_batches
 from posttrain.errors import UserError
 from posttrain.losses import OBJECTIVES
-from posttrain.losses.aggregation import token_weights, top_entropy_mask
+from posttrain.losses.aggregation import micro_batch_aggregation, top_entropy_mask
 from posttrain.losses.engine import head_entropy
 from posttrain.optim import build_scheduler
 from posttrain.progress import StepProgress, summary_table
@@ -117,14 +117,16 @@ def train_step(policy, optimizer, scheduler, runtime: Runtime, recipe: TrainReci
     counts = global_counts([b["loss_mask"] for b in batches], runtime)
     stats, loss_total, seen_tokens = {}, 0.0, 0
     for i, batch in enumerate(batches):
-        batch["loss_weight"] = token_weights(recipe.train.loss_aggregation, batch["loss_mask"], counts).float()
+        weights, divisor = micro_batch_aggregation(recipe.train.loss_aggregation, batch["loss_mask"], counts)
+        if weights is not None:
+            batch["loss_weight"] = weights
         batch = {k: v.to(runtime.device) for k, v in batch.items()}
         generator = torch.Generator(device=runtime.device).manual_seed(_micro_batch_seed(recipe.seed, step, runtime.rank, i))
         last = i == len(batches) - 1
         # Gradients are all-reduced once, on the last micro-batch.
         with nullcontext() if last else runtime.accelerator.no_sync(policy):
             weighted_loss = policy(batch, objective, recipe.objective.params, chunk_tokens=recipe.train.head_chunk_tokens,
-                                   generator=generator, matmul_dtype=runtime.matmul_dtype, stats=stats)
+                                   generator=generator, matmul_dtype=runtime.matmul_dtype, stats=stats) / divisor
             # DDP/FSDP average gradients over processes; × world_size turns that into the sum.
             runtime.accelerator.backward(weighted_loss * runtime.world_size)
         loss_total += weighted_loss.item()

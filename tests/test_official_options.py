@@ -148,3 +148,10 @@ def test_at_rollout_temperature_refuses_greedy_rollouts(tmp_path, models):
                             scoring={"at_rollout_temperature": True})
     proc = run_cli("distill", "--recipe", str(write_recipe(tmp_path, recipe)), check=False)
     assert proc.returncode == 2 and "scoring.at_rollout_temperature" in proc.stderr
+
+
+def test_a_bad_template_is_refused_before_anything_loads(tmp_path, models):
+    recipe = distill_recipe(tmp_path, models, {"name": "opd"}, prompts={"template": "Solve: {problem}"})
+    proc = run_cli("distill", "--recipe", str(write_recipe(tmp_path, recipe)), check=False)
+    assert proc.returncode == 2 and "prompts.template" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs" / "d").exists()

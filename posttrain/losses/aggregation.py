@@ -54,10 +54,24 @@ def token_weights(mode: str, loss_mask_BT: torch.Tensor, counts: GlobalCounts) -
     raise ValueError(f"unknown loss aggregation {mode!r}; allowed: {', '.join(MODES)}")
 
 
+def micro_batch_aggregation(mode: str, loss_mask_BT: torch.Tensor, counts: GlobalCounts) -> tuple[torch.Tensor | None, int]:
+    """What a loop applies to one micro-batch: (per-token weights or None, divisor of the loss sum).
+
+    Where every token has the same weight (token-mean: 1/N, seq-mean-token-sum: 1/B) the loop
+    divides the micro-batch's loss sum by N or B instead of weighting each token: the same value,
+    and bit for bit what posttrain computed before the other modes existed. Otherwise the weights
+    go to the engine (batch["loss_weight"]) and the divisor is 1."""
+    if mode == "token-mean":
+        return None, max(counts.tokens, 1)
+    if mode == "seq-mean-token-sum":
+        return None, max(counts.sequences, 1)
+    return token_weights(mode, loss_mask_BT, counts).float(), 1
+
+
 def aggregate(mode: str, loss_BT: torch.Tensor, micro_batch_masks: list[torch.Tensor]) -> torch.Tensor:
     """The aggregated loss of per-token losses given for the whole global batch at once:
     loss_BT stacks the micro-batches' rows in order, `micro_batch_masks` their masks. A plain
-    reference of what the weights compute (used by the tests and for logging)."""
+    reference of what the weights compute (the tests check the loops against it)."""
     masks_BT = torch.cat(micro_batch_masks)
     counts = GlobalCounts(tokens=int(masks_BT.sum()), sequences=masks_BT.shape[0], micro_batches=len(micro_batch_masks))
     weights_BT = torch.cat([token_weights(mode, m, counts) for m in micro_batch_masks])
