@@ -155,3 +155,9 @@ def test_a_bad_template_is_refused_before_anything_loads(tmp_path, models):
     proc = run_cli("distill", "--recipe", str(write_recipe(tmp_path, recipe)), check=False)
     assert proc.returncode == 2 and "prompts.template" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "runs" / "d").exists()
+
+
+def test_pure_bf16_distillation_runs_with_a_bf16_student(tmp_path, models):
+    run = _run(tmp_path, models, "bf", {"name": "lsm", "k": 8}, train={"precision": "bf16-pure"})
+    assert all(t.dtype == torch.bfloat16 for t in load_weights(run / "final").values())
+    assert torch.isfinite(torch.tensor(metrics_of(run)[0]["loss"]))
