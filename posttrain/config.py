@@ -52,6 +52,8 @@ NonNegativeFloat = Annotated[float, Bounds(low=0)]
 Probability = Annotated[float, Bounds(low=0, high=1)]  # [0, 1]
 OpenFraction = Annotated[float, Bounds(low=0, high=1, high_open=True)]  # [0, 1)
 Share = Annotated[float, Bounds(low=0, high=1, low_open=True)]  # (0, 1]: top-p, GPU memory share
+# How per-token losses become one scalar per optimizer step (see posttrain/losses/aggregation.py).
+LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "microbatch-token-mean"]
 
 # ----------------------------------------------------------------------------------------------
 # Schema
@@ -95,6 +97,9 @@ class DataConfig:
     response_field: str = "solution"
     system_prompt: str | None = None
     max_examples: PositiveInt | None = None  # keep the first N rows
+    # The response may be a list of chat messages (OpenR1-Math-220k's `messages`): the text of its
+    # last turn with this role is used.
+    response_role: str = "assistant"
     max_length: PositiveInt = 1024  # prompt + response tokens; longer examples are cut at the end
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -130,6 +135,9 @@ class OptimConfig:
     grad_clip: NonNegativeFloat = 1.0  # max global grad norm; 0 disables clipping
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup_ratio: OpenFraction = 0.0
+    # false: warmup step s (0-based) uses lr·(s+1)/W; true: lr·s/W, so the first update has lr 0
+    # (verl's get_cosine_schedule_with_warmup, the DFT authors' trainer).
+    warmup_starts_at_zero: bool = False
 
 
 @dataclass
@@ -149,7 +157,10 @@ class TrainLoopConfig:
     batch_size: PositiveInt = 32  # examples per optimizer step, over all processes
     micro_batch_size: PositiveInt = 8  # examples per forward/backward (per process)
     micro_batch_tokens: PositiveInt | None = None  # if set: micro-batches by padded-token budget instead
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    loss_aggregation: LossAggregation = "token-mean"  # per-token losses -> the step's loss (losses/aggregation.py)
+    entropy_top_ratio: Share | None = None  # train only on this top share of highest-entropy tokens per response
+    # auto: bf16 autocast on CUDA, fp32 on CPU; bf16-pure: bf16 weights, gradients and optimizer state
+    precision: Literal["auto", "fp32", "bf16", "bf16-pure"] = "auto"
     parallel: Literal["ddp", "fsdp2"] = "ddp"  # with several processes: replicate (DDP) or shard (FSDP2)
     head_chunk_tokens: PositiveInt | None = None  # tokens per LM-head chunk; None: from a 160 MB buffer budget
     gradient_checkpointing: bool = False
@@ -177,6 +188,12 @@ class PromptsConfig:
     split: str = "train"
     prompt_field: str = "problem"
     system_prompt: str | None = None
+    # Field cleaning, then the template: "dapo-instructions" drops DAPO-Math-17k's "Answer:"
+    # instruction lines (as the LSM authors' data script does); the template is a name in
+    # posttrain/data/templates.py (e.g. "lsm-math") or a format string with {question}.
+    clean: Literal["none", "dapo-instructions"] = "none"
+    template: str | None = None
+    dedupe: bool = False  # keep only the first row of each distinct prompt field (DAPO-Math-17k repeats each ~100x)
     max_examples: PositiveInt | None = None
     max_prompt_length: PositiveInt = 512  # longer prompts are skipped
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -207,6 +224,9 @@ class ScoringConfig:
     backend: Literal["hf", "vllm"] = "hf"  # hf: local transformers, no grad; vllm: prompt_logprobs=K
     chunk_tokens: PositiveInt = 1024  # positions per scoring chunk: only [chunk, V] logits exist at once
     diagnostics_k: PositiveInt = 32  # top-K for the support/overlap metrics when the objective has no k
+    # true: π_old, the teacher and the trained π_θ all use logits / rollout.temperature (verl's
+    # compute_log_prob and update_policy do); false: temperature 1.
+    at_rollout_temperature: bool = False
     gpu_memory_utilization: Share = 0.3  # vllm teacher only
 
 
@@ -216,7 +236,9 @@ class DistillLoopConfig:
     mini_batch_size: PositiveInt = 64  # rollouts per optimizer step (PPO mini-batch), over all processes
     ppo_epochs: PositiveInt = 1
     micro_batch_size: PositiveInt = 8
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    loss_aggregation: LossAggregation = "token-mean"  # per-token losses -> the mini-batch's loss
+    entropy_top_ratio: Share | None = None  # train only on this top share of π_old's highest-entropy tokens per rollout
+    precision: Literal["auto", "fp32", "bf16", "bf16-pure"] = "auto"
     parallel: Literal["ddp", "fsdp2"] = "ddp"
     head_chunk_tokens: PositiveInt | None = None
     gradient_checkpointing: bool = False

@@ -7,8 +7,8 @@ Per step, read top to bottom:
   3. scoring, no grad: π_old (the student before this step's updates) and the teacher, fetching
      what the objective declares it needs (sampled-token log-probs, top-K supports)
   4. objective.prepare: rewards / advantages / supports, once for the whole rollout batch
-  5. PPO epochs × mini-batches; each mini-batch is one optimizer step, its loss normalised by the
-     mini-batch's response-token count over all processes
+  5. PPO epochs × mini-batches; each mini-batch is one optimizer step, its per-token losses
+     aggregated over the whole mini-batch (all processes) as train.loss_aggregation says
   6. the new weights reach the generation backend; metrics; checkpoint
 """
 
@@ -21,15 +21,17 @@ from pathlib import Path
 import torch
 
 from posttrain.config import DistillRecipe
+from posttrain.data.templates import clean_dapo_instructions, resolve_template
 from posttrain.data.sft import Example, collate, epoch_order, load_rows, micro_batches, render_prompt
 from posttrain.errors import UserError
 from posttrain.generation import SamplingSpec, make_backend
-from posttrain.losses import OBJECTIVES, normalise
+from posttrain.losses import OBJECTIVES
+from posttrain.losses.aggregation import micro_batch_aggregation, top_entropy_mask
 from posttrain.losses.objective import STUDENT_TOPK
 from posttrain.models import load_policy, same_vocabulary
 from posttrain.optim import build_scheduler
 from posttrain.progress import StepProgress, summary_table
-from posttrain.loop import open_logs, open_run, optimizer_step, save_final
+from posttrain.loop import apply_precision, global_counts, open_logs, open_run, optimizer_step, save_final
 from posttrain.runfolder import load_trainer_state, save_checkpoint
 from posttrain.runtime import Runtime, make_runtime
 from posttrain.memory import check_memory, training_memory
@@ -49,6 +51,7 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, recipe_path: str = "
     runtime = make_runtime(recipe.train.precision, recipe.train.parallel)
     _check_sizes(recipe, runtime, recipe_path)
     run_dir, checkpoint, student, tokenizer = open_run(recipe, "student", runtime, resume)
+    apply_precision(student, recipe.train.precision)
     teacher = Teacher(recipe, runtime, tokenizer)
     check_memory(training_memory(
         student, tokens_per_micro_batch=recipe.train.micro_batch_size * (recipe.prompts.max_prompt_length + recipe.rollout.max_new_tokens),
@@ -129,6 +132,11 @@ def distill_step(policy, optimizer, scheduler, backend, teacher, runtime: Runtim
     batch.update(signals)
     if objective.prepare is not None:
         batch.update(objective.prepare(params, batch))
+    response_mask = batch["loss_mask"]
+    if recipe.train.entropy_top_ratio is not None:
+        # The LSM authors' code: rewards/advantages over the whole response (above), then the loss
+        # only on each rollout's top share of π_old's entropy (from the scoring pass).
+        batch["loss_mask"] = top_entropy_mask(batch["student_entropy"], response_mask, recipe.train.entropy_top_ratio)
     time_score = time.time() - clock
 
     # 5. PPO epochs × mini-batches
@@ -145,8 +153,8 @@ def distill_step(policy, optimizer, scheduler, backend, teacher, runtime: Runtim
             grad_norms.append(grad_norm)
     time_train = time.time() - clock
 
-    # 6. metrics (sums over processes, then per-token or per-rollout means)
-    mask = batch["loss_mask"]
+    # 6. metrics (sums over processes, then per-token or per-rollout means) over all response tokens
+    mask = response_mask
     reward = (batch["teacher_token_logprob"] - batch["old_logprob"])[mask]
     exact_kl = batch["exact_reverse_kl"][mask].sum() if "exact_reverse_kl" in batch else float("nan")
     sums = {
@@ -156,6 +164,7 @@ def distill_step(policy, optimizer, scheduler, backend, teacher, runtime: Runtim
         "length_sum": float(sum(len(c.token_ids) for c in flat)),
         "truncated": float(sum(c.finish_reason == "length" for c in flat)),
         "repetition": float(sum(has_repetition_loop(c.token_ids) for c in flat)),
+        "trained_tokens": float(batch["loss_mask"].sum()),
         **{f"diag_{k}": v * float(mask.sum()) for k, v in diagnostics.items()},
         **{f"stat_{k}": float(v) for k, v in stats.items()},
     }
@@ -171,6 +180,7 @@ def distill_step(policy, optimizer, scheduler, backend, teacher, runtime: Runtim
         "negative_reward_frac": sums["negative_sum"] / tokens, "entropy": sums["entropy_sum"] / tokens,
         "response_length": sums["length_sum"] / count, "truncated_frac": sums["truncated"] / count,
         "repetition_frac": sums["repetition"] / count, "response_tokens": tokens,
+        "trained_token_frac": sums["trained_tokens"] / tokens,
         **{k[5:]: v / tokens for k, v in sums.items() if k.startswith("diag_")},
         **{f"train_{k[5:]}": v / engine_tokens for k, v in sums.items() if k.startswith("stat_")},
         "time_generate": time_generate, "time_score": time_score, "time_train": time_train,
@@ -181,23 +191,29 @@ def distill_step(policy, optimizer, scheduler, backend, teacher, runtime: Runtim
 
 
 def ppo_update(policy, optimizer, scheduler, runtime, recipe, batch, rows, stats, seed) -> tuple[float, float]:
-    """One optimizer step on the rollouts `rows` of this process's batch."""
+    """One optimizer step on the rollouts `rows` of this process's batch (its part of the PPO
+    mini-batch); every token's loss carries its train.loss_aggregation weight over the mini-batch."""
     objective, params = OBJECTIVES[recipe.objective.name], recipe.objective.params
-    local_tokens = int(batch["loss_mask"][rows].sum())
-    global_tokens = int(runtime.sum_across_ranks({"t": local_tokens})["t"])
-    groups = micro_batches(rows.tolist(), recipe.train.micro_batch_size, None)
-    loss_sum_total = 0.0
+    groups = [torch.tensor(g, device=batch["input_ids"].device)
+              for g in micro_batches(rows.tolist(), recipe.train.micro_batch_size, None)]
+    counts = global_counts([batch["loss_mask"][g] for g in groups], runtime)
+    temperature = recipe.rollout.temperature if recipe.scoring.at_rollout_temperature else 1.0
+    loss_total = 0.0
     for i, group in enumerate(groups):
-        micro = _select_rows(batch, torch.tensor(group, device=batch["input_ids"].device))
+        micro = _select_rows(batch, group)
+        weights, divisor = micro_batch_aggregation(recipe.train.loss_aggregation, micro["loss_mask"], counts)
+        if weights is not None:
+            micro["loss_weight"] = weights
         generator = torch.Generator(device=runtime.device).manual_seed(seed * 31 + i)
         last = i == len(groups) - 1
         with nullcontext() if last else runtime.accelerator.no_sync(policy):
-            loss_sum = policy(micro, objective, params, chunk_tokens=recipe.train.head_chunk_tokens,
-                              generator=generator, matmul_dtype=runtime.matmul_dtype, stats=stats)
-            runtime.accelerator.backward(normalise(loss_sum, global_tokens) * runtime.world_size)
-        loss_sum_total += loss_sum.item()
+            weighted_loss = policy(micro, objective, params, chunk_tokens=recipe.train.head_chunk_tokens,
+                                   generator=generator, matmul_dtype=runtime.matmul_dtype, stats=stats,
+                                   temperature=temperature) / divisor
+            runtime.accelerator.backward(weighted_loss * runtime.world_size)
+        loss_total += weighted_loss.item()
     grad_norm = optimizer_step(policy, optimizer, scheduler, runtime, recipe.optim.grad_clip)
-    return runtime.sum_across_ranks({"l": loss_sum_total})["l"] / max(global_tokens, 1), grad_norm
+    return runtime.sum_across_ranks({"l": loss_total})["l"], grad_norm
 
 
 def fetch_signals(objective, params, policy, teacher, batch, recipe: DistillRecipe, runtime):
@@ -208,12 +224,13 @@ def fetch_signals(objective, params, policy, teacher, batch, recipe: DistillReci
     then scored on it."""
     student = policy.module.model if hasattr(policy, "module") else policy.model
     k = getattr(params, "k", recipe.scoring.diagnostics_k)
-    score = dict(chunk_tokens=recipe.scoring.chunk_tokens, matmul_dtype=runtime.matmul_dtype)
+    temperature = recipe.rollout.temperature if recipe.scoring.at_rollout_temperature else 1.0
+    score = dict(chunk_tokens=recipe.scoring.chunk_tokens, matmul_dtype=runtime.matmul_dtype, temperature=temperature)
     if teacher.vllm is None:
         with gathered(policy), gathered(teacher.model):
             signals = score_pair(student, teacher.model, batch, k=k, **score)
     else:
-        teach = teacher.vllm.score(batch)
+        teach = teacher.vllm.score(batch)  # at temperature 1 (_check_sizes refuses at_rollout_temperature)
         with gathered(policy):
             old = score_tokens(student, batch, k=k, at_ids_BTJ=teach["topk_ids"], entropy=True, **score)
         signals = {
@@ -237,7 +254,8 @@ class Teacher:
     """The frozen teacher: a local transformers model (`model`) or a vLLM engine (`vllm`)."""
 
     def __init__(self, recipe: DistillRecipe, runtime: Runtime, student_tokenizer):
-        dtype = torch.bfloat16 if runtime.matmul_dtype == torch.bfloat16 else torch.float32
+        bf16 = runtime.matmul_dtype == torch.bfloat16 or recipe.train.precision == "bf16-pure"
+        dtype = torch.bfloat16 if bf16 else torch.float32
         model, tokenizer = load_policy(recipe.teacher, "teacher", recipe.seed + 1, "cpu", dtype=dtype)
         if not same_vocabulary(tokenizer, student_tokenizer) or (
             model.get_output_embeddings().weight.shape[0] < len(student_tokenizer)
@@ -287,16 +305,44 @@ def _single_token_ids(tokenizer, tokens: list[str], recipe_path) -> list[int]:
 
 def _load_prompts(recipe: DistillRecipe, tokenizer) -> list[list[int]]:
     cfg = recipe.prompts
-    rows = load_rows(cfg.source, cfg.split, cfg.synthetic, cfg.max_examples, "prompts.source")
+    rows = load_rows(cfg.source, cfg.split, cfg.synthetic, cfg.max_examples, "prompts.source",
+                     dedupe_field=cfg.prompt_field if cfg.dedupe else None)
     if rows and cfg.prompt_field not in rows[0]:
         raise UserError(f"recipe key 'prompts.prompt_field': the data has no field {cfg.prompt_field!r}; "
                         f"fields: {', '.join(rows[0])}")
-    prompts = [render_prompt(tokenizer, row[cfg.prompt_field], cfg.system_prompt) for row in rows]
+    template = None
+    if cfg.template is not None:
+        try:
+            template = resolve_template(cfg.template)
+        except ValueError as err:
+            raise UserError(f"recipe key 'prompts.template' {err}") from None
+    prompts = [render_prompt(tokenizer, prompt_of(row[cfg.prompt_field], cfg.clean, template, index), cfg.system_prompt)
+               for index, row in enumerate(rows)]
     prompts = [p for p in prompts if len(p) <= cfg.max_prompt_length]
     if len(prompts) < recipe.rollout.prompts_per_step:
         raise UserError(f"recipe key 'rollout.prompts_per_step': only {len(prompts)} prompts fit "
                         f"prompts.max_prompt_length={cfg.max_prompt_length}")
     return prompts
+
+
+def prompt_of(value, clean: str, template: str | None, index: int):
+    """The user turn for one row: unchanged without cleaning or template; else the question
+    text (the first user message of a message list, as the LSM authors' script reads DAPO's
+    `prompt`), cleaned, then formatted into the template."""
+    if clean == "none" and template is None:
+        return value
+    question = value
+    if isinstance(value, list):
+        users = [m for m in value if isinstance(m, dict) and m.get("role") == "user"]
+        if not users:
+            raise UserError(f"recipe key 'prompts.prompt_field': row {index}'s message list has no user turn")
+        question = users[0].get("content", "")
+    question = str(question)
+    if clean == "dapo-instructions":
+        question = clean_dapo_instructions(question)
+        if not question:
+            raise UserError(f"recipe key 'prompts.clean': row {index} is empty once its instruction lines are dropped")
+    return template.format(question=question) if template is not None else question
 
 
 def _prompts_for_step(prompts, recipe: DistillRecipe, runtime, step) -> list[list[int]]:
@@ -308,6 +354,17 @@ def _prompts_for_step(prompts, recipe: DistillRecipe, runtime, step) -> list[lis
 
 
 def _check_sizes(recipe: DistillRecipe, runtime, recipe_path) -> None:
+    if recipe.prompts.template is not None:
+        try:
+            resolve_template(recipe.prompts.template)
+        except ValueError as err:
+            raise UserError(f"{recipe_path}: key 'prompts.template' {err}") from None
+    if recipe.scoring.at_rollout_temperature and recipe.rollout.temperature == 0:
+        raise UserError(f"{recipe_path}: key 'scoring.at_rollout_temperature': rollout.temperature is 0 (greedy); "
+                        "log-probs at temperature 0 are undefined")
+    if recipe.scoring.at_rollout_temperature and recipe.scoring.backend == "vllm":
+        raise UserError(f"{recipe_path}: key 'scoring.at_rollout_temperature': the vllm scoring backend returns "
+                        "log-probs at temperature 1 only; use scoring.backend: hf")
     rollouts = recipe.rollout.prompts_per_step * recipe.rollout.samples_per_prompt
     if recipe.rollout.prompts_per_step % runtime.world_size:
         raise UserError(f"{recipe_path}: key 'rollout.prompts_per_step' ({recipe.rollout.prompts_per_step}) must be "

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from posttrain.config import ModelConfig, dump_yaml
+from posttrain.losses.aggregation import GlobalCounts
 from posttrain.models import load_policy
 from posttrain.progress import console
 from posttrain.runfolder import (
@@ -68,3 +69,23 @@ def optimizer_step(policy, optimizer, scheduler, runtime: Runtime, grad_clip: fl
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
+
+
+def global_counts(loss_masks: list[torch.Tensor], runtime: Runtime) -> GlobalCounts:
+    """Sizes of the global batch for loss aggregation: this process's micro-batch masks, summed
+    over all processes."""
+    totals = runtime.sum_across_ranks({
+        "tokens": float(sum(int(m.sum()) for m in loss_masks)),
+        "sequences": float(sum(m.shape[0] for m in loss_masks)),
+        "micro_batches": float(len(loss_masks)),
+    })
+    return GlobalCounts(tokens=int(totals["tokens"]), sequences=int(totals["sequences"]),
+                        micro_batches=int(totals["micro_batches"]))
+
+
+def apply_precision(model, precision: str) -> None:
+    """train.precision: bf16-pure keeps the trained weights (hence gradients and AdamW state) in
+    bf16, as the DFT authors' run does (model_dtype=bf16); the other modes keep fp32 weights."""
+    if precision == "bf16-pure":
+        model.to(torch.bfloat16)
+        console.print("precision bf16-pure: weights, gradients and AdamW state in bf16", highlight=False)

@@ -19,7 +19,7 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
     """Multiplier of cfg.lr at optimizer step `step` (0-based)."""
     warmup = int(cfg.warmup_ratio * total_steps)
     if step < warmup:
-        return (step + 1) / warmup
+        return (step if cfg.warmup_starts_at_zero else step + 1) / warmup
     if cfg.schedule == "constant":
         return 1.0
     progress = (step - warmup) / max(1, total_steps - warmup)

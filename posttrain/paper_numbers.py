@@ -17,7 +17,8 @@ SOURCES = {
     LSM_TABLE: "LSM paper (arXiv 2603.25562) single-task math table: Qwen2.5-7B-Instruct student, OpenThinker3-7B "
                "teacher, average of MATH500 / AIME24 / AIME25 / Minerva / Olympiad",
     LSM_ABLATION: "LSM paper (arXiv 2603.25562) ablations: no renormalisation collapses within ~100 steps; "
-                  "student top-K support 41.7 → 28.4 on multi-task math",
+                  "student top-K support is competitive with teacher top-K single-task and drops 41.7 → 28.4 only "
+                  "on multi-task math; OPD + top-p and top-K without top-p appear only in the AIME24 avg@32 ablation",
 }
 
 
@@ -38,20 +39,26 @@ def offline_paper_row(role: str, objective: str | None = None, params: dict | No
 
 
 def distill_paper_row(role: str, objective: str | None = None, params: dict | None = None,
-                      masked: bool = False) -> tuple[str, str]:
-    """(paper value, source) for a row of the distillation table. role: 'student', 'teacher', 'distilled'."""
+                      masked: bool = False, top_p: float = 1.0) -> tuple[str, str]:
+    """(paper value, source) for a row of the distillation table. role: 'student', 'teacher', 'distilled'.
+    `top_p` is the run's rollout top-p: the official OPD baseline (and OPD + mask) sample with
+    top-p 1.0 and LSM with 0.9; the other pairings are the paper's ablations."""
     params = params or {}
     if role == "student":
         return "28.2", LSM_TABLE
     if role == "teacher":
         return "56.0", LSM_TABLE
     if objective == "opd":
+        if top_p < 1.0:
+            return "OPD + top-p: no single-task number (AIME24 ablation only)", LSM_ABLATION
         return ("40.7", LSM_TABLE) if masked else ("36.4", LSM_TABLE)
     if objective == "lsm":
         if not params.get("renormalize", True):
             return "collapses within ~100 steps", LSM_ABLATION
         if params.get("support") == "student":
-            return "41.7 → 28.4 (multi-task math)", LSM_ABLATION
+            return "competitive with teacher top-K single-task (41.7 → 28.4 only multi-task)", LSM_ABLATION
+        if top_p >= 1.0:
+            return "top-K without top-p: no single-task number (AIME24 ablation only)", LSM_ABLATION
         if params.get("add_sampled_token"):
             return "reported as an ablation (no single number)", LSM_ABLATION
         return ("41.5", LSM_TABLE) if masked else ("41.7", LSM_TABLE)

@@ -26,13 +26,17 @@ class PolicyLoss(torch.nn.Module):
         # this forward, which is where the chunked head engine reads it.
         return getattr(self.model, "_no_split_modules", None)
 
-    def forward(self, batch, objective, params, *, chunk_tokens=None, generator=None, matmul_dtype=None, stats=None):
-        """Σ_t ℓ_t over the batch's loss positions (B×T tensors; loss_mask picks positions)."""
+    def forward(self, batch, objective, params, *, chunk_tokens=None, generator=None, matmul_dtype=None, stats=None,
+                temperature: float = 1.0):
+        """Σ_t w_t ℓ_t over the batch's loss positions (B×T tensors; loss_mask picks positions,
+        batch["loss_weight"] holds the aggregation weights w_t). temperature ≠ 1 scores the
+        student at logits / temperature (dividing h divides h Wᵀ, and autograd carries the 1/T)."""
         decoder, weight_VH = decoder_and_head(self.model)
         hidden_BTH = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         mask_BT = batch["loss_mask"]
         inputs = {k: v[mask_BT] for k, v in batch.items() if k not in NOT_PER_TOKEN}
+        hidden_NH = hidden_BTH[mask_BT] if temperature == 1.0 else hidden_BTH[mask_BT] / temperature
         return head_loss(
-            hidden_BTH[mask_BT], weight_VH, objective, params, inputs,
+            hidden_NH, weight_VH, objective, params, inputs,
             chunk_tokens=chunk_tokens, generator=generator, matmul_dtype=matmul_dtype, stats=stats,
         )

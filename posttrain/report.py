@@ -103,9 +103,11 @@ def report(paths: list[Path], out: Path, with_papers: bool = True) -> dict:
         rows = [(label, [run], distill_paper_row(role)) for label, run, role in
                 (("student (init)", student, "student"), ("teacher", teacher, "teacher")) if run is not None]
         for variant, group in _variants(distilled):
+            # the paper row follows the run's own settings (config.yaml), never its name
             masked = bool(group[0].config["train"].get("mask_first_tokens"))
             objective = group[0].config["objective"]
-            rows.append((variant, group, distill_paper_row("distilled", objective["name"], objective, masked)))
+            top_p = float((group[0].config.get("rollout") or {}).get("top_p", 1.0))
+            rows.append((variant, group, distill_paper_row("distilled", objective["name"], objective, masked, top_p)))
         sections.append(_table("On-policy distillation from one student (shaped like the LSM paper's single-task table)",
                                rows, benchmarks, "paper: 7B student, math average", with_papers, summary, "distill",
                                extra=_distill_extras))

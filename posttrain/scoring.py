@@ -14,11 +14,13 @@ from posttrain.models import decoder_and_head
 
 
 @torch.no_grad()
-def hidden_at_loss_positions(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(final hidden states at the loss positions [N, H], the LM-head weight [V, H])."""
+def hidden_at_loss_positions(model, batch, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(final hidden states at the loss positions [N, H], the LM-head weight [V, H]); with a
+    temperature the hidden states are divided by it, so h Wᵀ are the logits / temperature."""
     decoder, weight_VH = decoder_and_head(model)
     hidden_BTH = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    return hidden_BTH[batch["loss_mask"]], weight_VH
+    hidden_NH = hidden_BTH[batch["loss_mask"]]
+    return (hidden_NH if temperature == 1.0 else hidden_NH / temperature), weight_VH
 
 
 def _chunk_logprobs(hidden_cH, weight_VH, vocab: int, matmul_dtype) -> torch.Tensor:
@@ -28,8 +30,9 @@ def _chunk_logprobs(hidden_cH, weight_VH, vocab: int, matmul_dtype) -> torch.Ten
 
 @torch.no_grad()
 def score_tokens(model, batch: dict, *, k: int = 0, at_ids_BTJ: torch.Tensor | None = None, entropy: bool = False,
-                 chunk_tokens: int = 1024, matmul_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    hidden_NH, weight_VH = hidden_at_loss_positions(model, batch)
+                 chunk_tokens: int = 1024, matmul_dtype: torch.dtype | None = None,
+                 temperature: float = 1.0) -> dict[str, torch.Tensor]:
+    hidden_NH, weight_VH = hidden_at_loss_positions(model, batch, temperature)
     mask_BT = batch["loss_mask"]
     targets_N = batch["target_ids"][mask_BT]
     at_ids_NJ = at_ids_BTJ[mask_BT] if at_ids_BTJ is not None else None
@@ -51,13 +54,13 @@ def score_tokens(model, batch: dict, *, k: int = 0, at_ids_BTJ: torch.Tensor | N
 
 @torch.no_grad()
 def score_pair(student, teacher, batch: dict, *, k: int, chunk_tokens: int = 1024,
-               matmul_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+               matmul_dtype: torch.dtype | None = None, temperature: float = 1.0) -> dict[str, torch.Tensor]:
     """Student (π_old) and teacher in one chunked pass over the loss positions: both models'
     log-probs of the sampled token, both top-K supports with each model's log-probs on the
     other's, the student's entropy, and the exact per-position reverse KL Σ_v π(v)(log π − log q).
     (Padded vocabulary rows beyond the smaller head are ignored; they are never real tokens.)"""
-    hidden_s, weight_s = hidden_at_loss_positions(student, batch)
-    hidden_t, weight_t = hidden_at_loss_positions(teacher, batch)
+    hidden_s, weight_s = hidden_at_loss_positions(student, batch, temperature)
+    hidden_t, weight_t = hidden_at_loss_positions(teacher, batch, temperature)
     vocab = min(weight_s.shape[0], weight_t.shape[0])
     mask_BT = batch["loss_mask"]
     targets_N = batch["target_ids"][mask_BT]

@@ -1,9 +1,10 @@
 """`posttrain train`: offline objectives (SFT, DFT, OTR) on demonstrations.
 
 Read top to bottom: load → data → optimizer → (resume) → steps → checkpoints. One optimizer step
-takes `batch_size` examples (over all processes), runs them as micro-batches, and normalises
-every micro-batch's loss sum by the step's total number of response tokens, so any split into
-micro-batches or processes gives the same update.
+takes `batch_size` examples (over all processes), runs them as micro-batches, and weights every
+token's loss by the recipe's aggregation (train.loss_aggregation; the default token-mean divides
+by the step's total number of response tokens), so any split into micro-batches or processes
+gives the same update for every mode defined independently of the split.
 """
 
 from __future__ import annotations
@@ -19,15 +20,17 @@ import torch
 from posttrain.config import TrainRecipe
 from posttrain.data.sft import build_examples, collate, epoch_order, load_rows, micro_batches
 from posttrain.errors import UserError
-from posttrain.losses import OBJECTIVES, normalise
+from posttrain.losses import OBJECTIVES
+from posttrain.losses.aggregation import micro_batch_aggregation, top_entropy_mask
+from posttrain.losses.engine import head_entropy
 from posttrain.optim import build_scheduler
 from posttrain.progress import StepProgress, summary_table
-from posttrain.loop import open_logs, open_run, optimizer_step, save_final
+from posttrain.loop import apply_precision, global_counts, open_logs, open_run, optimizer_step, save_final
 from posttrain.runfolder import load_trainer_state, save_checkpoint, write_text_atomic
 from posttrain.runtime import Runtime, make_runtime
 from posttrain.memory import check_memory, training_memory
 from posttrain.scale import gathered, wrap_for_training
-from posttrain.scoring import score_tokens
+from posttrain.scoring import hidden_at_loss_positions, score_tokens
 
 
 def train(recipe: TrainRecipe, *, resume: bool = False, recipe_path: str = "recipe") -> Path:
@@ -37,6 +40,7 @@ def train(recipe: TrainRecipe, *, resume: bool = False, recipe_path: str = "reci
                         "run it with `posttrain distill`")
     runtime = make_runtime(recipe.train.precision, recipe.train.parallel)
     run_dir, checkpoint, model, tokenizer = open_run(recipe, "model", runtime, resume)
+    apply_precision(model, recipe.train.precision)
     check_memory(training_memory(
         model, tokens_per_micro_batch=recipe.train.micro_batch_tokens or recipe.train.micro_batch_size * recipe.data.max_length,
         bf16=runtime.matmul_dtype is not None, gradient_checkpointing=recipe.train.gradient_checkpointing,
@@ -96,35 +100,63 @@ def train(recipe: TrainRecipe, *, resume: bool = False, recipe_path: str = "reci
 
 
 def train_step(policy, optimizer, scheduler, runtime: Runtime, recipe: TrainRecipe, step: int, step_examples, pad_id) -> dict:
-    """One optimizer step over `step_examples` (the whole global batch); returns its metrics."""
+    """One optimizer step over `step_examples` (the whole global batch); returns its metrics.
+
+    Each micro-batch's tokens carry their aggregation weights (train.loss_aggregation), computed
+    from the sizes of the whole global batch, so the step's loss is the recipe's aggregate
+    whatever the split."""
     objective = OBJECTIVES[recipe.objective.name]
     started = time.time()
-    global_tokens = sum(ex.loss_tokens for ex in step_examples)  # every rank sees the whole batch
+    response_tokens = sum(ex.loss_tokens for ex in step_examples)  # every rank sees the whole batch
     local = step_examples[runtime.rank :: runtime.world_size]
-    batches = micro_batches(local, recipe.train.micro_batch_size, recipe.train.micro_batch_tokens)
-    stats, loss_sum_total, seen_tokens = {}, 0.0, 0
-    for i, examples in enumerate(batches):
-        batch = {k: v.to(runtime.device) for k, v in collate(examples, pad_id).items()}
+    batches = [collate(group, pad_id) for group in micro_batches(local, recipe.train.micro_batch_size,
+                                                                 recipe.train.micro_batch_tokens)]
+    if recipe.train.entropy_top_ratio is not None:
+        for batch in batches:
+            batch["loss_mask"] = _top_entropy_loss_mask(policy, batch, recipe, runtime)
+    counts = global_counts([b["loss_mask"] for b in batches], runtime)
+    stats, loss_total, seen_tokens = {}, 0.0, 0
+    for i, batch in enumerate(batches):
+        weights, divisor = micro_batch_aggregation(recipe.train.loss_aggregation, batch["loss_mask"], counts)
+        if weights is not None:
+            batch["loss_weight"] = weights
+        batch = {k: v.to(runtime.device) for k, v in batch.items()}
         generator = torch.Generator(device=runtime.device).manual_seed(_micro_batch_seed(recipe.seed, step, runtime.rank, i))
         last = i == len(batches) - 1
         # Gradients are all-reduced once, on the last micro-batch.
         with nullcontext() if last else runtime.accelerator.no_sync(policy):
-            loss_sum = policy(batch, objective, recipe.objective.params, chunk_tokens=recipe.train.head_chunk_tokens,
-                              generator=generator, matmul_dtype=runtime.matmul_dtype, stats=stats)
+            weighted_loss = policy(batch, objective, recipe.objective.params, chunk_tokens=recipe.train.head_chunk_tokens,
+                                   generator=generator, matmul_dtype=runtime.matmul_dtype, stats=stats) / divisor
             # DDP/FSDP average gradients over processes; × world_size turns that into the sum.
-            runtime.accelerator.backward(normalise(loss_sum, global_tokens) * runtime.world_size)
-        loss_sum_total += loss_sum.item()
+            runtime.accelerator.backward(weighted_loss * runtime.world_size)
+        loss_total += weighted_loss.item()
         seen_tokens += int(batch["attention_mask"].sum())
     lr = scheduler.get_last_lr()[0]
     grad_norm = optimizer_step(policy, optimizer, scheduler, runtime, recipe.optim.grad_clip)
-    totals = runtime.sum_across_ranks({"loss_sum": loss_sum_total, "seen_tokens": seen_tokens,
+    totals = runtime.sum_across_ranks({"loss": loss_total, "seen_tokens": seen_tokens,
                                        **{k: float(v) for k, v in stats.items()}})
     seconds = time.time() - started
-    row = {"loss": totals.pop("loss_sum") / max(global_tokens, 1), "lr": lr, "grad_norm": grad_norm,
-           "response_tokens": global_tokens, "tokens_per_s": totals.pop("seen_tokens") / seconds, "step_seconds": seconds}
+    row = {"loss": totals.pop("loss"), "lr": lr, "grad_norm": grad_norm,
+           "response_tokens": response_tokens, "tokens_per_s": totals.pop("seen_tokens") / seconds, "step_seconds": seconds}
+    if recipe.train.entropy_top_ratio is not None:
+        row["trained_tokens"] = counts.tokens
     tokens = max(totals.pop("tokens", 0.0), 1.0)
     row.update({k: v / tokens for k, v in totals.items()})  # per-token means of the objective's stats
     return row
+
+
+def _top_entropy_loss_mask(policy, batch, recipe: TrainRecipe, runtime: Runtime) -> torch.Tensor:
+    """train.entropy_top_ratio: the loss mask cut to each response's highest-entropy tokens under
+    the current weights (a no-grad pre-pass; the head's entropy comes from the chunked engine)."""
+    model = policy.module.model if hasattr(policy, "module") else policy.model
+    on_device = {k: v.to(runtime.device) for k, v in batch.items()}
+    with torch.no_grad(), runtime.accelerator.autocast(), gathered(policy):
+        hidden_NH, weight_VH = hidden_at_loss_positions(model, on_device)
+        entropy_N = head_entropy(hidden_NH, weight_VH, chunk_tokens=recipe.train.head_chunk_tokens,
+                                 matmul_dtype=runtime.matmul_dtype)
+    entropy_BT = torch.zeros(batch["loss_mask"].shape, dtype=entropy_N.dtype)
+    entropy_BT[batch["loss_mask"]] = entropy_N.cpu()
+    return top_entropy_mask(entropy_BT, batch["loss_mask"], recipe.train.entropy_top_ratio)
 
 
 TOKEN_PROBE_EXAMPLES = 256

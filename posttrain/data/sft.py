@@ -8,6 +8,8 @@ response tokens (EOS included) are trained on.
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,10 +33,17 @@ class Example:
         return len(self.token_ids)
 
 
-def load_rows(source: str, split: str, synthetic_cfg: SyntheticConfig, max_examples: int | None, key: str) -> list[dict]:
-    """Rows (dicts) from the synthetic task, local json/jsonl/parquet files, or a Hub dataset."""
+def load_rows(source: str, split: str, synthetic_cfg: SyntheticConfig, max_examples: int | None, key: str,
+              dedupe_field: str | None = None) -> list[dict]:
+    """Rows (dicts) from the synthetic task, local json/jsonl/parquet files, or a Hub dataset.
+    With `dedupe_field`, only the first row of each distinct value of that field is kept (before
+    max_examples), found by hashing the field alone, so the full table is never turned into dicts."""
     if source == "synthetic":
         rows = synthetic.make_rows(synthetic_cfg.split, synthetic_cfg.num_examples, synthetic_cfg.seed)
+        if dedupe_field:
+            _check_field(rows[0] if rows else {}, dedupe_field, key)
+            keep = first_occurrences(row[dedupe_field] for row in rows)
+            rows = [rows[i] for i in keep]
         return rows[:max_examples] if max_examples else rows
     import datasets
 
@@ -54,9 +63,33 @@ def load_rows(source: str, split: str, synthetic_cfg: SyntheticConfig, max_examp
         raise
     except Exception as err:  # datasets raises many types for a missing/unreachable dataset
         raise UserError(f"recipe key '{key}': cannot load {source!r}: {str(err).splitlines()[0]}") from None
+    if dedupe_field:
+        _check_field(dict.fromkeys(table.column_names), dedupe_field, key)
+        column = table.select_columns([dedupe_field])
+        values = (value for chunk in column.iter(batch_size=8192) for value in chunk[dedupe_field])
+        table = table.select(first_occurrences(values))
     if max_examples:
         table = table.select(range(min(max_examples, len(table))))
     return list(table)
+
+
+def first_occurrences(values) -> list[int]:
+    """Indices of the first occurrence of each distinct value (compared by a 128-bit hash of its
+    canonical JSON, so memory grows with the distinct values only, 16 bytes each)."""
+    seen, keep = set(), []
+    for index, value in enumerate(values):
+        digest = hashlib.blake2b(json.dumps(value, sort_keys=True, ensure_ascii=False, default=str).encode(),
+                                 digest_size=16).digest()
+        if digest not in seen:
+            seen.add(digest)
+            keep.append(index)
+    return keep
+
+
+def _check_field(row: dict, name: str, key: str) -> None:
+    if name not in row:
+        raise UserError(f"recipe key '{key.split('.')[0]}.prompt_field': the data has no field {name!r}; "
+                        f"fields: {', '.join(row)}")
 
 
 def render_prompt(tokenizer, prompt, system_prompt: str | None) -> list[int]:
@@ -87,7 +120,8 @@ def build_examples(rows: list[dict], tokenizer, cfg: DataConfig, key: str = "dat
     examples, truncated, dropped = [], 0, 0
     for row in rows:
         prompt_ids = render_prompt(tokenizer, row[cfg.prompt_field], cfg.system_prompt)
-        response_ids = tokenizer(str(row[cfg.response_field]), add_special_tokens=False)["input_ids"]
+        response = response_text(row[cfg.response_field], cfg.response_role, f"{key}.response_field")
+        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
         token_ids = prompt_ids + response_ids + [tokenizer.eos_token_id]
         if len(prompt_ids) >= cfg.max_length:
             dropped += 1
@@ -99,6 +133,19 @@ def build_examples(rows: list[dict], tokenizer, cfg: DataConfig, key: str = "dat
     if not examples:
         raise UserError(f"recipe key '{key}': no usable examples (all {len(rows)} prompts exceed max_length)")
     return examples, {"examples": len(examples), "truncated": truncated, "dropped": dropped}
+
+
+def response_text(value, role: str, key: str) -> str:
+    """The response: a string as is, or from a list of chat messages (OpenR1-Math-220k's
+    `messages`) the content of the last message with `role` (data.response_role)."""
+    if not isinstance(value, list):
+        return str(value)
+    turns = [m for m in value if isinstance(m, dict) and m.get("role") == role]
+    if not turns:
+        roles = sorted({str(m.get("role")) for m in value if isinstance(m, dict)})
+        raise UserError(f"recipe key '{key}': a row's message list has no {role!r} turn (roles: {', '.join(roles) or 'none'}); "
+                        "set data.response_role")
+    return str(turns[-1].get("content", ""))
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

@@ -6,3 +6,45 @@ LSM_MATH_TEMPLATE = (
     "correct answer. You must conduct reasoning inside <think> and </think> and give the final answer within "
     "\\boxed{{}}.\n"
 )
+
+# ----------------------------------------------------------------------------------------------
+# Recipe keys `prompts.template` (a name below, or a format string with {question}) and
+# `prompts.clean` (field cleaning before the template).
+
+TEMPLATES = {"lsm-math": LSM_MATH_TEMPLATE}
+
+# DAPO-Math-17k's instruction lines, as the LSM authors' data script (examples/data_preprocess/
+# math_opd_process.py, clean_prompt) drops them: any line whose stripped text starts with one of these.
+DAPO_INSTRUCTION_PREFIXES = (
+    "Solve the following math problem",
+    "The last line of your response should be of the form",
+    "Remember to put your answer on its own line",
+    "$Answer (without quotes) where $Answer",
+)
+
+
+def clean_dapo_instructions(text: str) -> str:
+    """The bare question: DAPO's instruction lines and all blank lines dropped, trailing spaces
+    of the kept lines removed, the result stripped (what clean_prompt in the official script does)."""
+    kept = []
+    for line in text.strip().splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith(DAPO_INSTRUCTION_PREFIXES):
+            continue
+        kept.append(line.rstrip())
+    return "\n".join(kept).strip()
+
+
+def resolve_template(template: str) -> str:
+    """A template name's text, or the string itself if it is a format string with {question}.
+    Raises ValueError naming what is allowed."""
+    if template in TEMPLATES:
+        return TEMPLATES[template]
+    if "{question}" not in template:
+        raise ValueError(f"must be one of: {', '.join(TEMPLATES)}, or a format string containing {{question}}; "
+                         f"got {template!r}")
+    try:
+        template.format(question="")
+    except (KeyError, IndexError, ValueError) as err:
+        raise ValueError(f"is not a valid format string ({err}); write a literal brace as {{{{ or }}}}") from None
+    return template

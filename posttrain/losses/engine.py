@@ -28,6 +28,7 @@ import torch
 
 from posttrain.losses.objective import Objective
 
+LOSS_WEIGHT = "loss_weight"  # per-token input: the aggregation weight w_t (losses/aggregation.py)
 HEAD_BUFFER_BYTES = 160 * 2**20  # default memory budget of the per-chunk buffer (see README: chunk size)
 SCRATCH_ROWS = 16  # rows per block of the softmax-statistics / sampling scratch buffer
 
@@ -132,6 +133,29 @@ def _run(hidden_NH, weight_VH, plan: _Plan, need_weight_grad: bool):
     return loss_sum.to(hidden_NH.dtype if hidden_NH.dtype == torch.float64 else torch.float32), grad_hidden, grad_weight
 
 
+@torch.no_grad()
+def head_entropy(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, *, chunk_tokens: int | None = None,
+                 matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Entropy of softmax(h Wᵀ) for each of the N rows, [N] fp32, no gradient: the same chunked
+    logits buffer and softmax statistics as the loss pass, so nothing of size [N, V] exists."""
+    n_tokens, hidden_size = hidden_NH.shape
+    vocab = weight_VH.shape[0]
+    acc_dtype = torch.float64 if hidden_NH.dtype == torch.float64 else torch.float32
+    weight_mm = weight_VH.detach().to(matmul_dtype or weight_VH.dtype)
+    entropy_N = torch.empty(n_tokens, dtype=acc_dtype, device=hidden_NH.device)
+    if n_tokens == 0:
+        return entropy_N
+    chunk = _chunk_size(chunk_tokens, n_tokens, vocab, hidden_size, None, True)
+    logits_buf = torch.empty(chunk, vocab, dtype=acc_dtype, device=hidden_NH.device)
+    scratch_buf = torch.empty(min(SCRATCH_ROWS, chunk), vocab, dtype=acc_dtype, device=hidden_NH.device)
+    for start in range(0, n_tokens, chunk):
+        end = min(start + chunk, n_tokens)
+        z_cV = logits_buf[: end - start]
+        _matmul_into(z_cV, hidden_NH[start:end].detach().to(weight_mm.dtype), weight_mm.t())
+        entropy_N[start:end] = _softmax_stats(z_cV, scratch_buf)[1]
+    return entropy_N
+
+
 def _chunk_size(requested, n_tokens, vocab, hidden_size, params, dense) -> int:
     if requested:
         return max(1, min(requested, n_tokens))
@@ -201,10 +225,14 @@ def _support_chunk(h_cH, weight_mm, plan, inputs_c, grad_hidden_cH, grad_weight)
 
 
 def _loss_and_score_grad(objective, params, scores_cJ, targets_cJ, inputs_c):
-    """The objective's loss on the small score tensor, and ∂ℓ/∂scores by autograd."""
+    """The objective's loss on the small score tensor, times each token's aggregation weight
+    (LOSS_WEIGHT, when given: the one place every objective is aggregated), and ∂/∂scores by
+    autograd. Stats stay unweighted."""
     with torch.enable_grad():
         scores = scores_cJ.detach().requires_grad_(True)
         loss_c, stats_c = objective.token_loss(params, scores, targets_cJ, inputs_c)
+        if LOSS_WEIGHT in inputs_c:
+            loss_c = loss_c * inputs_c[LOSS_WEIGHT].to(loss_c.dtype)
         (d_cJ,) = torch.autograd.grad(loss_c.sum(), scores)
     return loss_c.detach(), {k: v.detach() for k, v in stats_c.items()}, d_cJ
 

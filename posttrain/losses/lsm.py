@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 
-from posttrain.config import PositiveInt
+from posttrain.config import PositiveFloat, PositiveInt
 from posttrain.losses.objective import STUDENT_TOPK, TEACHER_TOKEN, TEACHER_TOPK, Objective
 
 _MASKED = -1e30  # finite stand-in for −inf: exp gives 0 and differences stay finite (no NaN grads)
@@ -30,6 +30,9 @@ class Params:
     renormalize: bool = True
     support: Literal["teacher", "student"] = "teacher"
     add_sampled_token: bool = False
+    # The LSM authors' clip_log_ratio: each log π̂(v) − log q̂(v) in the loss clamped to [−c, c]
+    # (their code's c is 5.0 when the flag is on; their scripts leave it off). null: no clamp.
+    clip_log_ratio: PositiveFloat | None = None
 
 
 def needs(params):
@@ -71,12 +74,21 @@ def token_loss(params, scores_CK, ids_CK, inputs):
         # scores are raw logits (or full log-probs: the renormalisation makes them equivalent)
         logp_hat_CK = scores_CK.log_softmax(dim=1)
         logq_hat_CK = logq_CK.log_softmax(dim=1)
-        loss_C = (logp_hat_CK.exp() * (logp_hat_CK - logq_hat_CK)).sum(dim=1)
+        loss_C = (logp_hat_CK.exp() * _log_ratio(params, logp_hat_CK, logq_hat_CK)).sum(dim=1)
     else:
         # scores are full-vocabulary log-probs: the truncated, unnormalised reverse KL
-        loss_C = (scores_CK.exp() * (scores_CK - logq_CK)).sum(dim=1)
+        loss_C = (scores_CK.exp() * _log_ratio(params, scores_CK, logq_CK)).sum(dim=1)
         stats["student_mass"] = scores_CK.exp().sum(dim=1)
     return loss_C, stats
+
+
+def _log_ratio(params, logp_CK, logq_CK):
+    ratio_CK = logp_CK - logq_CK
+    if params.clip_log_ratio is None:
+        return ratio_CK
+    # clamp's gradient is zero outside [−c, c]; the π̂ factor in front still carries one. The
+    # masked slots (−1e30 on both sides) have a ratio of 0 and weight π̂ = 0, so they stay inert.
+    return ratio_CK.clamp(-params.clip_log_ratio, params.clip_log_ratio)
 
 
 OBJECTIVE = Objective(

@@ -14,7 +14,7 @@ from typing import Annotated
 
 import torch
 
-from posttrain.config import Bounds, NonNegativeFloat, OpenFraction, Probability
+from posttrain.config import Bounds, NonNegativeFloat, OpenFraction, PositiveFloat, Probability
 from posttrain.losses.objective import OLD_LOGPROB, TEACHER_TOKEN, Objective
 
 
@@ -25,6 +25,9 @@ class Params:
     clip_high: NonNegativeFloat = 0.2
     dual_clip: Annotated[float, Bounds(low=1, low_open=True)] | None = 3.0  # c > 1; null: no dual clip
     discount: Probability = 0.0  # γ for the reward-to-go
+    # The LSM authors' clip_log_ratio: the reward log q − log π_old clamped to [−c, c] (their
+    # code's c is 5.0 when the flag is on; it is off in their OPD scripts). null: no clamp.
+    clip_log_ratio: PositiveFloat | None = None
 
 
 def needs(params):
@@ -33,7 +36,10 @@ def needs(params):
 
 def prepare(params, batch):
     mask_BT = batch["loss_mask"].to(batch["old_logprob"].dtype)
-    reward_BT = (batch["teacher_token_logprob"] - batch["old_logprob"]) * mask_BT
+    reward_BT = batch["teacher_token_logprob"] - batch["old_logprob"]
+    if params.clip_log_ratio is not None:
+        reward_BT = reward_BT.clamp(-params.clip_log_ratio, params.clip_log_ratio)
+    reward_BT = reward_BT * mask_BT
     return {"reward": reward_BT, "advantage": reward_to_go(reward_BT, params.discount)}
 
 
