@@ -20,7 +20,7 @@ from posttrain.eval.code_sandbox import CodeSandbox, assemble_program
 from posttrain.eval.sandbox_wire import WireError, decode, encode
 from tests.helpers import REPO, run_cli
 
-DATA = REPO.parent / "shared" / "benchmarks"
+DATA = Path(os.environ.get("POSTTRAIN_BENCHMARKS", REPO.parent / "shared" / "benchmarks"))
 HUMANEVAL = DATA / "humaneval.jsonl.gz"
 needs_data = pytest.mark.skipif(not HUMANEVAL.is_file(), reason="../shared/benchmarks is not beside the checkout")
 needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed (make test installs it as root)")
@@ -87,6 +87,8 @@ HONEST = r'''```python
 import glob, pathlib, zlib, json, tempfile, threading, sys, os
 def f(n, items):
     """Honest code: stdlib imports, files in its own tmp, a thread, deep recursion, memory, prints."""
+    if not isinstance(n, int):
+        raise TypeError("n must be an int")
     print("working on", n, file=sys.stderr)
     print("x" * 50_000)
     path = pathlib.Path(tempfile.gettempdir()) / "scratch.txt"
@@ -445,9 +447,12 @@ def leftovers() -> list[str]:
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-            uid = int(next(line for line in open(f"/proc/{pid}/status") if line.startswith("Uid:")).split()[1])
-        except (OSError, StopIteration):
+            status = {k: v.split() for k, _, v in (line.partition(":") for line in open(f"/proc/{pid}/status"))}
+            uid = int(status["Uid"][0])
+        except (OSError, KeyError, IndexError):
             continue
+        if status.get("State", ["?"])[0] == "Z":
+            continue  # exited (bwrap's init, until PID 1 reaps it): no code, memory or files
         if "1234.5" in cmdline or "plain-data wire" in cmdline or uid == 65534 or 61000 <= uid < 61100:
             found.append(f"process {pid} (uid {uid}): {cmdline[:80]!r}")
     for place in ("/tmp", "/dev/shm", "/var/tmp", os.path.expanduser("~"), "/root", "/run", "/work"):

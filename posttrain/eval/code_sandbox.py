@@ -28,6 +28,7 @@ import json
 import os
 import queue
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -125,16 +126,19 @@ class CodeSandbox:
     def _grade(self, program: dict, uid: int, workdir: str | None) -> dict:
         requests_r, requests_w = os.pipe()
         replies_r, replies_w = os.pipe()
+        info_r, info_w = os.pipe() if self.bwrap else (None, None)
         try:
-            sample = subprocess.Popen(self._sample_command(uid), stdin=requests_r, stdout=replies_w,
-                                      stderr=subprocess.PIPE, cwd=workdir or "/", env=self._sample_env(workdir),
-                                      start_new_session=True)
+            popen = subprocess.Popen(self._sample_command(uid, info_w), stdin=requests_r, stdout=replies_w,
+                                     stderr=subprocess.PIPE, cwd=workdir or "/", env=self._sample_env(workdir),
+                                     start_new_session=True, pass_fds=(info_w,) if self.bwrap else ())
+            sample = _Sample(popen, info_r)
             checker = subprocess.Popen([sys.executable, "-I", "-S", "-c", WIRE_SOURCE, "check", str(requests_w),
                                         str(replies_r)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                        stderr=subprocess.PIPE, pass_fds=(requests_w, replies_r), env={"LANG": "C.UTF-8"})
         finally:
-            for fd in (requests_r, requests_w, replies_r, replies_w):
-                os.close(fd)
+            for fd in (requests_r, requests_w, replies_r, replies_w, info_w):
+                if fd is not None:
+                    os.close(fd)
         output = _CappedOutput(sample, self.output_limit)
         job = {**program, "timeout": self.timeout, "call_timeout": self.timeout}
         try:
@@ -143,7 +147,7 @@ class CodeSandbox:
             checker.kill()
             stdout, stderr = checker.communicate()
         finally:
-            _kill_group(sample)
+            sample.stop()  # the checker is gone: a sample that is not busy has ended by now
             output.join()
         verdict = _parse_verdict(stdout, stderr)
         if output.flooded:
@@ -152,18 +156,18 @@ class CodeSandbox:
             verdict["error"] += ": " + output.tail.decode(errors="replace").strip()[-500:]
         return verdict
 
-    def _sample_command(self, uid: int) -> list[str]:
+    def _sample_command(self, uid: int, info_fd: int | None) -> list[str]:
         limits = [str(self.memory_mb * 2**20), str(int(self.timeout) + 1), str(uid), str(int(self.seccomp))]
         serve = [self.python, "-I", "-S", "-c", WIRE_SOURCE, "serve", *limits]
-        return self._bwrap_args() + serve if self.bwrap else serve
+        return self._bwrap_args(info_fd) + serve if self.bwrap else serve
 
     def _sample_env(self, workdir: str | None) -> dict:
         home = workdir or "/tmp"
         return {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8"}
 
-    def _bwrap_args(self) -> list[str]:
+    def _bwrap_args(self, info_fd: int) -> list[str]:
         """Namespaces, and a read-only root with only what the interpreter needs."""
-        args = [self.bwrap, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--die-with-parent",
+        args = [self.bwrap, "--info-fd", str(info_fd), "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--die-with-parent",
                 "--new-session", "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",
                 "--setenv", "TMPDIR", "/tmp", "--setenv", "LANG", "C.UTF-8"]
         if not self.as_root:
@@ -194,28 +198,76 @@ class CodeSandbox:
         return args
 
 
+class _Sample:
+    """The sample's process tree. Under bubblewrap it is stopped by killing its PID namespace's init
+    (the kernel then kills the rest, and bwrap reaps it): killing bwrap itself would leave its
+    child a zombie under a PID 1 that may never reap it."""
+
+    def __init__(self, popen: subprocess.Popen, info_fd: int | None):
+        self.popen, self.info_fd, self.init_pid = popen, info_fd, None
+
+    def kill(self) -> None:
+        if self.info_fd is not None and self.init_pid is None:
+            self.init_pid = _namespace_init(self.info_fd)
+        if self.init_pid:
+            try:
+                os.kill(self.init_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        else:
+            _kill_group(self.popen, wait=False)
+
+    def stop(self) -> None:
+        for wait in (0.5, 2.0):
+            try:
+                self.popen.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                self.kill()
+        _kill_group(self.popen)  # whatever is left in its group (never needed under bubblewrap)
+        if self.info_fd is not None:
+            os.close(self.info_fd)
+            self.info_fd = None
+
+
+def _namespace_init(info_fd: int) -> int | None:
+    """bwrap's --info-fd: {"child-pid": N}, N the PID namespace's init as this namespace sees it."""
+    data = b""
+    while select.select([info_fd], [], [], 2)[0]:
+        chunk = os.read(info_fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+        try:
+            return int(json.loads(data)["child-pid"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
 class _CappedOutput:
     """Reads the sample's stdout+stderr in a thread, keeping the last 2 kB; kills the sample when
     it has written more than `limit` bytes."""
 
-    def __init__(self, sample: subprocess.Popen, limit: int):
+    def __init__(self, sample: _Sample, limit: int):
         self.sample, self.limit, self.total, self.tail, self.flooded = sample, limit, 0, b"", False
+        self.stream = sample.popen.stderr
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
 
     def _read(self) -> None:
-        while chunk := self.sample.stderr.read1(65536):
+        while chunk := self.stream.read1(65536):
             self.total += len(chunk)
             self.tail = (self.tail + chunk)[-2000:]
             if self.total > self.limit and not self.flooded:
                 self.flooded = True
-                _kill_group(self.sample, wait=False)
+                self.sample.kill()
 
     def join(self) -> None:
         # EOF comes when every process holding the pipe is gone; a process that closed it is
         # caught by the PID namespace (bubblewrap) or the uid sweep (root).
         self.thread.join(timeout=5)
-        self.sample.stderr.close()
+        self.stream.close()
 
 
 def _parse_verdict(stdout: bytes, stderr: bytes) -> dict:

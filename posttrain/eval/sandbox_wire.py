@@ -16,6 +16,7 @@ sample defines (an `__eq__` that always says True, a patched builtin) can exist 
 
 import base64
 import builtins
+import ctypes
 import json
 import os
 import select
@@ -201,6 +202,7 @@ def _describe(err):
 def _confine(memory_bytes, cpu_seconds, uid, require_seccomp):
     """Before any sample code: limits, an unprivileged uid (when started as root), seccomp."""
     import resource
+    import threading  # noqa: F401  (imported while the interpreter is surely readable)
 
     limits = [(resource.RLIMIT_AS, memory_bytes), (resource.RLIMIT_CPU, cpu_seconds),
               (resource.RLIMIT_FSIZE, 16 * 2**20), (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)]
@@ -250,15 +252,11 @@ _AARCH64 = (0xC00000B7, dict(clone=220, clone3=435, execve=221, execveat=281, ki
 
 
 def seccomp_arch():
-    import platform
-
-    return {"x86_64": _X86_64, "aarch64": _AARCH64}.get(platform.machine())
+    return {"x86_64": _X86_64, "aarch64": _AARCH64}.get(os.uname().machine)
 
 
 def install_seccomp():
     """A BPF filter: threads yes, processes no; signals only to this process. None if unsupported."""
-    import ctypes
-
     arch = seccomp_arch()
     if arch is None:
         return None
@@ -379,9 +377,9 @@ def check_main(requests, replies):
     try:
         candidate.load(job["solution"], job["entry_point"])
         namespace = {"__name__": "checker"}
-        exec(compile(job["prompt"], "prompt.py", "exec"), namespace)  # helpers the test calls (poly, ...)
+        exec(_compile_prompt(job["prompt"]), namespace)  # helpers the test calls (poly, ...)
         namespace[job["entry_point"]] = candidate  # a test may call the function by its name
-        exec(compile(job["test"], "test.py", "exec"), namespace)
+        exec(_compile_source(job["test"], "test.py"), namespace)
         namespace["check"](candidate)
         verdict["passed"] = candidate.failure is None
         verdict["error"] = candidate.failure
@@ -395,21 +393,35 @@ def check_main(requests, replies):
     os._exit(0)
 
 
+def _compile_prompt(prompt):
+    """The benchmark's prompt (its imports and helper functions), its open stub closed by `pass`."""
+    for source in (prompt, prompt + "    pass\n"):
+        try:
+            return _compile_source(source, "prompt.py")
+        except SyntaxError:
+            continue
+    return compile("", "prompt.py", "exec")
+
+
+def _compile_source(source, filename):
+    import linecache
+
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)  # for error lines
+    return compile(source, filename, "exec")
+
+
 def _test_failure(err):
     """The failing line of the test, e.g. `AssertionError at test.py:12: assert candidate(3) == 5`."""
     import traceback
 
     frames = [f for f in traceback.extract_tb(err.__traceback__) if f.filename == "test.py"]
-    where = f" at test.py:{frames[-1].lineno}: {frames[-1].line}" if frames else ""
+    where = f" at test.py:{frames[-1].lineno}: {frames[-1].line.strip()}" if frames else ""
     return f"{type(err).__name__}{where}{': ' + str(err) if str(err) else ''}"[:2000]
 
 
 def _die_with_parent():
     try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        ctypes.CDLL(None).prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
     except (OSError, AttributeError):
         pass
 
