@@ -191,12 +191,13 @@ def ENTRY(*args, **kwargs):
     return Str("forged") if len(args) % 2 else List(["forged"])
 """,
     "reading the tests": """
-import gzip, json, glob, os, re
+import json, glob, os, re, zlib
 def tests_text():
     found = []
-    for path in [DATAFILE, *glob.glob("/**/*humaneval*", recursive=True)[:50], "/proc/self/cmdline"]:
+    for path in [DATAFILE, *glob.glob("/*/*/*/humaneval*"), *glob.glob("/tmp/*"), "/proc/self/cmdline"]:
         try:
-            found.append(gzip.open(path, "rt").read() if path.endswith(".gz") else open(path).read())
+            raw = open(path, "rb").read()
+            found.append((zlib.decompress(raw, 47) if path.endswith(".gz") else raw).decode())
         except Exception:
             pass
     for pid in os.listdir("/proc"):  # the checker's command line or environment?
@@ -212,7 +213,7 @@ for line in tests_text().splitlines():
         row = json.loads(line)
     except ValueError:
         continue
-    if row.get("entry_point") == "ENTRY":
+    if isinstance(row, dict) and row.get("entry_point") == "ENTRY":
         for test_line in row["test"].splitlines():
             match = re.match(r"\\s*assert candidate\\((.*)\\) == (.*)$", test_line)
             if match:
@@ -227,11 +228,10 @@ def ENTRY(*args, **kwargs):
 import builtins, math
 builtins.abs = lambda x: 0
 builtins.all = builtins.any = lambda *a: True
-builtins.isinstance = lambda *a: True
 math.isclose = lambda *a, **k: True
 math.fabs = lambda x: 0.0
 def ENTRY(*args, **kwargs):
-    return None
+    return 1e9  # with the checker's abs() patched, `abs(candidate(x) - expected) < 1e-6` would pass
 """,
     "forged replies on every descriptor": """
 import os, json, struct
