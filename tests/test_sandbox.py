@@ -112,6 +112,13 @@ def test_honest_code_works_and_in_place_changes_reach_the_test(sandbox):
     assert verdict == {"passed": True, "error": None}
 
 
+def test_stop_iteration_cannot_cut_a_test_short(sandbox):
+    # list(map(candidate, ...)) would end early at a StopIteration and compare equal to [].
+    solution = "def f(x):\n    raise StopIteration\n"
+    verdict = sandbox.run(assemble_program("", solution, "def check(c):\n    assert list(map(c, [1, 2])) == []\n", "f"))
+    assert verdict == {"passed": False, "error": "the entry point raised StopIteration: "}
+
+
 def test_a_failing_test_names_its_line(sandbox):
     verdict = sandbox.run(assemble_program("def f(x):\n", "    return x\n", "def check(c):\n    assert c(1) == 2\n", "f"))
     assert verdict["passed"] is False and verdict["error"] == "AssertionError at test.py:2: assert c(1) == 2"
@@ -510,7 +517,7 @@ def test_hostile_set_fails_when_the_eval_runs_as_an_unprivileged_user():
     if probe.returncode != 0:
         pytest.skip(f"no Python >= 3.10 that nobody can run at {python}")
     listener = Listener()
-    rows = [r for r in humaneval_rows() if r["task_id"] in FAST_PROBLEMS[:2]]
+    rows = [r for r in humaneval_rows() if r["task_id"] == "HumanEval/32"]
     programs, labels = interleaved(rows, HOSTILE, listener.port)
     script = ("import json, sys\nfrom posttrain.eval.code_sandbox import CodeSandbox\n"
               "sandbox = CodeSandbox(workers=2, timeout=3, memory_mb=512)\n"
@@ -556,6 +563,10 @@ def test_without_bubblewrap_the_eval_says_the_sandbox_is_weak(monkeypatch):
     finally:
         listener.close()
     assert listener.received == [] and leftovers() == []
+    if HUMANEVAL.is_file():  # and why it is weak: the benchmark file is readable, so its tests are
+        row = humaneval_rows()[0]
+        completion = hostile_completion(FORGERS["reading the tests"], row["entry_point"], listener.port)
+        assert sandbox.run(assemble_program(row["prompt"], completion, row["test"], row["entry_point"]))["passed"]
 
 
 @needs_data
