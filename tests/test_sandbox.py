@@ -25,6 +25,7 @@ HUMANEVAL = DATA / "humaneval.jsonl.gz"
 needs_data = pytest.mark.skipif(not HUMANEVAL.is_file(), reason="../shared/benchmarks is not beside the checkout")
 needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed (make test installs it as root)")
 MARK = "posttrain-leak"  # every file or process an attack manages to create carries this name
+SANDBOX_UIDS = (100_000, 100_000 + 10_000 * 1000)  # where CodeSandbox takes a uid per sample when root
 
 
 def humaneval_rows():
@@ -407,16 +408,18 @@ def hostile_completion(code: str, entry_point: str, port: int) -> str:
     return "```python\n" + code.replace("DATAFILE", repr(str(HUMANEVAL))) + "```\n"
 
 
-def interleaved(rows, attacks: dict, port: int) -> tuple[list[dict], list[str]]:
-    """Each attack on each problem, each followed by that problem's canonical solution."""
+def interleaved(rows, attacks: dict, port: int, honest_every: int = 1) -> tuple[list[dict], list[str]]:
+    """Each attack on each problem, and after every `honest_every` attacks (and at the end of each
+    problem) that problem's canonical solution."""
     programs, labels = [], []
     for row in rows:
-        for label, code in attacks.items():
+        for number, (label, code) in enumerate(attacks.items(), 1):
             programs.append(assemble_program(row["prompt"], hostile_completion(code, row["entry_point"], port),
                                              row["test"], row["entry_point"]))
             labels.append(f"{label} on {row['task_id']}")
-            programs.append(assemble_program(row["prompt"], row["canonical_solution"], row["test"], row["entry_point"]))
-            labels.append("honest")
+            if number % honest_every == 0 or number == len(attacks):
+                programs.append(assemble_program(row["prompt"], row["canonical_solution"], row["test"], row["entry_point"]))
+                labels.append("honest")
     return programs, labels
 
 
@@ -460,14 +463,14 @@ def leftovers() -> list[str]:
             continue
         if status.get("State", ["?"])[0] == "Z":
             continue  # exited (bwrap's init, until PID 1 reaps it): no code, memory or files
-        if "1234.5" in cmdline or "plain-data wire" in cmdline or uid == 65534 or 61000 <= uid < 61100:
+        if "1234.5" in cmdline or "plain-data wire" in cmdline or uid == 65534 or SANDBOX_UIDS[0] <= uid < SANDBOX_UIDS[1]:
             found.append(f"process {pid} (uid {uid}): {cmdline[:80]!r}")
     for place in ("/tmp", "/dev/shm", "/var/tmp", os.path.expanduser("~"), "/root", "/run", "/work"):
         try:
             names = os.listdir(place)
         except OSError:
             continue
-        found += [f"{place}/{name}" for name in names if MARK in name or name.startswith("posttrain-sandbox-")]
+        found += [f"{place}/{name}" for name in names if MARK in name or name.startswith("posttrain-sample-")]
     return found
 
 
@@ -479,11 +482,11 @@ def assert_hostile_set_fails(verdicts, labels, listener):
     assert leftovers() == []
 
 
-def grade_hostile(rows, attacks, workers=2):
+def grade_hostile(rows, attacks, honest_every=1):
     listener = Listener()
     try:
-        programs, labels = interleaved(rows, attacks, listener.port)
-        verdicts = CodeSandbox(workers=workers, timeout=3, memory_mb=512).run_many(programs)
+        programs, labels = interleaved(rows, attacks, listener.port, honest_every)
+        verdicts = CodeSandbox(workers=2, timeout=3, memory_mb=512).run_many(programs)
     finally:
         listener.close()
     return verdicts, labels, listener
@@ -534,6 +537,29 @@ def test_hostile_set_fails_when_the_eval_runs_as_an_unprivileged_user():
     assert_hostile_set_fails(verdicts, labels, listener)
 
 
+@needs_bwrap
+def test_a_killed_eval_leaves_no_sample_behind():
+    script = ("from posttrain.eval.code_sandbox import CodeSandbox, assemble_program\n"
+              "program = assemble_program('def f():\\n', '    import time; time.sleep(1234.5)\\n',"
+              " 'def check(c):\\n    c()\\n', 'f')\n"
+              "CodeSandbox(workers=2, timeout=120).run_many([program, program])\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    eval_process = subprocess.Popen([sys.executable, "-c", script], env=env)
+    try:
+        deadline = time.time() + 60
+        while len([f for f in leftovers() if "process" in f]) < 8:  # 2 × (bwrap, its init, sample, checker)
+            assert time.time() < deadline and eval_process.poll() is None, leftovers()
+            time.sleep(0.1)
+        time.sleep(1)  # both samples are inside their calls now
+    finally:
+        eval_process.kill()
+        eval_process.wait()
+    deadline = time.time() + 5
+    while leftovers() and time.time() < deadline:
+        time.sleep(0.1)
+    assert leftovers() == []
+
+
 @needs_data
 @pytest.mark.slow
 @needs_bwrap
@@ -541,7 +567,7 @@ def test_no_forger_passes_on_any_of_the_164_problems():
     rows = humaneval_rows()
     attacks = {**FORGERS, "fork by every route": INTRUDERS["fork by every route"],
                "files in /dev/shm, /tmp, home and elsewhere": INTRUDERS["files in /dev/shm, /tmp, home and elsewhere"]}
-    verdicts, labels, listener = grade_hostile(rows, attacks)
+    verdicts, labels, listener = grade_hostile(rows, attacks, honest_every=4)
     assert_hostile_set_fails(verdicts, labels, listener)
 
 

@@ -39,7 +39,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-FIRST_SANDBOX_UID = 61000
 STOP_SEQUENCES = ["\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint("]  # the original harness's
 WIRE_SOURCE = (Path(__file__).parent / "sandbox_wire.py").read_text()
 STRONG = "bubblewrap"
@@ -61,8 +60,12 @@ def assemble_program(prompt: str, completion: str, test: str, entry_point: str) 
 
 class CodeSandbox:
     def __init__(self, workers: int = 2, timeout: float = 10.0, memory_mb: int = 1024, output_limit: int = 2**20):
-        self.workers, self.timeout, self.memory_mb, self.output_limit = max(1, workers), timeout, memory_mb, output_limit
+        self.workers, self.timeout = min(max(1, workers), 1000), timeout
+        self.memory_mb, self.output_limit = memory_mb, output_limit
         self.as_root = os.geteuid() == 0
+        # As root, each parallel slot's sample runs as its own unprivileged uid, from a block of 1000
+        # per eval process so that two evals on one machine never share (or sweep) each other's uids.
+        self.first_uid = 100_000 + (os.getpid() % 10_000) * 1000
         self.python = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
         self.slots: queue.Queue = queue.Queue()
         for slot in range(self.workers):
@@ -80,7 +83,10 @@ class CodeSandbox:
         reasons = []
         self.seccomp = False  # probe with seccomp optional, then require what worked
         if self.bwrap:
-            verdict = self.run(probe)
+            for _ in range(2):  # twice: a machine busy enough to time the first one out
+                verdict = self.run(probe)
+                if verdict["error"] is None or "AssertionError" in verdict["error"]:
+                    break
             if verdict["error"] is None or "AssertionError" in verdict["error"]:
                 self.seccomp = verdict["passed"]
                 return STRONG + (" + seccomp" if self.seccomp else "") + " + rlimits"
@@ -110,14 +116,14 @@ class CodeSandbox:
     def run(self, program: dict) -> dict:
         """{"passed": bool, "error": str | None} for one program from `assemble_program`."""
         slot = self.slots.get()
-        uid = FIRST_SANDBOX_UID + slot if self.as_root else -1
-        workdir = None if self.bwrap else tempfile.mkdtemp(prefix="posttrain-sandbox-")
+        uid = self.first_uid + slot if self.as_root else -1
+        workdir = None if self.bwrap else tempfile.mkdtemp(prefix="posttrain-sample-")
         try:
             if workdir and self.as_root:
                 os.chown(workdir, uid, uid)
             return self._grade(program, uid, workdir)
         finally:
-            if self.as_root:
+            if self.as_root and not self.bwrap:  # (under bubblewrap the PID namespace did this)
                 _kill_uid(uid)
             if workdir:
                 shutil.rmtree(workdir, ignore_errors=True)
