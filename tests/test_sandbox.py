@@ -482,11 +482,11 @@ def assert_hostile_set_fails(verdicts, labels, listener):
     assert leftovers() == []
 
 
-def grade_hostile(rows, attacks, honest_every=1):
+def grade_hostile(rows, attacks, honest_every=1, timeout=3):
     listener = Listener()
     try:
         programs, labels = interleaved(rows, attacks, listener.port, honest_every)
-        verdicts = CodeSandbox(workers=2, timeout=3, memory_mb=512).run_many(programs)
+        verdicts = CodeSandbox(workers=2, timeout=timeout, memory_mb=512).run_many(programs)
     finally:
         listener.close()
     return verdicts, labels, listener
@@ -567,7 +567,7 @@ def test_no_forger_passes_on_any_of_the_164_problems():
     rows = humaneval_rows()
     attacks = {**FORGERS, "fork by every route": INTRUDERS["fork by every route"],
                "files in /dev/shm, /tmp, home and elsewhere": INTRUDERS["files in /dev/shm, /tmp, home and elsewhere"]}
-    verdicts, labels, listener = grade_hostile(rows, attacks, honest_every=4)
+    verdicts, labels, listener = grade_hostile(rows, attacks, honest_every=4, timeout=10)  # no sleeper here
     assert_hostile_set_fails(verdicts, labels, listener)
 
 

@@ -163,7 +163,8 @@ class CodeSandbox:
         return verdict
 
     def _sample_command(self, uid: int, info_fd: int | None) -> list[str]:
-        limits = [str(self.memory_mb * 2**20), str(int(self.timeout) + 1), str(uid), str(int(self.seccomp))]
+        preload = self.as_root and not self.bwrap
+        limits = [str(self.memory_mb * 2**20), str(int(self.timeout) + 1), str(uid), str(int(self.seccomp)), str(int(preload))]
         serve = [self.python, "-I", "-S", "-c", WIRE_SOURCE, "serve", *limits]
         return self._bwrap_args(info_fd) + serve if self.bwrap else serve
 

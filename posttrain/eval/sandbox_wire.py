@@ -130,14 +130,14 @@ def _read_exactly(fd, size, deadline):
 # --- the sample's side -------------------------------------------------------------------------
 
 
-def serve(memory_bytes, cpu_seconds, uid, require_seccomp):
+def serve(memory_bytes, cpu_seconds, uid, require_seccomp, preload):
     """In the sandbox: confine this process, load the sample, answer calls until stdin closes."""
     requests, replies = os.dup(0), os.dup(1)
     os.dup2(2, 1)  # the sample's prints go to the capped output pipe, never onto the wire
     null = os.open("/dev/null", os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
-    _confine(memory_bytes, cpu_seconds, uid, require_seccomp)
+    _confine(memory_bytes, cpu_seconds, uid, require_seccomp, preload)
     import threading
 
     # Deep recursion through C code (sorted(key=...), map, ...) needs a large C stack.
@@ -199,7 +199,7 @@ def _describe(err):
     return f"{type(err).__name__}: {err}"[:2000]
 
 
-def _confine(memory_bytes, cpu_seconds, uid, require_seccomp):
+def _confine(memory_bytes, cpu_seconds, uid, require_seccomp, preload):
     """Before any sample code: limits, an unprivileged uid (when started as root), seccomp."""
     import resource
     import threading  # noqa: F401  (imported while the interpreter is surely readable)
@@ -208,7 +208,7 @@ def _confine(memory_bytes, cpu_seconds, uid, require_seccomp):
               (resource.RLIMIT_FSIZE, 16 * 2**20), (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)]
     if uid >= 0:
         limits.append((resource.RLIMIT_NPROC, 16))  # this uid belongs to this sample alone
-        for name in PRELOAD:  # the interpreter may be unreadable to `uid` without the mount sandbox
+        for name in PRELOAD if preload else ():  # without bubblewrap the interpreter may be unreadable to `uid`
             try:
                 __import__(name)
             except ImportError:
@@ -430,6 +430,6 @@ def _die_with_parent():
 
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
-        serve(*(int(arg) for arg in sys.argv[2:6]))
+        serve(*(int(arg) for arg in sys.argv[2:7]))
     else:
         check_main(int(sys.argv[2]), int(sys.argv[3]))
