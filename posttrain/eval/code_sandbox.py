@@ -137,6 +137,9 @@ class CodeSandbox:
             popen = subprocess.Popen(self._sample_command(uid, info_w), stdin=requests_r, stdout=replies_w,
                                      stderr=subprocess.PIPE, cwd=workdir or "/", env=self._sample_env(workdir),
                                      start_new_session=True, pass_fds=(info_w,) if self.bwrap else ())
+            if info_w is not None:
+                os.close(info_w)
+                info_w = None
             sample = _Sample(popen, info_r)
             checker = subprocess.Popen([sys.executable, "-I", "-S", "-c", WIRE_SOURCE, "check", str(requests_w),
                                         str(replies_r)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -208,21 +211,22 @@ class CodeSandbox:
 class _Sample:
     """The sample's process tree. Under bubblewrap it is stopped by killing its PID namespace's init
     (the kernel then kills the rest, and bwrap reaps it): killing bwrap itself would leave its
-    child a zombie under a PID 1 that may never reap it."""
+    child a zombie under a PID 1 that may never reap it. The init is held by a pidfd, taken as the
+    sandbox starts, so that a recycled PID is never signalled."""
 
     def __init__(self, popen: subprocess.Popen, info_fd: int | None):
-        self.popen, self.info_fd, self.init_pid = popen, info_fd, None
+        self.popen, self.init_pidfd = popen, None
+        if info_fd is not None:
+            self.init_pidfd = _namespace_init(info_fd)
+            os.close(info_fd)
+        self.lock = threading.Lock()  # the output reader may kill it while the grader stops it
 
     def kill(self) -> None:
-        if self.info_fd is not None and self.init_pid is None:
-            self.init_pid = _namespace_init(self.info_fd)
-        if self.init_pid:
-            try:
-                os.kill(self.init_pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        else:
-            _kill_group(self.popen, wait=False)
+        with self.lock:
+            if self.init_pidfd is not None:
+                signal.pidfd_send_signal(self.init_pidfd, signal.SIGKILL)
+            elif self.popen.poll() is None:
+                _kill_group(self.popen, wait=False)
 
     def stop(self) -> None:
         for wait in (0.5, 2.0):
@@ -232,23 +236,28 @@ class _Sample:
             except subprocess.TimeoutExpired:
                 self.kill()
         _kill_group(self.popen)  # whatever is left in its group (never needed under bubblewrap)
-        if self.info_fd is not None:
-            os.close(self.info_fd)
-            self.info_fd = None
+        with self.lock:
+            if self.init_pidfd is not None:
+                os.close(self.init_pidfd)
+                self.init_pidfd = None
 
 
 def _namespace_init(info_fd: int) -> int | None:
-    """bwrap's --info-fd: {"child-pid": N}, N the PID namespace's init as this namespace sees it."""
+    """A pidfd for bwrap's --info-fd {"child-pid": N}: the PID namespace's init."""
     data = b""
-    while select.select([info_fd], [], [], 2)[0]:
+    while select.select([info_fd], [], [], 5)[0]:
         chunk = os.read(info_fd, 4096)
         if not chunk:
             break
         data += chunk
         try:
-            return int(json.loads(data)["child-pid"])
+            pid = int(json.loads(data)["child-pid"])
         except (ValueError, KeyError, TypeError):
             continue
+        try:
+            return os.pidfd_open(pid)
+        except OSError:  # already gone
+            return None
     return None
 
 
