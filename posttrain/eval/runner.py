@@ -103,6 +103,10 @@ def _evaluate_locked(cfg: EvalRecipe, out: Path, completions: Path | None, bench
         tokenizer, backend = _load_generator(cfg)
     math_grader = make_math_grader(cfg.extract, cfg.workers) if any(b.spec.kind == "math" for b in benchmarks) else None
     sandbox = CodeSandbox(cfg.workers) if any(b.spec.kind == "code" for b in benchmarks) else None
+    if sandbox:  # which isolation graded the code, in results.json and, when weak, said up front
+        results["code_sandbox"] = sandbox.isolation
+        if sandbox.warning():
+            console.print(sandbox.warning(), highlight=False)
     try:
         for bench in benchmarks:
             if completions is None:
