@@ -51,10 +51,13 @@ $(VLLM_STAMP): pyproject.toml
 test-vllm: $(VLLM_STAMP)
 	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_BIN)/python -m pytest -q -m vllm tests/test_vllm.py
 
-# Speed and memory of the chunked LM head vs dense cross-entropy, then grading throughput.
+# Speed and memory of the chunked LM head vs dense cross-entropy, grading throughput, then
+# generation throughput hf vs vllm (only where .venv-vllm exists: `make test-vllm` builds it).
 bench: $(STAMP)
 	$(BIN)/python bench/head_bench.py
 	$(BIN)/python bench/grading_bench.py
+	@if [ -f $(VLLM_STAMP) ]; then $(VLLM_BIN)/python bench/generation_bench.py; \
+	else echo "generation bench (hf vs vllm) skipped: no .venv-vllm (make test-vllm builds it)"; fi
 
 # ---------------------------------------------------------------------------------------------
 # The CPU-scale ("mini") reproduction: a make DAG, so shared steps run once, two jobs run side by

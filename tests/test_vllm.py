@@ -195,15 +195,15 @@ def test_eval_cli_with_vllm_end_to_end_reruns_and_resume(tmp_path, checkpoint):
 
 @pytest.fixture(scope="module")
 def distill_models(tmp_path_factory):
-    """A teacher trained on the synthetic task and a weaker student (pretrain split), both in the
-    shape vLLM's CPU kernels accept (as tests/test_distill.py's models, larger heads)."""
+    """A teacher trained a little on the synthetic task and a weaker student (a few steps on the
+    pretrain split), in the shape vLLM's CPU kernels accept (kept short: training is the slow part)."""
     from posttrain.train import train
 
     tmp = tmp_path_factory.mktemp("vllm-distill-models")
-    teacher = tiny_train_recipe(tmp, name="teacher", data={"synthetic": {"split": "in_domain", "num_examples": 2048}},
-                                optim={"lr": 1e-2}, train={"epochs": 2, "batch_size": 32, "micro_batch_size": 32})
+    teacher = tiny_train_recipe(tmp, name="teacher", data={"synthetic": {"split": "in_domain", "num_examples": 768}},
+                                optim={"lr": 1e-2}, train={"epochs": 1, "batch_size": 32, "micro_batch_size": 32})
     teacher["model"]["tiny"] = {**TINY, **VLLM_SHAPE, "num_layers": 2}
-    student = tiny_train_recipe(tmp, name="student", data={"synthetic": {"split": "pretrain", "num_examples": 1024}},
+    student = tiny_train_recipe(tmp, name="student", data={"synthetic": {"split": "pretrain", "num_examples": 256}},
                                 optim={"lr": 1e-2}, train={"epochs": 1, "batch_size": 32, "micro_batch_size": 32})
     student["model"]["tiny"] = {**TINY, **VLLM_SHAPE, "num_layers": 1}
     for recipe in (teacher, student):
