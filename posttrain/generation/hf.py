@@ -78,9 +78,11 @@ class HFBackend:
             input_ids[row, width - len(ids) :] = torch.tensor(ids)
             attention_mask[row, width - len(ids) :] = 1
         recorder = _SampleAndRecord(spec)
+        greedy = spec.temperature == 0
+        copies = 1 if greedy else spec.n  # transformers refuses n > 1 greedy returns: copied below
         config = GenerationConfig(
-            do_sample=spec.temperature > 0, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
-            max_new_tokens=spec.max_new_tokens, num_return_sequences=spec.n, eos_token_id=self.stop_ids,
+            do_sample=not greedy, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
+            max_new_tokens=spec.max_new_tokens, num_return_sequences=copies, eos_token_id=self.stop_ids,
             pad_token_id=pad_id, use_cache=True, return_dict_in_generate=True,
         )
         was_training = self.model.training
@@ -96,7 +98,7 @@ class HFBackend:
         logprobs = recorder.finish(out.sequences[:, -1])
         logprobs = logprobs.cpu() if logprobs is not None else torch.zeros(new_tokens.shape)
         completions = [self._completion(new_tokens[i], logprobs[i], spec) for i in range(new_tokens.shape[0])]
-        return [completions[i * spec.n : (i + 1) * spec.n] for i in range(len(prompts))]
+        return [completions[i * copies : (i + 1) * copies] * (spec.n // copies) for i in range(len(prompts))]
 
     def _completion(self, tokens, logprobs, spec) -> Completion:
         ids = tokens.tolist()
