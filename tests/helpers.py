@@ -10,6 +10,9 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+# The real benchmark files (never copied into the repository): ../shared/benchmarks beside the
+# checkout, or POSTTRAIN_BENCHMARKS for a checkout elsewhere. Tests that need them skip without them.
+BENCHMARKS = Path(os.environ.get("POSTTRAIN_BENCHMARKS", REPO.parent / "shared" / "benchmarks"))
 
 TINY = {"arch": "qwen2", "hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
         "intermediate_size": 64, "vocab_size": 320}

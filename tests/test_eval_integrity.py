@@ -15,9 +15,9 @@ import pytest
 
 from posttrain.errors import UserError
 from posttrain.eval.pool import TimeoutPool
-from tests.helpers import REPO, cli_env, run_cli
+from tests.helpers import BENCHMARKS, REPO, cli_env, run_cli
 
-DATA = Path(os.environ.get("POSTTRAIN_BENCHMARK_DIR", REPO.parent / "shared" / "benchmarks"))
+DATA = BENCHMARKS
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/benchmarks is not beside the checkout")
 
 

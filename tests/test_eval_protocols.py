@@ -11,7 +11,7 @@ from posttrain.errors import UserError
 from posttrain.eval.harness_grader import HarnessGrader, harness_equal, harness_extract, normalize, to_number
 from posttrain.eval.prompts import prompt_text
 from posttrain.eval.protocols import after_first_think, make_math_grader
-from tests.helpers import REPO, run_cli
+from tests.helpers import BENCHMARKS, REPO, run_cli
 
 # --- extraction ------------------------------------------------------------------------------
 
@@ -85,7 +85,7 @@ def test_harness_normalisation_and_numbers():
     assert to_number("1,2") is None  # a pair, not a number with a thousands comma
 
 
-DATA = REPO.parent / "shared" / "benchmarks"
+DATA = BENCHMARKS
 
 
 @pytest.mark.skipif(not DATA.is_dir(), reason="../shared/benchmarks is not beside the checkout")

@@ -11,9 +11,9 @@ import sympy
 
 from posttrain.eval.benchmarks import BENCHMARKS, last_boxed, load_benchmark
 from posttrain.eval.math_grader import MathGrader, clean_answer, extract_answer, parse_answer, verify_pair
-from tests.helpers import REPO
+from tests.helpers import BENCHMARKS as BENCHMARK_DIR, REPO
 
-DATA = Path(os.environ.get("POSTTRAIN_BENCHMARK_DIR", REPO.parent / "shared" / "benchmarks"))
+DATA = BENCHMARK_DIR
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/benchmarks is not beside the checkout")
 MATH = [name for name, spec in BENCHMARKS.items() if spec.kind == "math" and spec.filename]
 NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)")

@@ -18,9 +18,9 @@ import pytest
 from posttrain.eval import code_sandbox
 from posttrain.eval.code_sandbox import CodeSandbox, assemble_program
 from posttrain.eval.sandbox_wire import WireError, decode, encode
-from tests.helpers import REPO, run_cli
+from tests.helpers import BENCHMARKS, REPO, run_cli
 
-DATA = Path(os.environ.get("POSTTRAIN_BENCHMARKS", REPO.parent / "shared" / "benchmarks"))
+DATA = BENCHMARKS
 HUMANEVAL = DATA / "humaneval.jsonl.gz"
 needs_data = pytest.mark.skipif(not HUMANEVAL.is_file(), reason="../shared/benchmarks is not beside the checkout")
 needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed (make test installs it as root)")

@@ -21,13 +21,12 @@ from posttrain.generation import SamplingSpec, make_backend  # noqa: E402
 from posttrain.generation.hf import warp_logits  # noqa: E402
 from posttrain.models import build_tiny_model, build_tiny_tokenizer  # noqa: E402
 from posttrain.scoring import score_tokens  # noqa: E402
-from tests.helpers import REPO, TINY, run_cli, tiny_train_recipe, write_recipe  # noqa: E402
+from tests.helpers import BENCHMARKS, REPO, TINY, run_cli, tiny_train_recipe, write_recipe  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
 VLLM_SHAPE = {"hidden_size": 128, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 256}
-BENCHMARKS = next((p for p in (Path(os.environ.get("POSTTRAIN_BENCHMARKS", "/nonexistent")),
-                               REPO.parent / "shared" / "benchmarks", Path("/work/shared/benchmarks")) if p.is_dir()), None)
+BENCHMARKS = BENCHMARKS if BENCHMARKS.is_dir() else None
 needs_data = pytest.mark.skipif(BENCHMARKS is None, reason="no shared/benchmarks beside the checkout")
 
 
