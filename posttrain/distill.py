@@ -124,7 +124,7 @@ def distill_step(policy, optimizer, scheduler, backend, teacher, runtime: Runtim
                         max_new_tokens=recipe.rollout.max_new_tokens,
                         seed=(recipe.seed * 1_000_003 + step) * 101 + runtime.rank)
     with gathered(policy):  # under FSDP2 the hf backend runs the student outside its wrapped forward
-        completions = backend.generate(prompt_ids, spec)
+        completions = _generate_or_stop(backend, prompt_ids, spec, step)
     rollouts = [Example(p + c.token_ids, len(p)) for p, samples in zip(prompt_ids, completions) for c in samples]
     flat = [c for samples in completions for c in samples]
     time_generate = time.time() - clock
@@ -188,6 +188,19 @@ def distill_step(policy, optimizer, scheduler, backend, teacher, runtime: Runtim
     }
     texts = [tokenizer.decode(r.token_ids[r.prompt_len :]) for r in rollouts[:2]]
     return row, texts
+
+
+def _generate_or_stop(backend, prompt_ids, spec, step: int):
+    """Rollouts; a student whose weights diverged (finite but huge after a bad update) has a NaN
+    sampling distribution, which torch refuses deep inside generate: stop the run in one line."""
+    try:
+        return backend.generate(prompt_ids, spec)
+    except RuntimeError as err:
+        if "inf" not in str(err) and "nan" not in str(err):
+            raise
+        raise UserError(f"stopped at step {step + 1}: the student's next-token probabilities are NaN/inf, so it "
+                        "cannot sample (its weights diverged in an earlier update); no checkpoint was written after "
+                        "the last finite step; lower optim.lr") from None
 
 
 def ppo_update(policy, optimizer, scheduler, runtime, recipe, batch, rows, stats, seed) -> tuple[float, float, bool]:

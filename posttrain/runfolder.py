@@ -255,9 +255,19 @@ def load_trainer_state(checkpoint: Path, model, optimizer, scheduler, runtime) -
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
+    # The recipe's hyperparameters (lr, betas, weight decay, schedule length) stay in force: the
+    # saved state would otherwise bring back the old ones, and a recipe changed on resume
+    # (--allow-changed-recipe) would be recorded but silently not used.
+    recipe_hparams = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=runtime.world_size > 1)
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"], options=options)
     scheduler.load_state_dict(state["scheduler"])
+    for group, hparams in zip(optimizer.param_groups, recipe_hparams):
+        group.update(hparams)
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    scheduler._last_lr = [base * rule(scheduler.last_epoch) for base, rule in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(optimizer.param_groups, scheduler._last_lr):
+        group["lr"] = lr
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
     if state["rng"]["cuda"] is not None and torch.cuda.is_available():
@@ -292,8 +302,13 @@ def recipe_changes(run_dir: Path, recipe_yaml: str) -> dict[str, tuple]:
     except (yaml.YAMLError, UnicodeDecodeError):
         raise UserError(f"{recorded} is not readable YAML; cannot check the recipe of the resumed run") from None
     before, after = _flatten(before or {}), _flatten(yaml.safe_load(recipe_yaml))
+    keys = sorted((set(before) | set(after)) - LOCATION_KEYS)
     return {key: (before.get(key, "(absent)"), after.get(key, "(absent)"))
-            for key in sorted(set(before) | set(after)) if before.get(key, "(absent)") != after.get(key, "(absent)")}
+            for key in keys if before.get(key, "(absent)") != after.get(key, "(absent)")}
+
+
+# Where the run folder is, not what the run computes: a moved or renamed run folder resumes.
+LOCATION_KEYS = {"out_dir", "name"}
 
 
 def record_recipe_changes(run_dir: Path, changes: dict[str, tuple], step: int, command: str) -> None:

@@ -7,6 +7,7 @@ response tokens (EOS included) are trained on.
 
 from __future__ import annotations
 
+import codecs
 import glob
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,8 @@ def load_rows(source: str, split: str, synthetic_cfg: SyntheticConfig, max_examp
             kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(Path(files[0]).suffix)
             if kind is None:
                 raise UserError(f"recipe key '{key}': {source!r} must be .jsonl, .json or .parquet files")
+            for path in files:
+                _check_local_file(path, kind, key)
             table = datasets.load_dataset(kind, data_files=files, split="train")
         elif Path(source).exists() or "/" not in source:
             raise UserError(f"recipe key '{key}': no file matches {source!r} (and it is not a Hub dataset id)")
@@ -53,10 +56,36 @@ def load_rows(source: str, split: str, synthetic_cfg: SyntheticConfig, max_examp
     except UserError:
         raise
     except Exception as err:  # datasets raises many types for a missing/unreachable dataset
-        raise UserError(f"recipe key '{key}': cannot load {source!r}: {str(err).splitlines()[0]}") from None
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"recipe key '{key}': cannot load {source!r}: {first_line}") from None
+    if len(table) == 0:
+        raise UserError(f"recipe key '{key}': {source!r} holds no rows")
     if max_examples:
         table = table.select(range(min(max_examples, len(table))))
     return list(table)
+
+
+def _check_local_file(path: str, kind: str, key: str) -> None:
+    """An empty file or JSON that is not UTF-8 fails deep inside `datasets` (or only when a row is
+    read); say which file instead."""
+    if Path(path).stat().st_size == 0:
+        raise UserError(f"recipe key '{key}': {path} is empty; it needs one JSON object per line (or parquet rows)")
+    if kind != "json":
+        return
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as err:
+                raise UserError(f"recipe key '{key}': {path} is not UTF-8 (byte {block[err.start]:#04x} at offset "
+                                f"{offset + err.start}); save it as UTF-8") from None
+            offset += len(block)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise UserError(f"recipe key '{key}': {path} is not UTF-8 (it ends inside a character)") from None
 
 
 def render_prompt(tokenizer, prompt, system_prompt: str | None) -> list[int]:
@@ -85,7 +114,8 @@ def build_examples(rows: list[dict], tokenizer, cfg: DataConfig, key: str = "dat
                 f"recipe key '{key}.{field_key}': the data has no field {name!r}; fields: {', '.join(rows[0])}"
             )
     examples, truncated, dropped = [], 0, 0
-    for row in rows:
+    for number, row in enumerate(rows, start=1):
+        _check_text_fields(row, number, cfg, key)
         prompt_ids = render_prompt(tokenizer, row[cfg.prompt_field], cfg.system_prompt)
         response_ids = tokenizer(str(row[cfg.response_field]), add_special_tokens=False)["input_ids"]
         token_ids = prompt_ids + response_ids + [tokenizer.eos_token_id]
@@ -99,6 +129,16 @@ def build_examples(rows: list[dict], tokenizer, cfg: DataConfig, key: str = "dat
     if not examples:
         raise UserError(f"recipe key '{key}': no usable examples (all {len(rows)} prompts exceed max_length)")
     return examples, {"examples": len(examples), "truncated": truncated, "dropped": dropped}
+
+
+def _check_text_fields(row: dict, number: int, cfg: DataConfig, key: str) -> None:
+    """A null or missing field would be rendered as the text "None" and trained on."""
+    for field_key, name in (("prompt_field", cfg.prompt_field), ("response_field", cfg.response_field)):
+        value = row.get(name)
+        if value is None or (field_key == "response_field" and not isinstance(value, (str, int, float))):
+            kind = "is null or missing" if value is None else f"is a {type(value).__name__}, not text"
+            raise UserError(f"recipe key '{key}.{field_key}': row {number} of {cfg.source!r}: field {name!r} {kind}; "
+                            "every row needs text there (remove or fix such rows)")
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
