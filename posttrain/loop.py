@@ -48,7 +48,7 @@ def open_logs(run_dir: Path, runtime: Runtime, recipe, command: str, checkpoint,
     for log in logs:
         log.truncate_after(start_step)
     if runtime.is_main:
-        changes = recipe_changes(run_dir, dump_yaml(recipe))  # only here when allowed (see open_run)
+        changes = recipe_changes(run_dir, recipe)  # only here when allowed (see open_run)
         if changes:
             record_recipe_changes(run_dir, changes, start_step, command)
             console.print(f"recipe changed on resume (recorded in config_changes.jsonl): {describe_changes(changes)}",
@@ -62,7 +62,7 @@ def open_logs(run_dir: Path, runtime: Runtime, recipe, command: str, checkpoint,
 def check_same_recipe(run_dir: Path, recipe, allowed: bool, recipe_path: str) -> None:
     """A resumed run continues the recipe in its config.yaml; a different one (another lr or
     objective) would make that record lie, so it needs --allow-changed-recipe (then recorded)."""
-    changes = recipe_changes(run_dir, dump_yaml(recipe))
+    changes = recipe_changes(run_dir, recipe)
     if changes and not allowed:
         raise UserError(f"{recipe_path}: --resume with a recipe that differs from {run_dir / 'config.yaml'}: "
                         f"{describe_changes(changes)}; resume with the same recipe, or add --allow-changed-recipe "

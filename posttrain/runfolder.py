@@ -110,32 +110,41 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, sched
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state, optim_state = get_state_dict(model, optimizer, options=options)
     final = run_dir / "checkpoints" / f"step-{step:06d}"
-    if runtime.is_main:
-        bad = nonfinite_tensors(model_state)
-        if bad:
-            raise UserError(f"step {step}: the weights are not finite ({bad[0]}{' and others' if len(bad) > 1 else ''}); "
-                            f"checkpoint not written; {_newest_left(run_dir)}")
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            model.save_pretrained(tmp, state_dict=_without_tied_copies(model_state, model), safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            state = {
-                "step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-            }
-            torch.save(state, tmp / STATE_FILE)
-            write_manifest(tmp)
-        except Exception as err:  # OSError (ENOSPC, EFBIG), or the same wrapped by torch/safetensors
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise UserError(f"cannot write checkpoint {final}: {_first_line(err)}; {_newest_left(run_dir)}") from None
-        _replace_dir(tmp, final)
-        if keep > 0:
-            for _, old in checkpoints(run_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+    problem = _write_checkpoint(run_dir, final, step, model, model_state, optim_state, tokenizer, scheduler, keep) \
+        if runtime.is_main else None
+    # every process stops alike (rank 0 alone raising would leave the others waiting forever)
+    if runtime.sum_across_ranks({"failed": float(problem is not None)})["failed"]:
+        raise UserError(problem or f"checkpoint {final} could not be written (see the first process's error)")
     runtime.barrier()
     return final
+
+
+def _write_checkpoint(run_dir, final, step, model, model_state, optim_state, tokenizer, scheduler, keep) -> str | None:
+    """Rank 0's part of save_checkpoint; returns what went wrong, or None."""
+    bad = nonfinite_tensors(model_state)
+    if bad:
+        return (f"step {step}: the weights are not finite ({bad[0]}{' and others' if len(bad) > 1 else ''}); "
+                f"checkpoint not written; {_newest_left(run_dir)}")
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp, state_dict=_without_tied_copies(model_state, model), safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        state = {
+            "step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        }
+        torch.save(state, tmp / STATE_FILE)
+        write_manifest(tmp)
+    except Exception as err:  # OSError (ENOSPC, EFBIG), or the same wrapped by torch/safetensors
+        shutil.rmtree(tmp, ignore_errors=True)
+        return f"cannot write checkpoint {final}: {_first_line(err)}; {_newest_left(run_dir)}"
+    _replace_dir(tmp, final)
+    if keep > 0:  # pruned only once the new checkpoint is complete
+        for _, old in checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return None
 
 
 def nonfinite_tensors(state: dict) -> list[str]:
@@ -289,10 +298,13 @@ def mark_final(run_dir: Path, checkpoint: Path) -> None:
     os.replace(tmp, link)
 
 
-def recipe_changes(run_dir: Path, recipe_yaml: str) -> dict[str, tuple]:
+def recipe_changes(run_dir: Path, recipe) -> dict[str, tuple]:
     """{dotted key: (value in the run's config.yaml, value now)} for every key that differs
-    between the run's recorded recipe and `recipe_yaml` (both resolved, defaults filled in)."""
+    between the run's recorded recipe and `recipe` (both resolved, defaults filled in). A key the
+    recorded recipe lacks (written before the key existed) counts only if it is not the default."""
     import yaml
+
+    from posttrain.config import dump_yaml
 
     recorded = run_dir / "config.yaml"
     if not recorded.exists():
@@ -301,14 +313,37 @@ def recipe_changes(run_dir: Path, recipe_yaml: str) -> dict[str, tuple]:
         before = yaml.safe_load(recorded.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError):
         raise UserError(f"{recorded} is not readable YAML; cannot check the recipe of the resumed run") from None
-    before, after = _flatten(before or {}), _flatten(yaml.safe_load(recipe_yaml))
-    keys = sorted((set(before) | set(after)) - LOCATION_KEYS)
-    return {key: (before.get(key, "(absent)"), after.get(key, "(absent)"))
-            for key in keys if before.get(key, "(absent)") != after.get(key, "(absent)")}
+    before, after = _flatten(before or {}), _flatten(yaml.safe_load(dump_yaml(recipe)))
+    changes = {}
+    for key in sorted((set(before) | set(after)) - LOCATION_KEYS):
+        old, new = before.get(key, ABSENT), after.get(key, ABSENT)
+        if old != new and not (old is ABSENT and _is_default(recipe, key, new)):
+            changes[key] = (old, new)
+    return changes
 
 
+ABSENT = "(absent)"
 # Where the run folder is, not what the run computes: a moved or renamed run folder resumes.
 LOCATION_KEYS = {"out_dir", "name"}
+
+
+def _is_default(recipe, dotted: str, value) -> bool:
+    """Whether `value` is the schema default of the recipe key `dotted`."""
+    import dataclasses
+
+    *parents, leaf = dotted.split(".")
+    node = recipe
+    for part in parents:
+        node = getattr(node, part, None)
+        node = getattr(node, "params", node) if type(node).__name__ == "ObjectiveConfig" else node
+    if not dataclasses.is_dataclass(node):
+        return False
+    for f in dataclasses.fields(node):
+        if f.name == leaf:
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else ABSENT)
+            return default == value or (isinstance(default, tuple) and list(default) == value)
+    return False
 
 
 def record_recipe_changes(run_dir: Path, changes: dict[str, tuple], step: int, command: str) -> None:
