@@ -36,6 +36,8 @@ def train(recipe: TrainRecipe, *, resume: bool = False, recipe_path: str = "reci
     if objective.on_policy:
         raise UserError(f"{recipe_path}: key 'objective.name': {objective.name!r} is an on-policy objective; "
                         "run it with `posttrain distill`")
+    # the data's rows first: a missing, empty or non-UTF-8 file is refused before any model is built
+    rows = load_rows(recipe.data.source, recipe.data.split, recipe.data.synthetic, recipe.data.max_examples, "data.source")
     runtime = make_runtime(recipe.train.precision, recipe.train.parallel)
     run_dir, checkpoint, model, tokenizer = open_run(recipe, "model", runtime, resume, allow_changed_recipe, recipe_path)
     check_memory(training_memory(
@@ -45,7 +47,6 @@ def train(recipe: TrainRecipe, *, resume: bool = False, recipe_path: str = "reci
     ), runtime.device, show=runtime.is_main, where=recipe_path)
 
     # Data
-    rows = load_rows(recipe.data.source, recipe.data.split, recipe.data.synthetic, recipe.data.max_examples, "data.source")
     examples, data_counts = build_examples(rows, tokenizer, recipe.data)
     batch_size = recipe.train.batch_size
     if batch_size < runtime.world_size:
