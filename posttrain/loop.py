@@ -26,6 +26,8 @@ def open_run(recipe, model_key: str, runtime: Runtime, resume: bool, allow_chang
     as any model; a LoRA checkpoint holds only the adapter, so its base comes from the recipe.
     Resuming with a recipe that differs from the run's config.yaml is refused unless allowed."""
     run_dir = Path(recipe.out_dir) / recipe.name
+    if allow_changed_recipe and not resume:
+        raise UserError("--allow-changed-recipe only applies together with --resume")
     if resume:
         check_same_recipe(run_dir, recipe, allow_changed_recipe, recipe_path)
     if runtime.is_main:

@@ -274,7 +274,8 @@ def load_trainer_state(checkpoint: Path, model, optimizer, scheduler, runtime) -
     for group, hparams in zip(optimizer.param_groups, recipe_hparams):
         group.update(hparams)
     scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
-    scheduler._last_lr = [base * rule(scheduler.last_epoch) for base, rule in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    scheduler._last_lr = [base * rule(scheduler.last_epoch)
+                          for base, rule in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
     for group, lr in zip(optimizer.param_groups, scheduler._last_lr):
         group["lr"] = lr
     torch.set_rng_state(state["rng"]["torch"])
