@@ -18,27 +18,33 @@ app = typer.Typer(
 RECIPE = typer.Option(..., "--recipe", "-r", help="YAML recipe (see `posttrain recipes`).")
 OVERRIDES = typer.Argument(None, help="Recipe overrides as dotted key=value pairs, typed by the schema, "
                                       "e.g. optim.lr=1e-4 objective.k=128 name=my-run.", show_default=False)
-RESUME = typer.Option(False, "--resume", help="Continue the run folder from its newest checkpoint.")
+RESUME = typer.Option(False, "--resume", help="Continue the run folder from its newest intact checkpoint.")
+ALLOW_CHANGED = typer.Option(False, "--allow-changed-recipe", help="With --resume: continue although the recipe differs "
+                             "from the run's config.yaml (the change is recorded in config_changes.jsonl).")
 
 
 @app.command()
-def train(recipe: Path = RECIPE, overrides: list[str] = OVERRIDES, resume: bool = RESUME) -> None:
+def train(recipe: Path = RECIPE, overrides: list[str] = OVERRIDES, resume: bool = RESUME,
+          allow_changed_recipe: bool = ALLOW_CHANGED) -> None:
     """Train with an offline objective (sft, dft, otr) on demonstrations; writes runs/<name>/."""
     from posttrain.config import TrainRecipe, load_recipe
     from posttrain.train import train as run
 
     with naming_the_recipe(recipe):
-        run(load_recipe(recipe, TrainRecipe, overrides), resume=resume, recipe_path=str(recipe))
+        run(load_recipe(recipe, TrainRecipe, overrides), resume=resume, recipe_path=str(recipe),
+            allow_changed_recipe=allow_changed_recipe)
 
 
 @app.command()
-def distill(recipe: Path = RECIPE, overrides: list[str] = OVERRIDES, resume: bool = RESUME) -> None:
+def distill(recipe: Path = RECIPE, overrides: list[str] = OVERRIDES, resume: bool = RESUME,
+            allow_changed_recipe: bool = ALLOW_CHANGED) -> None:
     """On-policy distillation (opd, lsm): the student samples, the teacher scores; writes runs/<name>/."""
     from posttrain.config import DistillRecipe, load_recipe
     from posttrain.distill import distill as run
 
     with naming_the_recipe(recipe):
-        run(load_recipe(recipe, DistillRecipe, overrides), resume=resume, recipe_path=str(recipe))
+        run(load_recipe(recipe, DistillRecipe, overrides), resume=resume, recipe_path=str(recipe),
+            allow_changed_recipe=allow_changed_recipe)
 
 
 @contextmanager

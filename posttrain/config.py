@@ -55,6 +55,21 @@ Share = Annotated[float, Bounds(low=0, high=1, low_open=True)]  # (0, 1]: top-p,
 # How per-token losses become one scalar per optimizer step (see posttrain/losses/aggregation.py).
 LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "microbatch-token-mean"]
 
+
+@dataclass(frozen=True)
+class RunNameRule:
+    """A run's name is a folder under out_dir: not empty, not absolute, no '..' that leaves it."""
+
+    def allows(self, value: str) -> bool:
+        parts = Path(value).parts
+        return bool(value.strip()) and bool(parts) and not Path(value).is_absolute() and ".." not in parts
+
+    def describe(self) -> str:
+        return "that names a folder under out_dir (not empty, not absolute, no '..')"
+
+
+RunName = Annotated[str, RunNameRule()]
+
 # ----------------------------------------------------------------------------------------------
 # Schema
 
@@ -168,11 +183,13 @@ class TrainLoopConfig:
     save_every: NonNegativeInt = 0  # optimizer steps between checkpoints; 0: only the final one
     keep_checkpoints: PositiveInt = 2
     log_every: PositiveInt = 1
+    max_nonfinite_steps: PositiveInt = 3  # stop after this many updates in a row skipped for a NaN/inf loss or grad
+    token_probs_examples: NonNegativeInt = 0  # training examples scored before/after for token_probs.json; 0: off
 
 
 @dataclass
 class TrainRecipe:
-    name: str
+    name: RunName
     model: ModelConfig
     objective: ObjectiveConfig
     seed: int = 0
@@ -247,11 +264,12 @@ class DistillLoopConfig:
     save_every: NonNegativeInt = 0
     keep_checkpoints: PositiveInt = 2
     log_every: PositiveInt = 1
+    max_nonfinite_steps: PositiveInt = 3  # stop after this many updates in a row skipped for a NaN/inf loss or grad
 
 
 @dataclass
 class DistillRecipe:
-    name: str
+    name: RunName
     student: ModelConfig
     teacher: ModelConfig
     objective: ObjectiveConfig
@@ -307,7 +325,7 @@ def load_recipe(path: str | Path, schema: type, overrides: list[str] | None = No
     path = Path(path)
     if not path.is_file():
         raise UserError(f"recipe file not found: {path}")
-    raw = parse_yaml(path.read_text(), str(path))
+    raw = parse_yaml(read_utf8(path), str(path))
     if not isinstance(raw, dict):
         raise UserError(f"{path}: the recipe must be a YAML mapping of keys to values")
     where = _Where(str(path))
@@ -316,9 +334,34 @@ def load_recipe(path: str | Path, schema: type, overrides: list[str] | None = No
     return _build(schema, raw, "", where)
 
 
+def read_utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                        "save the file as UTF-8") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys silently; a recipe with `lr` twice is a mistake."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping)
+
+
 def parse_yaml(text: str, label: str) -> Any:
     try:
-        return yaml.safe_load(text) or {}
+        return yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
@@ -441,14 +484,19 @@ def _coerce(value: Any, hint: Any, key: str, where: _Where) -> Any:
                 pass
         where.fail(key, f"must be an integer, got {value!r}")
     if hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        where.fail(key, f"must be a number, got {value!r}")
+        if number is None:
+            where.fail(key, f"must be a number, got {value!r}")
+        if not math.isfinite(number):  # nan/inf would train (or sample) silently at NaN
+            where.fail(key, f"must be a finite number, got {value!r}")
+        return number
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

@@ -31,7 +31,7 @@ from posttrain.losses.objective import STUDENT_TOPK
 from posttrain.models import load_policy, same_vocabulary
 from posttrain.optim import build_scheduler
 from posttrain.progress import StepProgress, summary_table
-from posttrain.loop import apply_precision, global_counts, open_logs, open_run, optimizer_step, save_final
+from posttrain.loop import apply_precision, count_nonfinite, global_counts, open_logs, open_run, optimizer_step, save_final
 from posttrain.runfolder import load_trainer_state, save_checkpoint
 from posttrain.runtime import Runtime, make_runtime
 from posttrain.memory import check_memory, training_memory
@@ -39,7 +39,8 @@ from posttrain.scale import gathered, place_teacher, wrap_for_training
 from posttrain.scoring import has_repetition_loop, score_pair, score_tokens, support_diagnostics
 
 
-def distill(recipe: DistillRecipe, *, resume: bool = False, recipe_path: str = "recipe") -> Path:
+def distill(recipe: DistillRecipe, *, resume: bool = False, recipe_path: str = "recipe",
+            allow_changed_recipe: bool = False) -> Path:
     objective = OBJECTIVES[recipe.objective.name]
     if not objective.on_policy:
         raise UserError(f"{recipe_path}: key 'objective.name': {objective.name!r} is an offline objective; "
@@ -50,9 +51,10 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, recipe_path: str = "
                         "so it cannot score the student's top-K support; use scoring.backend: hf")
     runtime = make_runtime(recipe.train.precision, recipe.train.parallel)
     _check_sizes(recipe, runtime, recipe_path)
-    run_dir, checkpoint, student, tokenizer = open_run(recipe, "student", runtime, resume)
+    run_dir, checkpoint, student, tokenizer = open_run(recipe, "student", runtime, resume, allow_changed_recipe, recipe_path)
     apply_precision(student, recipe.train.precision)
     teacher = Teacher(recipe, runtime, tokenizer)
+    _check_k(recipe, student, recipe_path)
     check_memory(training_memory(
         student, tokens_per_micro_batch=recipe.train.micro_batch_size * (recipe.prompts.max_prompt_length + recipe.rollout.max_new_tokens),
         bf16=runtime.matmul_dtype is not None, gradient_checkpointing=recipe.train.gradient_checkpointing,
@@ -78,7 +80,7 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, recipe_path: str = "
     metrics, rollout_log = open_logs(run_dir, runtime, recipe, f"posttrain distill --recipe {recipe_path}", checkpoint,
                                      start_step, "metrics.jsonl", "rollouts.jsonl")
 
-    started, row = time.time(), {}
+    started, row, nonfinite_streak = time.time(), {}, 0
     with StepProgress(f"distill {recipe.name}", recipe.train.steps, start_step, enabled=runtime.is_main) as progress:
         for step in range(start_step, recipe.train.steps):
             step_prompts = _prompts_for_step(prompts, recipe, runtime, step)
@@ -86,14 +88,20 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, recipe_path: str = "
                                       step_prompts, tokenizer, mask_ids)
             backend.update_weights(student)
             row["step"] = step + 1
+            skipped = row.pop("skipped")
+            row["skipped_updates"] = sum(skipped)
             metrics.append(row)
             rollout_log.append({"step": step + 1, "responses": texts})
             progress.update(step + 1, row, speed_key="rollouts_per_s", speed_unit="rollouts/s")
+            nonfinite_streak = count_nonfinite(nonfinite_streak, skipped, recipe.train.max_nonfinite_steps, step + 1,
+                                               recipe_path)
             done = step + 1
-            if recipe.train.save_every and done % recipe.train.save_every == 0 and done < recipe.train.steps:
+            # no periodic checkpoint right after a skipped (NaN/inf) update: it would push out older ones
+            if recipe.train.save_every and done % recipe.train.save_every == 0 and done < recipe.train.steps \
+                    and nonfinite_streak == 0:
                 save_checkpoint(run_dir, done, student, tokenizer, optimizer, scheduler, runtime, recipe.train.keep_checkpoints)
 
-    save_final(run_dir, recipe.train.steps, student, tokenizer, optimizer, scheduler, runtime, recipe.train)
+    save_final(run_dir, recipe.train.steps, student, tokenizer, optimizer, scheduler, runtime, recipe.train, checkpoint)
     if runtime.is_main:
         summary_table(f"distill {recipe.name} ({objective.name})", [
             ("steps", f"{recipe.train.steps} ({start_step} before this session)"),
@@ -119,7 +127,7 @@ def distill_step(policy, optimizer, scheduler, backend, teacher, runtime: Runtim
                         max_new_tokens=recipe.rollout.max_new_tokens,
                         seed=(recipe.seed * 1_000_003 + step) * 101 + runtime.rank)
     with gathered(policy):  # under FSDP2 the hf backend runs the student outside its wrapped forward
-        completions = backend.generate(prompt_ids, spec)
+        completions = _generate_or_stop(backend, prompt_ids, spec, step)
     rollouts = [Example(p + c.token_ids, len(p)) for p, samples in zip(prompt_ids, completions) for c in samples]
     flat = [c for samples in completions for c in samples]
     time_generate = time.time() - clock
@@ -142,16 +150,17 @@ def distill_step(policy, optimizer, scheduler, backend, teacher, runtime: Runtim
 
     # 5. PPO epochs × mini-batches
     clock = time.time()
-    stats, losses, grad_norms = {}, [], []
+    stats, losses, grad_norms, skipped = {}, [], [], []
     local_mini = recipe.train.mini_batch_size // runtime.world_size
     for epoch in range(recipe.train.ppo_epochs):
         order = torch.randperm(len(rollouts), generator=torch.Generator().manual_seed(recipe.seed * 7919 + step * 31 + epoch))
         for start in range(0, len(rollouts), local_mini):
             rows = order[start : start + local_mini]
-            loss, grad_norm = ppo_update(policy, optimizer, scheduler, runtime, recipe, batch, rows, stats,
-                                         seed=(step * 1009 + epoch) * 1009 + start)
+            loss, grad_norm, was_skipped = ppo_update(policy, optimizer, scheduler, runtime, recipe, batch, rows, stats,
+                                                      seed=(step * 1009 + epoch) * 1009 + start)
             losses.append(loss)
             grad_norms.append(grad_norm)
+            skipped.append(was_skipped)
     time_train = time.time() - clock
 
     # 6. metrics (sums over processes, then per-token or per-rollout means) over all response tokens
@@ -188,6 +197,7 @@ def distill_step(policy, optimizer, scheduler, backend, teacher, runtime: Runtim
         **{f"train_{k[5:]}": v / engine_tokens for k, v in sums.items() if k.startswith("stat_")},
         "time_generate": time_generate, "time_score": time_score, "time_train": time_train,
         "rollouts_per_s": count / max(time_generate + time_score + time_train, 1e-9),
+        "skipped": skipped,  # per update: NaN/inf loss or grad norm, not applied
     }
     texts = [tokenizer.decode(r.token_ids[r.prompt_len :]) for r in rollouts[:2]]
     return row, texts
@@ -208,9 +218,23 @@ def rollout_logprob_gap_sum(completions, rollouts, batch, spec: SamplingSpec) ->
     return float((recorded_BT - batch["old_logprob"].cpu().float())[mask_BT].abs().sum())
 
 
-def ppo_update(policy, optimizer, scheduler, runtime, recipe, batch, rows, stats, seed) -> tuple[float, float]:
+def _generate_or_stop(backend, prompt_ids, spec, step: int):
+    """Rollouts; a student whose weights diverged (finite but huge after a bad update) has a NaN
+    sampling distribution, which torch refuses deep inside generate: stop the run in one line."""
+    try:
+        return backend.generate(prompt_ids, spec)
+    except RuntimeError as err:
+        if "inf" not in str(err) and "nan" not in str(err):
+            raise
+        raise UserError(f"stopped at step {step + 1}: the student's next-token probabilities are NaN/inf, so it "
+                        "cannot sample (its weights diverged in an earlier update); no checkpoint was written after "
+                        "the last finite step; lower optim.lr") from None
+
+
+def ppo_update(policy, optimizer, scheduler, runtime, recipe, batch, rows, stats, seed) -> tuple[float, float, bool]:
     """One optimizer step on the rollouts `rows` of this process's batch (its part of the PPO
-    mini-batch); every token's loss carries its train.loss_aggregation weight over the mini-batch."""
+    mini-batch); every token's loss carries its train.loss_aggregation weight over the mini-batch.
+    Returns (loss, grad norm, skipped)."""
     objective, params = OBJECTIVES[recipe.objective.name], recipe.objective.params
     groups = [torch.tensor(g, device=batch["input_ids"].device)
               for g in micro_batches(rows.tolist(), recipe.train.micro_batch_size, None)]
@@ -230,8 +254,8 @@ def ppo_update(policy, optimizer, scheduler, runtime, recipe, batch, rows, stats
                                    temperature=temperature) / divisor
             runtime.accelerator.backward(weighted_loss * runtime.world_size)
         loss_total += weighted_loss.item()
-    grad_norm = optimizer_step(policy, optimizer, scheduler, runtime, recipe.optim.grad_clip)
-    return runtime.sum_across_ranks({"l": loss_total})["l"], grad_norm
+    grad_norm, skipped = optimizer_step(policy, optimizer, scheduler, runtime, recipe.optim.grad_clip, loss_total)
+    return runtime.sum_across_ranks({"l": loss_total})["l"], grad_norm, skipped
 
 
 def fetch_signals(objective, params, policy, teacher, batch, recipe: DistillRecipe, runtime):
@@ -369,6 +393,16 @@ def _prompts_for_step(prompts, recipe: DistillRecipe, runtime, step) -> list[lis
     epoch, index = divmod(step, steps_per_epoch)
     order = epoch_order(len(prompts), recipe.seed, epoch)[index * per_step : (index + 1) * per_step]
     return [prompts[i] for i in order][runtime.rank :: runtime.world_size]
+
+
+def _check_k(recipe: DistillRecipe, student, recipe_path) -> None:
+    """Top-K supports need K ≤ the vocabulary (torch.topk would fail mid-run otherwise)."""
+    vocab = student.get_output_embeddings().weight.shape[0]
+    k = getattr(recipe.objective.params, "k", None)
+    key = "objective.k" if k is not None else "scoring.diagnostics_k"
+    k = recipe.scoring.diagnostics_k if k is None else k
+    if k > vocab:
+        raise UserError(f"{recipe_path}: key '{key}' ({k}) must be at most the vocabulary size ({vocab})")
 
 
 def _check_sizes(recipe: DistillRecipe, runtime, recipe_path) -> None:

@@ -2,31 +2,40 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 
 from posttrain.config import ModelConfig, dump_yaml
 from posttrain.losses.aggregation import GlobalCounts
+from posttrain.errors import UserError
 from posttrain.models import load_policy
 from posttrain.progress import console
 from posttrain.runfolder import (
-    MetricsLog, latest_checkpoint, mark_final, prepare_run_dir, save_checkpoint, write_text_atomic,
+    MetricsLog, describe_changes, mark_final, newest_intact_checkpoint, prepare_run_dir, recipe_changes,
+    record_recipe_changes, save_checkpoint, write_text_atomic,
 )
 from posttrain.runtime import Runtime
 from posttrain.scale import prepare_model, save_merged_lora
 
 
-def open_run(recipe, model_key: str, runtime: Runtime, resume: bool):
+def open_run(recipe, model_key: str, runtime: Runtime, resume: bool, allow_changed_recipe: bool = False,
+             recipe_path: str = "recipe"):
     """(run_dir, checkpoint to resume or None, model, tokenizer) for a recipe whose trained
     model is `recipe.<model_key>`. Resuming loads the checkpoint's weights through the same path
-    as any model; a LoRA checkpoint holds only the adapter, so its base comes from the recipe."""
+    as any model; a LoRA checkpoint holds only the adapter, so its base comes from the recipe.
+    Resuming with a recipe that differs from the run's config.yaml is refused unless allowed."""
     run_dir = Path(recipe.out_dir) / recipe.name
+    if allow_changed_recipe and not resume:
+        raise UserError("--allow-changed-recipe only applies together with --resume")
+    if resume:
+        check_same_recipe(run_dir, recipe, allow_changed_recipe, recipe_path)
     if runtime.is_main:
         prepare_run_dir(recipe.out_dir, recipe.name, resume)
         console.print(f"{recipe.name}: {runtime.describe()}", highlight=False)
     runtime.barrier()
-    checkpoint = latest_checkpoint(run_dir) if resume else None
+    checkpoint = newest_intact_checkpoint(run_dir, say=_say if runtime.is_main else _quiet) if resume else None
     model_cfg = getattr(recipe, model_key)
     if checkpoint is not None and recipe.train.lora is None:
         model_cfg = ModelConfig(path=str(checkpoint))
@@ -42,14 +51,33 @@ def open_logs(run_dir: Path, runtime: Runtime, recipe, command: str, checkpoint,
     for log in logs:
         log.truncate_after(start_step)
     if runtime.is_main:
+        changes = recipe_changes(run_dir, recipe)  # only here when allowed (see open_run)
+        if changes:
+            record_recipe_changes(run_dir, changes, start_step, command)
+            console.print(f"recipe changed on resume (recorded in config_changes.jsonl): {describe_changes(changes)}",
+                          highlight=False)
         write_text_atomic(run_dir / "config.yaml", f"# {command}\n" + dump_yaml(recipe))
         if checkpoint:
             console.print(f"resuming {run_dir} from {checkpoint.name}")
     return logs
 
 
-def save_final(run_dir: Path, steps: int, model, tokenizer, optimizer, scheduler, runtime: Runtime, train_cfg) -> None:
-    """The last checkpoint (and, for LoRA, the merged model), then runs/<name>/final pointing to it."""
+def check_same_recipe(run_dir: Path, recipe, allowed: bool, recipe_path: str) -> None:
+    """A resumed run continues the recipe in its config.yaml; a different one (another lr or
+    objective) would make that record lie, so it needs --allow-changed-recipe (then recorded)."""
+    changes = recipe_changes(run_dir, recipe)
+    if changes and not allowed:
+        raise UserError(f"{recipe_path}: --resume with a recipe that differs from {run_dir / 'config.yaml'}: "
+                        f"{describe_changes(changes)}; resume with the same recipe, or add --allow-changed-recipe "
+                        "(the change is recorded in config_changes.jsonl)")
+
+
+def save_final(run_dir: Path, steps: int, model, tokenizer, optimizer, scheduler, runtime: Runtime, train_cfg,
+               resumed_from: Path | None = None) -> None:
+    """The last checkpoint (and, for LoRA, the merged model), then runs/<name>/final pointing to it.
+    Resuming a finished run leaves its checkpoint and `final` as they are."""
+    if resumed_from is not None and resumed_from.name == f"step-{steps:06d}" and (run_dir / "final").exists():
+        return
     final = save_checkpoint(run_dir, steps, model, tokenizer, optimizer, scheduler, runtime, train_cfg.keep_checkpoints)
     if train_cfg.lora is not None:
         final = save_merged_lora(run_dir, model, tokenizer, runtime)
@@ -57,18 +85,25 @@ def save_final(run_dir: Path, steps: int, model, tokenizer, optimizer, scheduler
         mark_final(run_dir, final)
 
 
-def optimizer_step(policy, optimizer, scheduler, runtime: Runtime, grad_clip: float) -> float:
+def optimizer_step(policy, optimizer, scheduler, runtime: Runtime, grad_clip: float,
+                   local_loss_sum: float = 0.0) -> tuple[float, bool]:
     """Clip (when grad_clip > 0), step, advance the schedule, clear the gradients; returns the
-    global gradient norm before clipping."""
+    global gradient norm before clipping, and whether the update was skipped: a NaN/inf loss
+    (summed over processes, so every process decides alike) or gradient norm is never applied.
+    The schedule advances either way, so step numbers and the learning rate stay those of an
+    unskipped run."""
     params = [p for p in policy.parameters() if p.grad is not None]
     if grad_clip > 0:
         grad_norm = float(runtime.accelerator.clip_grad_norm_(params, grad_clip))
     else:
         grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
-    optimizer.step()
+    loss_sum = runtime.sum_across_ranks({"loss": float(local_loss_sum)})["loss"]
+    skipped = not (math.isfinite(grad_norm) and math.isfinite(loss_sum))
+    if not skipped:
+        optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+    return grad_norm, skipped
 
 
 def global_counts(loss_masks: list[torch.Tensor], runtime: Runtime) -> GlobalCounts:
@@ -89,3 +124,24 @@ def apply_precision(model, precision: str) -> None:
     if precision == "bf16-pure":
         model.to(torch.bfloat16)
         console.print("precision bf16-pure: weights, gradients and AdamW state in bf16", highlight=False)
+
+
+def count_nonfinite(streak: int, skipped_updates: list[bool], limit: int, step: int, recipe_path: str) -> int:
+    """The number of updates skipped in a row after this step's updates; stops the run (one line,
+    non-zero exit) when it reaches `limit` (recipe key train.max_nonfinite_steps). Called after the
+    step's metrics row is written, so the skipped updates are in metrics.jsonl."""
+    for skipped in skipped_updates:
+        streak = streak + 1 if skipped else 0
+    if streak >= limit:
+        raise UserError(f"{recipe_path}: stopped at step {step}: {streak} updates in a row had a NaN/inf loss or "
+                        f"gradient norm and were skipped (train.max_nonfinite_steps: {limit}); no checkpoint was "
+                        "written after them; lower optim.lr or check the data and objective")
+    return streak
+
+
+def _say(message: str) -> None:
+    console.print(message, highlight=False)
+
+
+def _quiet(message: str) -> None:
+    pass

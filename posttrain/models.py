@@ -58,6 +58,25 @@ def build_tiny_tokenizer(vocab_size: int):
     return tokenizer
 
 
+def as_reloaded(tokenizer, model_config):
+    """The tokenizer exactly as transformers will load it back from a checkpoint with this model
+    config. AutoTokenizer picks the tokenizer class from the model type (Qwen2 → Qwen2Tokenizer,
+    which rebuilds its own pre-tokenizer and ignores the saved one), so a tokenizer trained with
+    another pre-tokenizer would give different ids after save/load. Training with the reloaded
+    one from the start makes what posttrain saves reload to the tokenizer it trained with."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="posttrain-tokenizer-") as folder:
+        model_config.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        reloaded = AutoTokenizer.from_pretrained(folder)
+    if reloaded.pad_token_id is None:
+        reloaded.pad_token = reloaded.eos_token
+    return reloaded
+
+
 def build_tiny_model(cfg: TinyModelConfig, vocab_size: int, seed: int):
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
@@ -106,7 +125,7 @@ def load_policy(cfg: ModelConfig, key: str, seed: int, device, dtype=torch.float
     if cfg.tiny is not None:
         tokenizer = build_tiny_tokenizer(cfg.tiny.vocab_size)
         model = build_tiny_model(cfg.tiny, len(tokenizer), seed).to(device=device, dtype=dtype)
-        return model, tokenizer
+        return model, as_reloaded(tokenizer, model.config)
     check_model_path(cfg.path, f"recipe key '{key}.path'")
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.path)
     return load_model(cfg.path, dtype, device), tokenizer

@@ -3,19 +3,24 @@
     config.yaml              the resolved recipe (every default filled in)
     metrics.jsonl            one JSON object per optimizer step
     checkpoints/step-NNNNNN/ HF model + tokenizer (loadable by from_pretrained) + trainer_state.pt
+                             + manifest.json (size and sha256 of every file)
+    config_changes.jsonl     recipe keys changed by `--resume --allow-changed-recipe` (before → after)
     final -> checkpoints/step-NNNNNN   the last checkpoint, once the run has finished
     eval/<benchmarks>/       results written by `posttrain eval --out` (optional)
 
-Checkpoints are written to a temporary directory and renamed into place, so a run killed at
-any moment leaves only complete checkpoints; `--resume` continues from the newest one.
+Checkpoints are written to a temporary directory, verified against their manifest, synced to
+disk and renamed into place, so a run killed at any moment leaves only complete checkpoints;
+`--resume` continues from the newest one that still matches its manifest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -23,12 +28,16 @@ import torch
 from posttrain.errors import UserError
 
 STATE_FILE = "trainer_state.pt"
+MANIFEST_FILE = "manifest.json"
 
 
 def prepare_run_dir(out_dir: str, name: str, resume: bool) -> Path:
     """Create runs/<name>; refuse to overwrite an existing run (one that wrote its config, a
     metric or a checkpoint) unless resuming."""
     run_dir = Path(out_dir) / name
+    for folder in [run_dir, *run_dir.parents]:
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"recipe key 'out_dir': {folder} is a file, not a folder; pick another out_dir or name")
     used = (run_dir / "config.yaml").exists() or (run_dir / "metrics.jsonl").exists() or latest_checkpoint(run_dir)
     if used and not resume:
         raise UserError(
@@ -90,15 +99,35 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, runtime, keep: int) -> Path:
-    """Write checkpoints/step-NNNNNN atomically (all ranks call this; rank 0 writes)."""
+    """Write checkpoints/step-NNNNNN atomically (all ranks call this; rank 0 writes).
+
+    Weights that are not finite are never written (a diverged run must not replace a good
+    checkpoint); a write that fails (disk full, file-size limit) removes its temporary folder and
+    leaves every earlier checkpoint as it was. Old checkpoints are pruned only after the new one
+    is complete."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state, optim_state = get_state_dict(model, optimizer, options=options)
     final = run_dir / "checkpoints" / f"step-{step:06d}"
-    if runtime.is_main:
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+    problem = _write_checkpoint(run_dir, final, step, model, model_state, optim_state, tokenizer, scheduler, keep) \
+        if runtime.is_main else None
+    # every process stops alike (rank 0 alone raising would leave the others waiting forever)
+    if runtime.sum_across_ranks({"failed": float(problem is not None)})["failed"]:
+        raise UserError(problem or f"checkpoint {final} could not be written (see the first process's error)")
+    runtime.barrier()
+    return final
+
+
+def _write_checkpoint(run_dir, final, step, model, model_state, optim_state, tokenizer, scheduler, keep) -> str | None:
+    """Rank 0's part of save_checkpoint; returns what went wrong, or None."""
+    bad = nonfinite_tensors(model_state)
+    if bad:
+        return (f"step {step}: the weights are not finite ({bad[0]}{' and others' if len(bad) > 1 else ''}); "
+                f"checkpoint not written; {_newest_left(run_dir)}")
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
         model.save_pretrained(tmp, state_dict=_without_tied_copies(model_state, model), safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         state = {
@@ -107,13 +136,114 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, sched
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         }
         torch.save(state, tmp / STATE_FILE)
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
-        if keep > 0:
-            for _, old in checkpoints(run_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-    runtime.barrier()
-    return final
+        write_manifest(tmp)
+    except Exception as err:  # OSError (ENOSPC, EFBIG), or the same wrapped by torch/safetensors
+        shutil.rmtree(tmp, ignore_errors=True)
+        return f"cannot write checkpoint {final}: {_first_line(err)}; {_newest_left(run_dir)}"
+    _replace_dir(tmp, final)
+    if keep > 0:  # pruned only once the new checkpoint is complete
+        for _, old in checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return None
+
+
+def nonfinite_tensors(state: dict) -> list[str]:
+    """Names of floating-point tensors holding NaN or inf."""
+    return [name for name, value in state.items()
+            if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
+
+
+def write_manifest(folder: Path) -> None:
+    """manifest.json: size and sha256 of every file, read back from disk after an fsync, then the
+    folder itself synced, so what the manifest vouches for is what a crash leaves."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        _fsync_file(path)
+        files[str(path.relative_to(folder))] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    manifest = folder / MANIFEST_FILE
+    manifest.write_text(json.dumps({"files": files}, indent=1))
+    _fsync_file(manifest)
+    _fsync_dir(folder)
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """None if every file listed in the checkpoint's manifest is there with its size and hash;
+    else what is wrong. (Checkpoints written before manifests existed are taken as they are.)"""
+    manifest = checkpoint / MANIFEST_FILE
+    if not manifest.exists():
+        return None
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, OSError):
+        return f"{MANIFEST_FILE} is unreadable"
+    for name, expected in files.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != expected["size"]:
+            return f"{name} has {size} bytes, its manifest says {expected['size']}"
+        if _sha256(path) != expected["sha256"]:
+            return f"{name} does not match its sha256 in the manifest"
+    return None
+
+
+def newest_intact_checkpoint(run_dir: Path, say=print) -> Path | None:
+    """The newest checkpoint that matches its manifest; damaged newer ones are named and skipped.
+    Refuses when checkpoints exist but none is intact (starting over would silently discard them)."""
+    found = checkpoints(run_dir)
+    for _, checkpoint in reversed(found):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            return checkpoint
+        say(f"checkpoint {checkpoint} is damaged ({problem}); trying the one before it")
+    if found:
+        raise UserError(f"no intact checkpoint in {run_dir / 'checkpoints'}: every one fails its manifest; "
+                        "move the folder away to start over")
+    return None
+
+
+def _newest_left(run_dir: Path) -> str:
+    found = checkpoints(run_dir)
+    return f"the newest checkpoint is still {found[-1][1]}" if found else "no earlier checkpoint exists"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Rename tmp to final. An existing final is first moved aside (not deleted), so at every
+    moment one complete copy exists under a checkpoint-like name or its .old name."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _without_tied_copies(state: dict, model) -> dict:
@@ -134,9 +264,20 @@ def load_trainer_state(checkpoint: Path, model, optimizer, scheduler, runtime) -
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
+    # The recipe's hyperparameters (lr, betas, weight decay, schedule length) stay in force: the
+    # saved state would otherwise bring back the old ones, and a recipe changed on resume
+    # (--allow-changed-recipe) would be recorded but silently not used.
+    recipe_hparams = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=runtime.world_size > 1)
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"], options=options)
     scheduler.load_state_dict(state["scheduler"])
+    for group, hparams in zip(optimizer.param_groups, recipe_hparams):
+        group.update(hparams)
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    scheduler._last_lr = [base * rule(scheduler.last_epoch)
+                          for base, rule in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(optimizer.param_groups, scheduler._last_lr):
+        group["lr"] = lr
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
     if state["rng"]["cuda"] is not None and torch.cuda.is_available():
@@ -145,9 +286,84 @@ def load_trainer_state(checkpoint: Path, model, optimizer, scheduler, runtime) -
 
 
 def mark_final(run_dir: Path, checkpoint: Path) -> None:
+    """Point runs/<name>/final at `checkpoint`: a new link renamed over the old one (never a
+    moment without `final`), or nothing at all when it already points there."""
     link = run_dir / "final"
+    target = checkpoint.relative_to(run_dir)
+    if link.is_symlink() and Path(os.readlink(link)) == target:
+        return
     tmp = run_dir / ".final.tmp"
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
-    tmp.symlink_to(checkpoint.relative_to(run_dir))
+    tmp.symlink_to(target)
     os.replace(tmp, link)
+
+
+def recipe_changes(run_dir: Path, recipe) -> dict[str, tuple]:
+    """{dotted key: (value in the run's config.yaml, value now)} for every key that differs
+    between the run's recorded recipe and `recipe` (both resolved, defaults filled in). A key the
+    recorded recipe lacks (written before the key existed) counts only if it is not the default."""
+    import yaml
+
+    from posttrain.config import dump_yaml
+
+    recorded = run_dir / "config.yaml"
+    if not recorded.exists():
+        return {}
+    try:
+        before = yaml.safe_load(recorded.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise UserError(f"{recorded} is not readable YAML; cannot check the recipe of the resumed run") from None
+    before, after = _flatten(before or {}), _flatten(yaml.safe_load(dump_yaml(recipe)))
+    changes = {}
+    for key in sorted((set(before) | set(after)) - LOCATION_KEYS):
+        old, new = before.get(key, ABSENT), after.get(key, ABSENT)
+        if old != new and not (old is ABSENT and _is_default(recipe, key, new)):
+            changes[key] = (old, new)
+    return changes
+
+
+ABSENT = "(absent)"
+# Where the run folder is, not what the run computes: a moved or renamed run folder resumes.
+LOCATION_KEYS = {"out_dir", "name"}
+
+
+def _is_default(recipe, dotted: str, value) -> bool:
+    """Whether `value` is the schema default of the recipe key `dotted`."""
+    import dataclasses
+
+    *parents, leaf = dotted.split(".")
+    node = recipe
+    for part in parents:
+        node = getattr(node, part, None)
+        node = getattr(node, "params", node) if type(node).__name__ == "ObjectiveConfig" else node
+    if not dataclasses.is_dataclass(node):
+        return False
+    for f in dataclasses.fields(node):
+        if f.name == leaf:
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else ABSENT)
+            return default == value or (isinstance(default, tuple) and list(default) == value)
+    return False
+
+
+def record_recipe_changes(run_dir: Path, changes: dict[str, tuple], step: int, command: str) -> None:
+    """Append what `--allow-changed-recipe` changed to config_changes.jsonl: config.yaml then
+    holds the recipe in force, and this file every earlier value, in order."""
+    row = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "resumed_at_step": step, "command": command,
+           "changed": {key: {"before": before, "after": after} for key, (before, after) in changes.items()}}
+    with open(run_dir / "config_changes.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def describe_changes(changes: dict[str, tuple]) -> str:
+    return ", ".join(f"{key} ({before!r} → {after!r})" for key, (before, after) in changes.items())
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat

@@ -25,7 +25,7 @@ from posttrain.losses.aggregation import micro_batch_aggregation, top_entropy_ma
 from posttrain.losses.engine import head_entropy
 from posttrain.optim import build_scheduler
 from posttrain.progress import StepProgress, summary_table
-from posttrain.loop import apply_precision, global_counts, open_logs, open_run, optimizer_step, save_final
+from posttrain.loop import apply_precision, count_nonfinite, global_counts, open_logs, open_run, optimizer_step, save_final
 from posttrain.runfolder import load_trainer_state, save_checkpoint, write_text_atomic
 from posttrain.runtime import Runtime, make_runtime
 from posttrain.memory import check_memory, training_memory
@@ -33,13 +33,16 @@ from posttrain.scale import gathered, wrap_for_training
 from posttrain.scoring import hidden_at_loss_positions, score_tokens
 
 
-def train(recipe: TrainRecipe, *, resume: bool = False, recipe_path: str = "recipe") -> Path:
+def train(recipe: TrainRecipe, *, resume: bool = False, recipe_path: str = "recipe",
+          allow_changed_recipe: bool = False) -> Path:
     objective = OBJECTIVES[recipe.objective.name]
     if objective.on_policy:
         raise UserError(f"{recipe_path}: key 'objective.name': {objective.name!r} is an on-policy objective; "
                         "run it with `posttrain distill`")
+    # the data's rows first: a missing, empty or non-UTF-8 file is refused before any model is built
+    rows = load_rows(recipe.data.source, recipe.data.split, recipe.data.synthetic, recipe.data.max_examples, "data.source")
     runtime = make_runtime(recipe.train.precision, recipe.train.parallel)
-    run_dir, checkpoint, model, tokenizer = open_run(recipe, "model", runtime, resume)
+    run_dir, checkpoint, model, tokenizer = open_run(recipe, "model", runtime, resume, allow_changed_recipe, recipe_path)
     apply_precision(model, recipe.train.precision)
     check_memory(training_memory(
         model, tokens_per_micro_batch=recipe.train.micro_batch_tokens or recipe.train.micro_batch_size * recipe.data.max_length,
@@ -48,7 +51,6 @@ def train(recipe: TrainRecipe, *, resume: bool = False, recipe_path: str = "reci
     ), runtime.device, show=runtime.is_main, where=recipe_path)
 
     # Data
-    rows = load_rows(recipe.data.source, recipe.data.split, recipe.data.synthetic, recipe.data.max_examples, "data.source")
     examples, data_counts = build_examples(rows, tokenizer, recipe.data)
     batch_size = recipe.train.batch_size
     if batch_size < runtime.world_size:
@@ -66,11 +68,12 @@ def train(recipe: TrainRecipe, *, resume: bool = False, recipe_path: str = "reci
 
     [metrics] = open_logs(run_dir, runtime, recipe, f"posttrain train --recipe {recipe_path}", checkpoint, start_step,
                           "metrics.jsonl")
-    probe = examples[:TOKEN_PROBE_EXAMPLES]  # the same training examples before and after
-    if checkpoint is None:
-        _write_token_probs(run_dir, runtime, "initial", token_probability_histogram(policy, model, probe, tokenizer, runtime))
+    probe = examples[: recipe.train.token_probs_examples]  # the same training examples before and after
+    if checkpoint is None and probe:
+        _write_token_probs(run_dir, runtime, "initial", token_probability_histogram(policy, model, probe, tokenizer, runtime),
+                          len(probe))
 
-    started, last_row, order_cache = time.time(), {}, {}
+    started, last_row, order_cache, nonfinite_streak = time.time(), {}, {}, 0
     with StepProgress(f"train {recipe.name}", total_steps, start_step, enabled=runtime.is_main) as progress:
         for step in range(start_step, total_steps):
             epoch, index = divmod(step, steps_per_epoch)
@@ -81,12 +84,18 @@ def train(recipe: TrainRecipe, *, resume: bool = False, recipe_path: str = "reci
             last_row.update(step=step + 1, epoch=epoch)
             metrics.append(last_row)
             progress.update(step + 1, last_row)
+            nonfinite_streak = count_nonfinite(nonfinite_streak, [last_row["skipped"]], recipe.train.max_nonfinite_steps,
+                                               step + 1, recipe_path)
             done = step + 1
-            if recipe.train.save_every and done % recipe.train.save_every == 0 and done < total_steps:
+            # no periodic checkpoint right after a skipped (NaN/inf) update: it would push out older ones
+            if recipe.train.save_every and done % recipe.train.save_every == 0 and done < total_steps \
+                    and nonfinite_streak == 0:
                 save_checkpoint(run_dir, done, model, tokenizer, optimizer, scheduler, runtime, recipe.train.keep_checkpoints)
 
-    save_final(run_dir, total_steps, model, tokenizer, optimizer, scheduler, runtime, recipe.train)
-    _write_token_probs(run_dir, runtime, "final", token_probability_histogram(policy, model, probe, tokenizer, runtime))
+    save_final(run_dir, total_steps, model, tokenizer, optimizer, scheduler, runtime, recipe.train, checkpoint)
+    if probe and start_step < total_steps:
+        _write_token_probs(run_dir, runtime, "final", token_probability_histogram(policy, model, probe, tokenizer, runtime),
+                          len(probe))
     if runtime.is_main:
         summary_table(f"train {recipe.name} ({objective.name})", [
             ("steps", f"{total_steps} ({start_step} before this session)"),
@@ -132,11 +141,11 @@ def train_step(policy, optimizer, scheduler, runtime: Runtime, recipe: TrainReci
         loss_total += weighted_loss.item()
         seen_tokens += int(batch["attention_mask"].sum())
     lr = scheduler.get_last_lr()[0]
-    grad_norm = optimizer_step(policy, optimizer, scheduler, runtime, recipe.optim.grad_clip)
+    grad_norm, skipped = optimizer_step(policy, optimizer, scheduler, runtime, recipe.optim.grad_clip, loss_total)
     totals = runtime.sum_across_ranks({"loss": loss_total, "seen_tokens": seen_tokens,
                                        **{k: float(v) for k, v in stats.items()}})
     seconds = time.time() - started
-    row = {"loss": totals.pop("loss"), "lr": lr, "grad_norm": grad_norm,
+    row = {"loss": totals.pop("loss"), "lr": lr, "grad_norm": grad_norm, "skipped": skipped,
            "response_tokens": response_tokens, "tokens_per_s": totals.pop("seen_tokens") / seconds, "step_seconds": seconds}
     if recipe.train.entropy_top_ratio is not None:
         row["trained_tokens"] = counts.tokens
@@ -159,7 +168,6 @@ def _top_entropy_loss_mask(policy, batch, recipe: TrainRecipe, runtime: Runtime)
     return top_entropy_mask(entropy_BT, batch["loss_mask"], recipe.train.entropy_top_ratio)
 
 
-TOKEN_PROBE_EXAMPLES = 256
 LOG10_EDGES = [-8.0 + 0.25 * i for i in range(33)]  # histogram bins of log10 p, [-8, 0]
 
 
@@ -179,12 +187,13 @@ def token_probability_histogram(policy, model, examples, tokenizer, runtime: Run
     return counts.tolist()
 
 
-def _write_token_probs(run_dir: Path, runtime: Runtime, key: str, counts: list[float]) -> None:
+def _write_token_probs(run_dir: Path, runtime: Runtime, key: str, counts: list[float], examples: int) -> None:
     if not runtime.is_main:
         return
     path = run_dir / "token_probs.json"
-    data = json.loads(path.read_text()) if path.exists() else {"log10_edges": LOG10_EDGES, "examples": TOKEN_PROBE_EXAMPLES}
+    data = json.loads(path.read_text()) if path.exists() else {"log10_edges": LOG10_EDGES}
     data[key] = counts
+    data["examples"] = examples
     write_text_atomic(path, json.dumps(data))
 
 

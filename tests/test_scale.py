@@ -56,7 +56,7 @@ def test_lora_run_resumes_from_its_adapter(tmp_path):
     run_cli("train", "--recipe", str(write_recipe(tmp_path, first, "b1.yaml")))
     second = tiny_train_recipe(tmp_path, name="b", train=common, optim={"schedule": "constant"})
     shutil.rmtree(tmp_path / "runs" / "b" / "merged")  # the unfinished run has no merged model yet
-    run_cli("train", "--recipe", str(write_recipe(tmp_path, second, "b2.yaml")), "--resume")
+    run_cli("train", "--recipe", str(write_recipe(tmp_path, second, "b2.yaml")), "--resume", "--allow-changed-recipe")
     a, b = load_weights(tmp_path / "runs" / "a" / "final"), load_weights(tmp_path / "runs" / "b" / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -115,7 +115,7 @@ def test_two_process_checkpoint_resumes(tmp_path, parallel):
     half = tiny_train_recipe(tmp_path, name="b", train={**common, "max_steps": 4}, optim={"schedule": "constant"})
     torchrun("train", "--recipe", str(write_recipe(tmp_path, half, "b1.yaml")))
     rest = tiny_train_recipe(tmp_path, name="b", train=common, optim={"schedule": "constant"})
-    torchrun("train", "--recipe", str(write_recipe(tmp_path, rest, "b2.yaml")), "--resume")
+    torchrun("train", "--recipe", str(write_recipe(tmp_path, rest, "b2.yaml")), "--resume", "--allow-changed-recipe")
     a, b = load_weights(tmp_path / "runs" / "a" / "final"), load_weights(tmp_path / "runs" / "b" / "final")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
 

@@ -7,6 +7,7 @@ response tokens (EOS included) are trained on.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import json
@@ -54,6 +55,8 @@ def load_rows(source: str, split: str, synthetic_cfg: SyntheticConfig, max_examp
             kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(Path(files[0]).suffix)
             if kind is None:
                 raise UserError(f"recipe key '{key}': {source!r} must be .jsonl, .json or .parquet files")
+            for path in files:
+                _check_local_file(path, kind, key)
             table = datasets.load_dataset(kind, data_files=files, split="train")
         elif Path(source).exists() or "/" not in source:
             raise UserError(f"recipe key '{key}': no file matches {source!r} (and it is not a Hub dataset id)")
@@ -62,7 +65,10 @@ def load_rows(source: str, split: str, synthetic_cfg: SyntheticConfig, max_examp
     except UserError:
         raise
     except Exception as err:  # datasets raises many types for a missing/unreachable dataset
-        raise UserError(f"recipe key '{key}': cannot load {source!r}: {str(err).splitlines()[0]}") from None
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"recipe key '{key}': cannot load {source!r}: {first_line}") from None
+    if len(table) == 0:
+        raise UserError(f"recipe key '{key}': {source!r} holds no rows")
     if dedupe_field:
         _check_field(dict.fromkeys(table.column_names), dedupe_field, key)
         column = table.select_columns([dedupe_field])
@@ -90,6 +96,27 @@ def _check_field(row: dict, name: str, key: str) -> None:
     if name not in row:
         raise UserError(f"recipe key '{key.split('.')[0]}.prompt_field': the data has no field {name!r}; "
                         f"fields: {', '.join(row)}")
+def _check_local_file(path: str, kind: str, key: str) -> None:
+    """An empty file or JSON that is not UTF-8 fails deep inside `datasets` (or only when a row is
+    read); say which file instead."""
+    if Path(path).stat().st_size == 0:
+        raise UserError(f"recipe key '{key}': {path} is empty; it needs one JSON object per line (or parquet rows)")
+    if kind != "json":
+        return
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as err:
+                raise UserError(f"recipe key '{key}': {path} is not UTF-8 (byte {block[err.start]:#04x} at offset "
+                                f"{offset + err.start}); save it as UTF-8") from None
+            offset += len(block)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise UserError(f"recipe key '{key}': {path} is not UTF-8 (it ends inside a character)") from None
 
 
 def render_prompt(tokenizer, prompt, system_prompt: str | None) -> list[int]:
@@ -118,7 +145,8 @@ def build_examples(rows: list[dict], tokenizer, cfg: DataConfig, key: str = "dat
                 f"recipe key '{key}.{field_key}': the data has no field {name!r}; fields: {', '.join(rows[0])}"
             )
     examples, truncated, dropped = [], 0, 0
-    for row in rows:
+    for number, row in enumerate(rows, start=1):
+        _check_text_fields(row, number, cfg, key)
         prompt_ids = render_prompt(tokenizer, row[cfg.prompt_field], cfg.system_prompt)
         response = response_text(row[cfg.response_field], cfg.response_role, f"{key}.response_field")
         response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
@@ -146,6 +174,15 @@ def response_text(value, role: str, key: str) -> str:
         raise UserError(f"recipe key '{key}': a row's message list has no {role!r} turn (roles: {', '.join(roles) or 'none'}); "
                         "set data.response_role")
     return str(turns[-1].get("content", ""))
+def _check_text_fields(row: dict, number: int, cfg: DataConfig, key: str) -> None:
+    """A null or missing field would be rendered as the text "None" and trained on."""
+    for field_key, name in (("prompt_field", cfg.prompt_field), ("response_field", cfg.response_field)):
+        value = row.get(name)
+        # A response may also be a list of chat messages (data.response_role picks the turn).
+        if value is None or (field_key == "response_field" and not isinstance(value, (str, int, float, list))):
+            kind = "is null or missing" if value is None else f"is a {type(value).__name__}, not text"
+            raise UserError(f"recipe key '{key}.{field_key}': row {number} of {cfg.source!r}: field {name!r} {kind}; "
+                            "every row needs text there (remove or fix such rows)")
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
