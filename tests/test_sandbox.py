@@ -402,6 +402,32 @@ def ENTRY(*args, **kwargs):
 }
 HOSTILE = {**FORGERS, **INTRUDERS}
 
+# Appended to a canonical solution, which must then still pass: from inside, the sandbox shows no
+# host directory beyond the interpreter's own (a prefix of /usr once showed /usr/local, /usr/src,
+# where a checkout or a benchmark file may live), and a sample cannot start threads without bound
+# (~700 at 512 MB as an ordinary user, enough for a few samples to use up a machine's PIDs).
+CONTAINED = """
+import os as _os, threading as _threading
+_visible = [p for p in ("/usr/local", "/usr/src", "/usr/include", "/usr/share/doc", "/home", "/work") if _os.path.exists(p)]
+assert not _visible, f"host directories visible: {_visible}"
+_stop, _started = _threading.Event(), 0
+_threading.stack_size(32768)
+try:
+    for _ in range(64):
+        _threading.Thread(target=_stop.wait, daemon=True).start()
+        _started += 1
+except RuntimeError:
+    pass
+_stop.set()
+_threading.stack_size(0)
+assert _started < 64, "a sample can start any number of threads"
+"""
+
+
+def contained_programs(rows) -> tuple[list[dict], list[str]]:
+    programs = [assemble_program(r["prompt"], r["canonical_solution"] + CONTAINED, r["test"], r["entry_point"]) for r in rows]
+    return programs, ["honest"] * len(programs)
+
 
 def hostile_completion(code: str, entry_point: str, port: int) -> str:
     code = code.replace("ENTRY", entry_point).replace("MARK", MARK).replace("PORT", str(port))
@@ -486,6 +512,7 @@ def grade_hostile(rows, attacks, honest_every=1, timeout=3):
     listener = Listener()
     try:
         programs, labels = interleaved(rows, attacks, listener.port, honest_every)
+        programs, labels = [*programs, *contained_programs(rows)[0]], [*labels, *contained_programs(rows)[1]]
         verdicts = CodeSandbox(workers=2, timeout=timeout, memory_mb=512).run_many(programs)
     finally:
         listener.close()
@@ -522,6 +549,7 @@ def test_hostile_set_fails_when_the_eval_runs_as_an_unprivileged_user():
     listener = Listener()
     rows = [r for r in humaneval_rows() if r["task_id"] == "HumanEval/32"]
     programs, labels = interleaved(rows, HOSTILE, listener.port)
+    programs, labels = [*programs, *contained_programs(rows)[0]], [*labels, *contained_programs(rows)[1]]
     script = ("import json, sys\nfrom posttrain.eval.code_sandbox import CodeSandbox\n"
               "sandbox = CodeSandbox(workers=2, timeout=3, memory_mb=512)\n"
               "print(json.dumps([sandbox.isolation, sandbox.run_many(json.load(sys.stdin))]))\n")
@@ -535,6 +563,29 @@ def test_hostile_set_fails_when_the_eval_runs_as_an_unprivileged_user():
     isolation, verdicts = json.loads(proc.stdout)
     assert isolation == "bubblewrap + seccomp + rlimits"
     assert_hostile_set_fails(verdicts, labels, listener)
+
+
+def test_a_checker_stopped_before_its_verdict_never_passes(sandbox):
+    """A test that prints what the sample returned, then a reply that keeps the checker decoding
+    (ints whose hashes all collide, in a set): the printed text once became the verdict line
+    of a checker killed at its deadline. Now a killed checker fails, and sooner (its CPU limit)."""
+    solution = """
+import json, os, struct, time
+CALLS = []
+def f(*args):
+    CALLS.append(1)
+    if len(CALLS) == 1:
+        return "x" * 20000 + '\\n{"passed": true, "error": null}'
+    colliding = [["i", hex(k * (2**61 - 1))] for k in range(1, 150_000)]
+    body = json.dumps(["return", ["S", colliding], [["i", "2"]], {}]).encode()
+    os.write(4, struct.pack(">I", len(body)) + body)  # the reply descriptor, written directly
+    time.sleep(100)
+"""
+    test = "def check(c):\n    print(c(1))\n    assert c(2) == 4\n"
+    start = time.monotonic()
+    verdict = sandbox.run(assemble_program("", "```python\n" + solution + "```\n", test, "f"))
+    assert verdict["passed"] is False and verdict["error"].startswith("the checker was stopped (signal 9)")
+    assert time.monotonic() - start < sandbox.timeout + 5
 
 
 @needs_bwrap

@@ -33,6 +33,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -42,6 +43,7 @@ from pathlib import Path
 STOP_SEQUENCES = ["\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint("]  # the original harness's
 WIRE_SOURCE = (Path(__file__).parent / "sandbox_wire.py").read_text()
 STRONG = "bubblewrap"
+MAX_TASKS = 16  # processes and threads of one sample (the interpreter's own included)
 
 
 def assemble_program(prompt: str, completion: str, test: str, entry_point: str) -> dict:
@@ -149,7 +151,8 @@ class CodeSandbox:
                 if fd is not None:
                     os.close(fd)
         output = _CappedOutput(sample, self.output_limit)
-        job = {**program, "timeout": self.timeout, "call_timeout": self.timeout}
+        job = {**program, "timeout": self.timeout, "call_timeout": self.timeout,
+               "memory": max(2 * self.memory_mb, 1024) * 2**20}
         try:
             stdout, stderr = checker.communicate(json.dumps(job).encode(), timeout=self.timeout + 10)
         except subprocess.TimeoutExpired:
@@ -158,7 +161,8 @@ class CodeSandbox:
         finally:
             sample.stop()  # the checker is gone: a sample that is not busy has ended by now
             output.join()
-        verdict = _parse_verdict(stdout, stderr)
+        # Only a checker that finished (os._exit(0) right after its verdict) has a verdict.
+        verdict = _parse_verdict(checker.returncode, stdout, stderr)
         if output.flooded:
             return {"passed": False, "error": f"the sample printed more than {self.output_limit} bytes"}
         if not verdict["passed"] and output.tail and "process ended" in (verdict["error"] or ""):
@@ -167,7 +171,12 @@ class CodeSandbox:
 
     def _sample_command(self, uid: int, info_fd: int | None) -> list[str]:
         preload = self.as_root and not self.bwrap
-        limits = [str(self.memory_mb * 2**20), str(int(self.timeout) + 1), str(uid), str(int(self.seccomp)), str(int(preload))]
+        # Threads are tasks too: without a bound, one sample (~700 threads at 512 MB) could use up a
+        # machine's PIDs (often 32768). Bounded where the count is the sample's own: its uid as root,
+        # its user namespace under bubblewrap; not in the weak mode as an ordinary user.
+        max_tasks = MAX_TASKS if self.as_root or self.bwrap else 0
+        limits = [str(self.memory_mb * 2**20), str(int(self.timeout) + 1), str(uid), str(int(self.seccomp)),
+                  str(int(preload)), str(max_tasks)]
         serve = [self.python, "-I", "-S", "-c", WIRE_SOURCE, "serve", *limits]
         return self._bwrap_args(info_fd) + serve if self.bwrap else serve
 
@@ -182,9 +191,12 @@ class CodeSandbox:
                 "--setenv", "TMPDIR", "/tmp", "--setenv", "LANG", "C.UTF-8"]
         if not self.as_root:
             args.append("--unshare-user")
-        prefix = Path(sys.base_prefix).resolve()
-        wanted = ["/usr/lib", "/usr/lib64", "/usr/lib32", "/usr/share/zoneinfo", str(prefix),
-                  str(Path(sys.base_exec_prefix).resolve()), os.path.dirname(self.python), "/etc/ld.so.cache"]
+        # The interpreter, its standard library and its shared libraries, never its whole prefix: a
+        # prefix of /usr would show /usr/local, /usr/src, /usr/share (a checkout, a benchmark file).
+        base = sysconfig.get_paths(vars={"base": sys.base_prefix, "platbase": sys.base_exec_prefix})
+        wanted = ["/usr/lib", "/usr/lib64", "/usr/lib32", "/usr/share/zoneinfo", base["stdlib"], base["platstdlib"],
+                  sysconfig.get_config_var("LIBDIR") or "/usr/lib", self.python, "/etc/ld.so.cache"]
+        wanted = [os.path.realpath(path) for path in wanted]
         bound: list[str] = []
         made: set[str] = set()
         for path in sorted(set(wanted)):
@@ -286,7 +298,10 @@ class _CappedOutput:
         self.stream.close()
 
 
-def _parse_verdict(stdout: bytes, stderr: bytes) -> dict:
+def _parse_verdict(returncode: int, stdout: bytes, stderr: bytes) -> dict:
+    if returncode != 0:  # killed (its time, CPU or memory limit) or crashed: no verdict to read
+        how = f"signal {-returncode}" if returncode < 0 else f"exit status {returncode}"
+        return {"passed": False, "error": f"the checker was stopped ({how}): " + stderr.decode(errors="replace").strip()[-500:]}
     try:
         verdict = json.loads(stdout.decode().strip().splitlines()[-1])
         return {"passed": verdict["passed"] is True, "error": verdict["error"]}

@@ -130,14 +130,14 @@ def _read_exactly(fd, size, deadline):
 # --- the sample's side -------------------------------------------------------------------------
 
 
-def serve(memory_bytes, cpu_seconds, uid, require_seccomp, preload):
+def serve(memory_bytes, cpu_seconds, uid, require_seccomp, preload, max_tasks):
     """In the sandbox: confine this process, load the sample, answer calls until stdin closes."""
     requests, replies = os.dup(0), os.dup(1)
     os.dup2(2, 1)  # the sample's prints go to the capped output pipe, never onto the wire
     null = os.open("/dev/null", os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
-    _confine(memory_bytes, cpu_seconds, uid, require_seccomp, preload)
+    _confine(memory_bytes, cpu_seconds, uid, require_seccomp, preload, max_tasks)
     import threading
 
     # Deep recursion through C code (sorted(key=...), map, ...) needs a large C stack.
@@ -199,15 +199,18 @@ def _describe(err):
     return f"{type(err).__name__}: {err}"[:2000]
 
 
-def _confine(memory_bytes, cpu_seconds, uid, require_seccomp, preload):
-    """Before any sample code: limits, an unprivileged uid (when started as root), seccomp."""
+def _confine(memory_bytes, cpu_seconds, uid, require_seccomp, preload, max_tasks):
+    """Before any sample code: limits, an unprivileged uid (when started as root), seccomp.
+    `max_tasks` (threads included), 0 for none: only where the uid's count is this sample's alone
+    (its own uid as root; a user namespace of its own, where the kernel counts per namespace)."""
     import resource
     import threading  # noqa: F401  (imported while the interpreter is surely readable)
 
     limits = [(resource.RLIMIT_AS, memory_bytes), (resource.RLIMIT_CPU, cpu_seconds),
               (resource.RLIMIT_FSIZE, 16 * 2**20), (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)]
+    if max_tasks:
+        limits.append((resource.RLIMIT_NPROC, max_tasks))
     if uid >= 0:
-        limits.append((resource.RLIMIT_NPROC, 16))  # this uid belongs to this sample alone
         for name in PRELOAD if preload else ():  # without bubblewrap the interpreter may be unreadable to `uid`
             try:
                 __import__(name)
@@ -370,9 +373,21 @@ def _update_in_place(before, after):
 
 
 def check_main(requests, replies):
-    """Job on stdin (JSON); one line of verdict JSON on stdout."""
+    """Job on stdin (JSON); one line of verdict JSON on stdout, and nothing else there: what the
+    test prints (it may print what the sample returned) goes to /dev/null, so that a checker
+    killed before its verdict can never leave a line on stdout that reads as one."""
     _die_with_parent()
     job = json.loads(sys.stdin.read())
+    verdict_fd = os.dup(1)
+    null = os.open("/dev/null", os.O_WRONLY)
+    os.dup2(null, 1)
+    os.close(null)
+    import resource
+
+    # Replies can be built to make decoding slow (ints whose hashes collide, in a set) or large
+    # (16 MB of `[{},{},...]` is ~0.4 GB of objects): bounded here, not only by the grader's clock.
+    resource.setrlimit(resource.RLIMIT_CPU, (int(job["timeout"]) + 1, int(job["timeout"]) + 1))
+    resource.setrlimit(resource.RLIMIT_AS, (job["memory"], job["memory"]))
     start = time.monotonic()
     candidate = Candidate(requests, replies, job["call_timeout"], start + job["timeout"])
     verdict = {"passed": False, "error": None}
@@ -390,8 +405,9 @@ def check_main(requests, replies):
     except BaseException as err:
         verdict["error"] = candidate.failure or _test_failure(err)
     verdict["calls"] = candidate.calls
-    sys.stdout.write(json.dumps(verdict) + "\n")
-    sys.stdout.flush()
+    data = (json.dumps(verdict) + "\n").encode()
+    while data:
+        data = data[os.write(verdict_fd, data):]
     os._exit(0)
 
 
@@ -430,6 +446,6 @@ def _die_with_parent():
 
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
-        serve(*(int(arg) for arg in sys.argv[2:7]))
+        serve(*(int(arg) for arg in sys.argv[2:8]))
     else:
         check_main(int(sys.argv[2]), int(sys.argv[3]))
