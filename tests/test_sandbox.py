@@ -389,6 +389,33 @@ def ENTRY(*args, **kwargs):
             pass
     return None
 """,
+    "signals through a file's owner": """
+import fcntl, os, socket, struct
+def pipe_owned_by(target):
+    readable, writable = os.pipe()
+    fcntl.fcntl(readable, fcntl.F_SETOWN, target)
+    fcntl.fcntl(readable, 10, 9)  # F_SETSIG: SIGKILL instead of SIGIO
+    fcntl.fcntl(readable, fcntl.F_SETFL, os.O_ASYNC)
+    os.write(writable, b"x")
+def pipe_owned_by_ex(target):
+    readable, writable = os.pipe()
+    fcntl.fcntl(readable, 15, struct.pack("ii", 1, target))  # F_SETOWN_EX, F_OWNER_PID
+    fcntl.fcntl(readable, fcntl.F_SETFL, os.O_ASYNC)
+    os.write(writable, b"x")
+def socket_owned_by(target):
+    one, other = socket.socketpair()
+    fcntl.ioctl(one, 0x8901, struct.pack("i", target))  # FIOSETOWN
+    fcntl.ioctl(one, 0x5452, struct.pack("i", 1))  # FIOASYNC
+    other.send(b"x")
+def ENTRY(*args, **kwargs):
+    for target in (os.getppid(), 1, -os.getpgid(os.getppid())):
+        for attempt in (pipe_owned_by, pipe_owned_by_ex, socket_owned_by):
+            try:
+                attempt(target)
+            except BaseException:
+                pass
+    return None
+""",
     "sleep in a call": """
 import time
 def ENTRY(*args, **kwargs):
@@ -630,7 +657,7 @@ def test_without_bubblewrap_the_eval_says_the_sandbox_is_weak(monkeypatch):
     sandbox = CodeSandbox(workers=1, timeout=3)
     assert sandbox.isolation.startswith("weak: seccomp + ") and "bubblewrap (bwrap) is not installed" in sandbox.isolation
     assert sandbox.warning().startswith("warning: code sandbox is weak")
-    prompt, test = "def f(x):\n", "def check(c):\n    assert c(2) == 4\n"
+    prompt, test = "def f(x):\n    \"\"\"Twice x.\"\"\"\n", "def check(c):\n    assert c(2) == 4\n"
     assert sandbox.run(assemble_program(prompt, "    return 2 * x\n", test, "f"))["passed"]
     listener = Listener()
     try:  # processes, signals and the network stay blocked (seccomp); files are not protected
@@ -644,6 +671,31 @@ def test_without_bubblewrap_the_eval_says_the_sandbox_is_weak(monkeypatch):
         row = humaneval_rows()[0]
         completion = hostile_completion(FORGERS["reading the tests"], row["entry_point"], listener.port)
         assert sandbox.run(assemble_program(row["prompt"], completion, row["test"], row["entry_point"]))["passed"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv to become another user")
+def test_without_bubblewrap_as_an_ordinary_user_no_signal_reaches_the_eval():
+    """As an ordinary user the eval is a process the sample may signal: F_SETOWN/FIOSETOWN made
+    the kernel send it a SIGKILL for the sample (the eval died). Seccomp now refuses them."""
+    python = "/usr/bin/python3"
+    if subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-c", "pass"]).returncode:
+        pytest.skip(f"no Python that nobody can run at {python}")
+    prompt, test = "def f(x):\n    \"\"\"Twice x.\"\"\"\n", "def check(c):\n    assert c(2) == 4\n"
+    programs = [assemble_program(prompt, hostile_completion(INTRUDERS[name], "f", 9), test, "f")
+                for name in ("signals through a file's owner", "signals to the parent and everyone")]
+    programs.append(assemble_program(prompt, "    return 2 * x\n", test, "f"))
+    script = ("import json, sys\nfrom posttrain.eval.code_sandbox import CodeSandbox\n"
+              "sandbox = CodeSandbox(workers=1, timeout=3)\n"
+              "print(json.dumps([sandbox.isolation, sandbox.run_many(json.load(sys.stdin))]))\n")
+    setpriv = shutil.which("setpriv")  # found here: the eval's PATH has no bubblewrap (nor setpriv)
+    proc = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", python, "-c", script],
+                          input=json.dumps(programs), capture_output=True, text=True, cwd="/", timeout=120,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/nonexistent", "HOME": "/nonexistent"})
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    isolation, verdicts = json.loads(proc.stdout)
+    assert isolation.startswith("weak: seccomp + rlimits only")
+    assert [v["passed"] for v in verdicts] == [False, False, True]
+    assert leftovers() == []
 
 
 @needs_data
