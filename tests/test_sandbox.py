@@ -416,6 +416,19 @@ def ENTRY(*args, **kwargs):
                 pass
     return None
 """,
+    "slowing the eval down": """
+import os
+def ENTRY(*args, **kwargs):
+    for target in (os.getppid(), 1):
+        for attempt in (lambda: os.setpriority(os.PRIO_PROCESS, target, 19), lambda: os.sched_setaffinity(target, {0}),
+                        lambda: os.sched_setscheduler(target, os.SCHED_IDLE, os.sched_param(0)),
+                        lambda: os.setpriority(os.PRIO_USER, 0, 19), lambda: os.setpriority(os.PRIO_PGRP, 0, 19)):
+            try:
+                attempt()
+            except BaseException:
+                pass
+    return None
+""",
     "sleep in a call": """
 import time
 def ENTRY(*args, **kwargs):
@@ -676,25 +689,29 @@ def test_without_bubblewrap_the_eval_says_the_sandbox_is_weak(monkeypatch):
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv to become another user")
 def test_without_bubblewrap_as_an_ordinary_user_no_signal_reaches_the_eval():
     """As an ordinary user the eval is a process the sample may signal: F_SETOWN/FIOSETOWN made
-    the kernel send it a SIGKILL for the sample (the eval died). Seccomp now refuses them."""
+    the kernel send it a SIGKILL for the sample (the eval died), and setpriority/sched_setaffinity
+    put it at nice 19 on one CPU. Seccomp now refuses them."""
     python = "/usr/bin/python3"
     if subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-c", "pass"]).returncode:
         pytest.skip(f"no Python that nobody can run at {python}")
     prompt, test = "def f(x):\n    \"\"\"Twice x.\"\"\"\n", "def check(c):\n    assert c(2) == 4\n"
     programs = [assemble_program(prompt, hostile_completion(INTRUDERS[name], "f", 9), test, "f")
-                for name in ("signals through a file's owner", "signals to the parent and everyone")]
+                for name in ("signals through a file's owner", "signals to the parent and everyone", "slowing the eval down")]
     programs.append(assemble_program(prompt, "    return 2 * x\n", test, "f"))
-    script = ("import json, sys\nfrom posttrain.eval.code_sandbox import CodeSandbox\n"
+    script = ("import json, os, sys\nfrom posttrain.eval.code_sandbox import CodeSandbox\n"
               "sandbox = CodeSandbox(workers=1, timeout=3)\n"
-              "print(json.dumps([sandbox.isolation, sandbox.run_many(json.load(sys.stdin))]))\n")
+              "before = [os.getpriority(os.PRIO_PROCESS, 0), sorted(os.sched_getaffinity(0)), os.sched_getscheduler(0)]\n"
+              "verdicts = sandbox.run_many(json.load(sys.stdin))\n"
+              "after = [os.getpriority(os.PRIO_PROCESS, 0), sorted(os.sched_getaffinity(0)), os.sched_getscheduler(0)]\n"
+              "print(json.dumps([sandbox.isolation, verdicts, before == after]))\n")
     setpriv = shutil.which("setpriv")  # found here: the eval's PATH has no bubblewrap (nor setpriv)
     proc = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", python, "-c", script],
                           input=json.dumps(programs), capture_output=True, text=True, cwd="/", timeout=120,
                           env={"PYTHONPATH": str(REPO), "PATH": "/nonexistent", "HOME": "/nonexistent"})
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
-    isolation, verdicts = json.loads(proc.stdout)
+    isolation, verdicts, unchanged = json.loads(proc.stdout)
     assert isolation.startswith("weak: seccomp + rlimits only")
-    assert [v["passed"] for v in verdicts] == [False, False, True]
+    assert [v["passed"] for v in verdicts] == [False, False, False, True] and unchanged
     assert leftovers() == []
 
 

@@ -243,20 +243,28 @@ _X86_64 = (0xC000003E, dict(
     mount=165, umount2=166, pivot_root=155, chroot=161, keyctl=250, add_key=248, request_key=249, bpf=321,
     perf_event_open=298, userfaultfd=323, io_uring_setup=425, io_uring_enter=426, io_uring_register=427,
     pidfd_open=434, pidfd_send_signal=424, pidfd_getfd=438, kcmp=312, rt_sigqueueinfo=129, rt_tgsigqueueinfo=297,
-    open_tree=428, move_mount=429, fsopen=430, fsmount=432, fcntl=72, ioctl=16), 0x40000000)
+    open_tree=428, move_mount=429, fsopen=430, fsmount=432, fcntl=72, ioctl=16, setpriority=141, ioprio_set=251,
+    sched_setaffinity=203, sched_setscheduler=144, sched_setparam=142, sched_setattr=314), 0x40000000)
 _AARCH64 = (0xC00000B7, dict(
     clone=220, clone3=435, execve=221, execveat=281, kill=129, tkill=130, tgkill=131, prlimit64=261, ptrace=117,
     process_vm_readv=270, process_vm_writev=271, socket=198, connect=203, unshare=97, setns=268, mount=40,
     umount2=39, pivot_root=41, chroot=51, keyctl=219, add_key=217, request_key=218, bpf=280, perf_event_open=241,
     userfaultfd=282, io_uring_setup=425, io_uring_enter=426, io_uring_register=427, pidfd_open=434,
     pidfd_send_signal=424, pidfd_getfd=438, kcmp=272, rt_sigqueueinfo=138, rt_tgsigqueueinfo=240, open_tree=428,
-    move_mount=429, fsopen=430, fsmount=432, fcntl=25, ioctl=29), None)
+    move_mount=429, fsopen=430, fsmount=432, fcntl=25, ioctl=29, setpriority=140, ioprio_set=30,
+    sched_setaffinity=122, sched_setscheduler=119, sched_setparam=118, sched_setattr=274), None)
 
 
 # F_SETOWN, F_SETOWN_EX (fcntl); FIOSETOWN, SIOCSPGRP (ioctl, a socketpair's): the owner of a file
 # gets SIGIO, or any signal F_SETSIG names, when the file is ready, and that owner may be any
 # process this user may signal: in the weak mode as an ordinary user, the eval itself.
 OWNER_COMMANDS = {"fcntl": (8, 15), "ioctl": (0x8901, 0x8902)}
+
+
+# Scheduling: on this process only (pid 0), never on another (as an ordinary user without
+# bubblewrap, the eval could be made to run at nice 19 on one CPU). setpriority and ioprio_set
+# (PRIO_USER, IOPRIO_WHO_USER: every process of a user) are refused outright.
+OWN_ONLY = ("sched_setaffinity", "sched_setscheduler", "sched_setparam", "sched_setattr")
 
 
 def seccomp_arch():
@@ -284,8 +292,8 @@ def install_seccomp():
             prog += [(JEQ, 0, len(commands) + 3, nr), (LD, 0, 0, 24)]  # args[1]: the command
             prog += [(JEQ, len(commands) - i, 0, command) for i, command in enumerate(commands)]
             prog += [(RET, 0, 0, ALLOW), (RET, 0, 0, EPERM)]
-        elif name in ("kill", "tgkill", "prlimit64"):  # only on itself: raise(), os.kill(os.getpid()), setrlimit()
-            own = 0 if name == "prlimit64" else me
+        elif name in ("kill", "tgkill", "prlimit64") or name in OWN_ONLY:  # only on itself: raise(), setrlimit()...
+            own = me if name in ("kill", "tgkill") else 0
             prog += [(JEQ, 0, 4, nr), (LD, 0, 0, 16), (JEQ, 0, 1, own), (RET, 0, 0, ALLOW), (RET, 0, 0, EPERM)]
         else:  # clone3 says ENOSYS so that the C library falls back to clone for threads
             prog += [(JEQ, 0, 1, nr), (RET, 0, 0, ENOSYS if name == "clone3" else EPERM)]
