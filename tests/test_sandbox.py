@@ -444,8 +444,9 @@ HOSTILE = {**FORGERS, **INTRUDERS}
 
 # Appended to a canonical solution, which must then still pass: from inside, the sandbox shows no
 # host directory beyond the interpreter's own (a prefix of /usr once showed /usr/local, /usr/src,
-# where a checkout or a benchmark file may live), and a sample cannot start threads without bound
-# (~700 at 512 MB as an ordinary user, enough for a few samples to use up a machine's PIDs).
+# where a checkout or a benchmark file may live), a sample cannot start threads without bound
+# (~700 at 512 MB as an ordinary user, enough for a few samples to use up a machine's PIDs), nor
+# hold memory outside its address-space limit (System V shared memory: 900 MB at a 512 MB limit).
 CONTAINED = """
 import os as _os, threading as _threading
 _visible = [p for p in ("/usr/local", "/usr/src", "/usr/include", "/usr/share/doc", "/home", "/work") if _os.path.exists(p)]
@@ -461,6 +462,16 @@ except RuntimeError:
 _stop.set()
 _threading.stack_size(0)
 assert _started < 64, "a sample can start any number of threads"
+import ctypes as _ctypes
+_libc = _ctypes.CDLL(None)
+assert _libc.shmget(0, 2**20, 0o1600) < 0, "System V shared memory: memory outside RLIMIT_AS that outlives the sample"
+assert _libc.msgget(0, 0o1600) < 0 and _libc.semget(0, 1, 0o1600) < 0, "System V queues and semaphores outlive the sample"
+try:
+    _os.memfd_create("probe")
+except OSError:
+    pass
+else:
+    raise AssertionError("memfd: memory outside RLIMIT_AS")
 """
 
 

@@ -207,7 +207,8 @@ def _confine(memory_bytes, cpu_seconds, uid, require_seccomp, preload, max_tasks
     import threading  # noqa: F401  (imported while the interpreter is surely readable)
 
     limits = [(resource.RLIMIT_AS, memory_bytes), (resource.RLIMIT_CPU, cpu_seconds),
-              (resource.RLIMIT_FSIZE, 16 * 2**20), (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)]
+              (resource.RLIMIT_FSIZE, 16 * 2**20), (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0),
+              (resource.RLIMIT_MSGQUEUE, 0)]
     if max_tasks:
         limits.append((resource.RLIMIT_NPROC, max_tasks))
     if uid >= 0:
@@ -235,6 +236,9 @@ PRELOAD = ("math", "cmath", "re", "collections", "collections.abc", "itertools",
 
 
 # --- seccomp: no new processes, no signals to others, no sockets, no namespaces ----------------
+# Nor memory outside RLIMIT_AS: System V shared memory (attach, fill, detach, again: as much as
+# the machine has; without bubblewrap it also outlives the sample, as do message queues and
+# semaphores) and memfd (16 MB each, up to the open-file limit). POSIX message queues: RLIMIT_MSGQUEUE.
 
 # Syscall numbers per architecture (AUDIT_ARCH value, syscalls, x32 bit).
 _X86_64 = (0xC000003E, dict(
@@ -244,7 +248,8 @@ _X86_64 = (0xC000003E, dict(
     perf_event_open=298, userfaultfd=323, io_uring_setup=425, io_uring_enter=426, io_uring_register=427,
     pidfd_open=434, pidfd_send_signal=424, pidfd_getfd=438, kcmp=312, rt_sigqueueinfo=129, rt_tgsigqueueinfo=297,
     open_tree=428, move_mount=429, fsopen=430, fsmount=432, fcntl=72, ioctl=16, setpriority=141, ioprio_set=251,
-    sched_setaffinity=203, sched_setscheduler=144, sched_setparam=142, sched_setattr=314), 0x40000000)
+    sched_setaffinity=203, sched_setscheduler=144, sched_setparam=142, sched_setattr=314, shmget=29, shmat=30,
+    semget=64, msgget=68, msgsnd=69, memfd_create=319), 0x40000000)
 _AARCH64 = (0xC00000B7, dict(
     clone=220, clone3=435, execve=221, execveat=281, kill=129, tkill=130, tgkill=131, prlimit64=261, ptrace=117,
     process_vm_readv=270, process_vm_writev=271, socket=198, connect=203, unshare=97, setns=268, mount=40,
@@ -252,7 +257,8 @@ _AARCH64 = (0xC00000B7, dict(
     userfaultfd=282, io_uring_setup=425, io_uring_enter=426, io_uring_register=427, pidfd_open=434,
     pidfd_send_signal=424, pidfd_getfd=438, kcmp=272, rt_sigqueueinfo=138, rt_tgsigqueueinfo=240, open_tree=428,
     move_mount=429, fsopen=430, fsmount=432, fcntl=25, ioctl=29, setpriority=140, ioprio_set=30,
-    sched_setaffinity=122, sched_setscheduler=119, sched_setparam=118, sched_setattr=274), None)
+    sched_setaffinity=122, sched_setscheduler=119, sched_setparam=118, sched_setattr=274, shmget=194, shmat=196,
+    semget=190, msgget=186, msgsnd=189, memfd_create=279), None)
 
 
 # F_SETOWN, F_SETOWN_EX (fcntl); FIOSETOWN, SIOCSPGRP (ioctl, a socketpair's): the owner of a file
