@@ -127,6 +127,7 @@ class CodeSandbox:
         finally:
             if self.as_root and not self.bwrap:  # (under bubblewrap the PID namespace did this)
                 _kill_uid(uid)
+                _remove_files_of(uid)
             if workdir:
                 shutil.rmtree(workdir, ignore_errors=True)
             self.slots.put(slot)
@@ -316,6 +317,32 @@ def _kill_group(proc: subprocess.Popen, wait: bool = True) -> None:
         pass
     if wait:
         proc.wait()
+
+
+# Where any user may create files (the weak mode as root: the sample's uid may write only there).
+SHARED_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/dev/mqueue")
+
+
+def _remove_files_of(uid: int, tops: tuple = SHARED_WRITABLE) -> None:
+    """Delete what the sandbox uid created in the usual world-writable places (after _kill_uid):
+    its own entries, and inside any world-writable directory there (the only others it can write)."""
+    for top in tops:
+        try:
+            entries = list(os.scandir(top))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                info = entry.stat(follow_symlinks=False)
+                if info.st_uid == uid:
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path, ignore_errors=True)
+                    else:
+                        os.unlink(entry.path)
+                elif entry.is_dir(follow_symlinks=False) and info.st_mode & 0o002:
+                    _remove_files_of(uid, (entry.path,))
+            except OSError:
+                pass
 
 
 def _kill_uid(uid: int) -> None:
