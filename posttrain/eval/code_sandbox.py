@@ -43,7 +43,7 @@ from pathlib import Path
 STOP_SEQUENCES = ["\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint("]  # the original harness's
 WIRE_SOURCE = (Path(__file__).parent / "sandbox_wire.py").read_text()
 STRONG = "bubblewrap"
-MAX_TASKS = 16  # processes and threads of one sample (the interpreter's own included)
+MAX_TASKS = 64  # processes and threads of one sample (the interpreter's own included; ThreadPoolExecutor takes up to 32)
 
 
 def assemble_program(prompt: str, completion: str, test: str, entry_point: str) -> dict:
