@@ -697,11 +697,31 @@ def test_without_bubblewrap_the_eval_says_the_sandbox_is_weak(monkeypatch):
         assert sandbox.run(assemble_program(row["prompt"], completion, row["test"], row["entry_point"]))["passed"]
 
 
+# An honest body that also checks, from inside, that no other process of the eval (the eval, a
+# checker, another sample) lets it read or write its memory or open its descriptors via /proc.
+PROC_PROBE = """    import os
+    for pid in [p for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]:
+        try:
+            command = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if int(pid) == os.getppid() or b"plain-data wire" in command:
+            for path, mode in ((f"/proc/{pid}/mem", "r+b"), (f"/proc/{pid}/fd/1", "ab"), (f"/proc/{pid}/environ", "rb")):
+                try:
+                    open(path, mode).close()
+                except OSError:
+                    continue
+                raise AssertionError(f"{path} opened by a sample")
+    return 2 * x
+"""
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv to become another user")
 def test_without_bubblewrap_as_an_ordinary_user_no_signal_reaches_the_eval():
     """As an ordinary user the eval is a process the sample may signal: F_SETOWN/FIOSETOWN made
     the kernel send it a SIGKILL for the sample (the eval died), and setpriority/sched_setaffinity
-    put it at nice 19 on one CPU. Seccomp now refuses them."""
+    put it at nice 19 on one CPU: seccomp now refuses them. And /proc gave the sample the eval's and
+    the checker's memory and descriptors: they are not dumpable now."""
     python = "/usr/bin/python3"
     if subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-c", "pass"]).returncode:
         pytest.skip(f"no Python that nobody can run at {python}")
@@ -709,6 +729,7 @@ def test_without_bubblewrap_as_an_ordinary_user_no_signal_reaches_the_eval():
     programs = [assemble_program(prompt, hostile_completion(INTRUDERS[name], "f", 9), test, "f")
                 for name in ("signals through a file's owner", "signals to the parent and everyone", "slowing the eval down")]
     programs.append(assemble_program(prompt, "    return 2 * x\n", test, "f"))
+    programs.append(assemble_program(prompt, PROC_PROBE, test, "f"))
     script = ("import json, os, sys\nfrom posttrain.eval.code_sandbox import CodeSandbox\n"
               "sandbox = CodeSandbox(workers=1, timeout=3)\n"
               "before = [os.getpriority(os.PRIO_PROCESS, 0), sorted(os.sched_getaffinity(0)), os.sched_getscheduler(0)]\n"
@@ -722,7 +743,7 @@ def test_without_bubblewrap_as_an_ordinary_user_no_signal_reaches_the_eval():
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
     isolation, verdicts, unchanged = json.loads(proc.stdout)
     assert isolation.startswith("weak: seccomp + rlimits only")
-    assert [v["passed"] for v in verdicts] == [False, False, False, True] and unchanged
+    assert [v["passed"] for v in verdicts] == [False, False, False, True, True] and unchanged, verdicts
     assert leftovers() == []
 
 

@@ -24,6 +24,7 @@ the user running the eval can (files in particular): a warning says so.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import queue
@@ -74,6 +75,10 @@ class CodeSandbox:
             self.slots.put(slot)
         self.bwrap, self.seccomp = shutil.which("bwrap"), True
         self.isolation = self._probe()
+        if not self.isolation.startswith(STRONG) and not self.as_root:
+            # The samples run as this user and see this process: not dumpable, its memory and
+            # descriptors (the checkers' verdict pipes) are out of their reach through /proc.
+            ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
 
     # --- which isolation this machine allows ----------------------------------------------------
 

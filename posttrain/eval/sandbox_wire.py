@@ -463,8 +463,12 @@ def _test_failure(err):
 
 
 def _die_with_parent():
+    """Killed with the process that started it; and not dumpable, so that a process of the same
+    user (another sample, in the weak mode as an ordinary user) can neither read nor write its
+    memory or open its descriptors through /proc (the kernel then asks for CAP_SYS_PTRACE)."""
     try:
         ctypes.CDLL(None).prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
+        ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
     except (OSError, AttributeError):
         pass
 
