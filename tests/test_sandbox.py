@@ -98,6 +98,10 @@ def f(n, items):
     box = []
     worker = threading.Thread(target=lambda: box.append(int(path.read_text())))
     worker.start(); worker.join()
+    import asyncio, concurrent.futures, time  # a pool of 32 threads (once 6 filled 512 MB), an event loop
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        assert sum(pool.map(lambda v: (time.sleep(0.02), v)[1], range(64))) == 2016
+    assert asyncio.run(asyncio.sleep(0, result=7)) == 7
     depth = lambda k: 0 if k == 0 else 1 + depth(k - 1)
     big = bytearray(100 * 2**20)
     items.append(n)  # changes the caller's list, as in the original harness

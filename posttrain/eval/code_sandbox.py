@@ -44,6 +44,9 @@ from pathlib import Path
 STOP_SEQUENCES = ["\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint("]  # the original harness's
 WIRE_SOURCE = (Path(__file__).parent / "sandbox_wire.py").read_text()
 STRONG = "bubblewrap"
+# glibc gives each new thread a malloc arena of 64 MB of address space (up to 8 per core): under
+# RLIMIT_AS, 6 threads were all a sample could start. Two arenas, as for a single-threaded program.
+ARENAS = ("MALLOC_ARENA_MAX", "2")
 MAX_TASKS = 64  # processes and threads of one sample (the interpreter's own included; ThreadPoolExecutor takes up to 32)
 
 
@@ -188,13 +191,13 @@ class CodeSandbox:
 
     def _sample_env(self, workdir: str | None) -> dict:
         home = workdir or "/tmp"
-        return {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8"}
+        return {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8", ARENAS[0]: ARENAS[1]}
 
     def _bwrap_args(self, info_fd: int) -> list[str]:
         """Namespaces, and a read-only root with only what the interpreter needs."""
         args = [self.bwrap, "--info-fd", str(info_fd), "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--die-with-parent",
                 "--new-session", "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",
-                "--setenv", "TMPDIR", "/tmp", "--setenv", "LANG", "C.UTF-8"]
+                "--setenv", "TMPDIR", "/tmp", "--setenv", "LANG", "C.UTF-8", "--setenv", *ARENAS]
         if not self.as_root:
             args.append("--unshare-user")
         # The interpreter, its standard library and its shared libraries, never its whole prefix: a

@@ -144,6 +144,9 @@ def serve(memory_bytes, cpu_seconds, uid, require_seccomp, preload, max_tasks):
     threading.stack_size(min(256 * 2**20, memory_bytes // 4))
     server = threading.Thread(target=_answer_calls, args=(requests, replies))
     server.start()
+    # The sample's own threads get the usual stack: with the large one, 3 threads filled the
+    # address-space limit and a ThreadPoolExecutor failed with "can't start new thread".
+    threading.stack_size(0)
     server.join()
     os._exit(0)
 
