@@ -220,15 +220,45 @@ def _confine(memory_bytes, cpu_seconds, uid, require_seccomp, preload, max_tasks
                 __import__(name)
             except ImportError:
                 pass
+        held = _hold_import_path() if preload else {}
         os.setgroups([])
         os.setgid(uid)
         os.setuid(uid)
+        _use_import_path(held)
     for limit, value in limits:
         resource.setrlimit(limit, (value, value))
     sys.setrecursionlimit(20_000)
     _die_with_parent()  # after setuid, which clears it
     if install_seccomp() is None and require_seccomp:
         os._exit(3)
+
+
+def _hold_import_path():
+    """The import path as descriptors opened while still root: /proc/self/fd/N reaches the standard
+    library after setuid even where a parent directory (say /root, 0700) is closed to `uid`."""
+    held = {}
+    for entry in sys.path:
+        try:
+            held[entry] = f"/proc/self/fd/{os.open(entry, os.O_RDONLY | os.O_DIRECTORY)}"
+        except OSError:  # a zip that does not exist, ...
+            continue
+    return held
+
+
+def _use_import_path(held):
+    """sys.path, and the __path__ of packages already imported (importlib, ...), through `held`."""
+    if not held:
+        return
+    sys.path[:] = list(held.values())
+    for module in list(sys.modules.values()):
+        paths = getattr(module, "__path__", None)
+        if type(paths) is list:
+            for i, path in enumerate(paths):
+                for old, new in held.items():
+                    if path == old or path.startswith(old + "/"):
+                        paths[i] = new + path[len(old):]
+                        break
+    sys.path_importer_cache.clear()
 
 
 PRELOAD = ("math", "cmath", "re", "collections", "collections.abc", "itertools", "functools", "heapq", "bisect",
