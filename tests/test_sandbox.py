@@ -76,6 +76,15 @@ def test_the_strong_layer_is_used_when_bubblewrap_is_there(sandbox):
     assert sandbox.isolation == "bubblewrap + seccomp + rlimits" and sandbox.warning() is None
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="samples get uids of their own only as root")
+def test_two_sandboxes_never_share_sample_uids(sandbox):
+    """Two evals whose pids agreed mod 10000 (or two sandboxes in one process) took the same uids:
+    a shared process limit, and in the weak mode one sweeping (killing) the other's samples."""
+    other = CodeSandbox(workers=2, timeout=3)
+    assert abs(other.first_uid - sandbox.first_uid) >= 1000
+    assert SANDBOX_UIDS[0] <= other.first_uid and other.first_uid + 1000 <= SANDBOX_UIDS[1]
+
+
 def test_chat_style_fenced_code_is_accepted(sandbox):
     prompt = 'def add(a, b):\n    """Add."""\n'
     completion = "Here it is:\n```python\ndef add(a, b):\n    return a + b\n```\nDone."

@@ -25,6 +25,7 @@ the user running the eval can (files in particular): a warning says so.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import json
 import os
 import queue
@@ -70,8 +71,9 @@ class CodeSandbox:
         self.memory_mb, self.output_limit = memory_mb, output_limit
         self.as_root = os.geteuid() == 0
         # As root, each parallel slot's sample runs as its own unprivileged uid, from a block of 1000
-        # per eval process so that two evals on one machine never share (or sweep) each other's uids.
-        self.first_uid = 100_000 + (os.getpid() % 10_000) * 1000
+        # per sandbox so that two evals on one machine never share (or sweep) each other's uids: a
+        # block is held by a lock for this object's life (pid % 10000 alone once collided).
+        self.first_uid, self.uid_lock = _uid_block() if self.as_root else (-1, None)
         self.python = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
         self.slots: queue.Queue = queue.Queue()
         for slot in range(self.workers):
@@ -351,6 +353,21 @@ def _remove_files_of(uid: int, tops: tuple = SHARED_WRITABLE) -> None:
                     _remove_files_of(uid, (entry.path,))
             except OSError:
                 pass
+
+
+def _uid_block() -> tuple[int, object]:
+    """The first of 1000 uids no other live sandbox on this machine holds, and the held lock."""
+    folder = Path("/run" if os.path.isdir("/run") else tempfile.gettempdir()) / "posttrain-sandbox-uids"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    for step in range(10_000):
+        block = (os.getpid() + step) % 10_000
+        handle = open(folder / f"{block}.lock", "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return 100_000 + block * 1000, handle
+        except OSError:
+            handle.close()
+    raise RuntimeError("every block of sandbox uids is in use")
 
 
 def _kill_uid(uid: int) -> None:
