@@ -76,6 +76,15 @@ def test_the_strong_layer_is_used_when_bubblewrap_is_there(sandbox):
     assert sandbox.isolation == "bubblewrap + seccomp + rlimits" and sandbox.warning() is None
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="samples get uids of their own only as root")
+def test_two_sandboxes_never_share_sample_uids(sandbox):
+    """Two evals whose pids agreed mod 10000 (or two sandboxes in one process) took the same uids:
+    a shared process limit, and in the weak mode one sweeping (killing) the other's samples."""
+    other = CodeSandbox(workers=2, timeout=3)
+    assert abs(other.first_uid - sandbox.first_uid) >= 1000
+    assert SANDBOX_UIDS[0] <= other.first_uid and other.first_uid + 1000 <= SANDBOX_UIDS[1]
+
+
 def test_chat_style_fenced_code_is_accepted(sandbox):
     prompt = 'def add(a, b):\n    """Add."""\n'
     completion = "Here it is:\n```python\ndef add(a, b):\n    return a + b\n```\nDone."
@@ -98,6 +107,10 @@ def f(n, items):
     box = []
     worker = threading.Thread(target=lambda: box.append(int(path.read_text())))
     worker.start(); worker.join()
+    import asyncio, concurrent.futures, time  # a pool of 32 threads (once 6 filled 512 MB), an event loop
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        assert sum(pool.map(lambda v: (time.sleep(0.02), v)[1], range(64))) == 2016
+    assert asyncio.run(asyncio.sleep(0, result=7)) == 7
     depth = lambda k: 0 if k == 0 else 1 + depth(k - 1)
     big = bytearray(100 * 2**20)
     items.append(n)  # changes the caller's list, as in the original harness
@@ -389,6 +402,46 @@ def ENTRY(*args, **kwargs):
             pass
     return None
 """,
+    "signals through a file's owner": """
+import fcntl, os, socket, struct
+def pipe_owned_by(target):
+    readable, writable = os.pipe()
+    fcntl.fcntl(readable, fcntl.F_SETOWN, target)
+    fcntl.fcntl(readable, 10, 9)  # F_SETSIG: SIGKILL instead of SIGIO
+    fcntl.fcntl(readable, fcntl.F_SETFL, os.O_ASYNC)
+    os.write(writable, b"x")
+def pipe_owned_by_ex(target):
+    readable, writable = os.pipe()
+    fcntl.fcntl(readable, 15, struct.pack("ii", 1, target))  # F_SETOWN_EX, F_OWNER_PID
+    fcntl.fcntl(readable, fcntl.F_SETFL, os.O_ASYNC)
+    os.write(writable, b"x")
+def socket_owned_by(target):
+    one, other = socket.socketpair()
+    fcntl.ioctl(one, 0x8901, struct.pack("i", target))  # FIOSETOWN
+    fcntl.ioctl(one, 0x5452, struct.pack("i", 1))  # FIOASYNC
+    other.send(b"x")
+def ENTRY(*args, **kwargs):
+    for target in (os.getppid(), 1, -os.getpgid(os.getppid())):
+        for attempt in (pipe_owned_by, pipe_owned_by_ex, socket_owned_by):
+            try:
+                attempt(target)
+            except BaseException:
+                pass
+    return None
+""",
+    "slowing the eval down": """
+import os
+def ENTRY(*args, **kwargs):
+    for target in (os.getppid(), 1):
+        for attempt in (lambda: os.setpriority(os.PRIO_PROCESS, target, 19), lambda: os.sched_setaffinity(target, {0}),
+                        lambda: os.sched_setscheduler(target, os.SCHED_IDLE, os.sched_param(0)),
+                        lambda: os.setpriority(os.PRIO_USER, 0, 19), lambda: os.setpriority(os.PRIO_PGRP, 0, 19)):
+            try:
+                attempt()
+            except BaseException:
+                pass
+    return None
+""",
     "sleep in a call": """
 import time
 def ENTRY(*args, **kwargs):
@@ -401,6 +454,43 @@ def ENTRY(*args, **kwargs):
 """,
 }
 HOSTILE = {**FORGERS, **INTRUDERS}
+
+# Appended to a canonical solution, which must then still pass: from inside, the sandbox shows no
+# host directory beyond the interpreter's own (a prefix of /usr once showed /usr/local, /usr/src,
+# where a checkout or a benchmark file may live), a sample cannot start threads without bound
+# (~700 at 512 MB as an ordinary user, enough for a few samples to use up a machine's PIDs), nor
+# hold memory outside its address-space limit (System V shared memory: 900 MB at a 512 MB limit).
+CONTAINED = """
+import os as _os, threading as _threading
+_visible = [p for p in ("/usr/local", "/usr/src", "/usr/include", "/usr/share/doc", "/home", "/work") if _os.path.exists(p)]
+assert not _visible, f"host directories visible: {_visible}"
+_stop, _started = _threading.Event(), 0
+_threading.stack_size(32768)
+try:
+    for _ in range(100):
+        _threading.Thread(target=_stop.wait, daemon=True).start()
+        _started += 1
+except RuntimeError:
+    pass
+_stop.set()
+_threading.stack_size(0)
+assert 32 <= _started < 64, f"{_started} threads: a pool of 32 must work, a bomb must not"
+import ctypes as _ctypes
+_libc = _ctypes.CDLL(None)
+assert _libc.shmget(0, 2**20, 0o1600) < 0, "System V shared memory: memory outside RLIMIT_AS that outlives the sample"
+assert _libc.msgget(0, 0o1600) < 0 and _libc.semget(0, 1, 0o1600) < 0, "System V queues and semaphores outlive the sample"
+try:
+    _os.memfd_create("probe")
+except OSError:
+    pass
+else:
+    raise AssertionError("memfd: memory outside RLIMIT_AS")
+"""
+
+
+def contained_programs(rows) -> tuple[list[dict], list[str]]:
+    programs = [assemble_program(r["prompt"], r["canonical_solution"] + CONTAINED, r["test"], r["entry_point"]) for r in rows]
+    return programs, ["honest"] * len(programs)
 
 
 def hostile_completion(code: str, entry_point: str, port: int) -> str:
@@ -486,6 +576,7 @@ def grade_hostile(rows, attacks, honest_every=1, timeout=3):
     listener = Listener()
     try:
         programs, labels = interleaved(rows, attacks, listener.port, honest_every)
+        programs, labels = [*programs, *contained_programs(rows)[0]], [*labels, *contained_programs(rows)[1]]
         verdicts = CodeSandbox(workers=2, timeout=timeout, memory_mb=512).run_many(programs)
     finally:
         listener.close()
@@ -522,6 +613,7 @@ def test_hostile_set_fails_when_the_eval_runs_as_an_unprivileged_user():
     listener = Listener()
     rows = [r for r in humaneval_rows() if r["task_id"] == "HumanEval/32"]
     programs, labels = interleaved(rows, HOSTILE, listener.port)
+    programs, labels = [*programs, *contained_programs(rows)[0]], [*labels, *contained_programs(rows)[1]]
     script = ("import json, sys\nfrom posttrain.eval.code_sandbox import CodeSandbox\n"
               "sandbox = CodeSandbox(workers=2, timeout=3, memory_mb=512)\n"
               "print(json.dumps([sandbox.isolation, sandbox.run_many(json.load(sys.stdin))]))\n")
@@ -535,6 +627,27 @@ def test_hostile_set_fails_when_the_eval_runs_as_an_unprivileged_user():
     isolation, verdicts = json.loads(proc.stdout)
     assert isolation == "bubblewrap + seccomp + rlimits"
     assert_hostile_set_fails(verdicts, labels, listener)
+
+
+def test_a_checker_stopped_before_its_verdict_never_passes(sandbox):
+    """A test that prints what the sample returned, then a reply that keeps the checker decoding
+    (ints whose hashes all collide, in a set): the printed text once became the verdict line
+    of a checker killed at its deadline. Now a killed checker fails (its CPU limit stops it sooner)."""
+    solution = """
+import json, os, struct, time
+CALLS = []
+def f(*args):
+    CALLS.append(1)
+    if len(CALLS) == 1:
+        return "x" * 20000 + '\\n{"passed": true, "error": null}'
+    colliding = [["i", hex(k * (2**61 - 1))] for k in range(1, 150_000)]
+    body = json.dumps(["return", ["S", colliding], [["i", "2"]], {}]).encode()
+    os.write(4, struct.pack(">I", len(body)) + body)  # the reply descriptor, written directly
+    time.sleep(100)
+"""
+    test = "def check(c):\n    print(c(1))\n    assert c(2) == 4\n"
+    verdict = sandbox.run(assemble_program("", "```python\n" + solution + "```\n", test, "f"))
+    assert verdict["passed"] is False and verdict["error"].startswith("the checker was stopped (signal 9)")
 
 
 @needs_bwrap
@@ -579,11 +692,17 @@ def test_without_bubblewrap_the_eval_says_the_sandbox_is_weak(monkeypatch):
     sandbox = CodeSandbox(workers=1, timeout=3)
     assert sandbox.isolation.startswith("weak: seccomp + ") and "bubblewrap (bwrap) is not installed" in sandbox.isolation
     assert sandbox.warning().startswith("warning: code sandbox is weak")
-    prompt, test = "def f(x):\n", "def check(c):\n    assert c(2) == 4\n"
+    prompt, test = "def f(x):\n    \"\"\"Twice x.\"\"\"\n", "def check(c):\n    assert c(2) == 4\n"
     assert sandbox.run(assemble_program(prompt, "    return 2 * x\n", test, "f"))["passed"]
+    # any standard-library module, also where the interpreter lies under a directory closed to the
+    # sample's uid (as root: /root/.pyenv; only a preloaded few could be imported)
+    honest = "    import asyncio, zipfile, logging, email.message, concurrent.futures, pickle, gzip\n    return 2 * x\n"
+    assert sandbox.run(assemble_program(prompt, honest, test, "f")) == {"passed": True, "error": None}
     listener = Listener()
-    try:  # processes, signals and the network stay blocked (seccomp); files are not protected
-        for name in ("fork by every route", "signals to the parent and everyone", "network", "always-equal object"):
+    try:  # processes, signals and the network stay blocked (seccomp); files are not protected, but
+        # as root what the sample's uid left in /tmp, /dev/shm, ... is deleted after its verdict
+        for name in ("fork by every route", "signals to the parent and everyone", "network", "always-equal object",
+                     "files in /dev/shm, /tmp, home and elsewhere"):
             completion = hostile_completion(INTRUDERS.get(name) or FORGERS[name], "f", listener.port)
             assert not sandbox.run(assemble_program(prompt, completion, test, "f"))["passed"], name
     finally:
@@ -593,6 +712,56 @@ def test_without_bubblewrap_the_eval_says_the_sandbox_is_weak(monkeypatch):
         row = humaneval_rows()[0]
         completion = hostile_completion(FORGERS["reading the tests"], row["entry_point"], listener.port)
         assert sandbox.run(assemble_program(row["prompt"], completion, row["test"], row["entry_point"]))["passed"]
+
+
+# An honest body that also checks, from inside, that no other process of the eval (the eval, a
+# checker, another sample) lets it read or write its memory or open its descriptors via /proc.
+PROC_PROBE = """    import os
+    for pid in [p for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]:
+        try:
+            command = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if int(pid) == os.getppid() or b"plain-data wire" in command:
+            for path, mode in ((f"/proc/{pid}/mem", "r+b"), (f"/proc/{pid}/fd/1", "ab"), (f"/proc/{pid}/environ", "rb")):
+                try:
+                    open(path, mode).close()
+                except OSError:
+                    continue
+                raise AssertionError(f"{path} opened by a sample")
+    return 2 * x
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv to become another user")
+def test_without_bubblewrap_as_an_ordinary_user_no_signal_reaches_the_eval():
+    """As an ordinary user the eval is a process the sample may signal: F_SETOWN/FIOSETOWN made
+    the kernel send it a SIGKILL for the sample (the eval died), and setpriority/sched_setaffinity
+    put it at nice 19 on one CPU: seccomp now refuses them. And /proc gave the sample the eval's and
+    the checker's memory and descriptors: they are not dumpable now."""
+    python = "/usr/bin/python3"
+    if subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-c", "pass"]).returncode:
+        pytest.skip(f"no Python that nobody can run at {python}")
+    prompt, test = "def f(x):\n    \"\"\"Twice x.\"\"\"\n", "def check(c):\n    assert c(2) == 4\n"
+    programs = [assemble_program(prompt, hostile_completion(INTRUDERS[name], "f", 9), test, "f")
+                for name in ("signals through a file's owner", "signals to the parent and everyone", "slowing the eval down")]
+    programs.append(assemble_program(prompt, "    return 2 * x\n", test, "f"))
+    programs.append(assemble_program(prompt, PROC_PROBE, test, "f"))
+    script = ("import json, os, sys\nfrom posttrain.eval.code_sandbox import CodeSandbox\n"
+              "sandbox = CodeSandbox(workers=1, timeout=3)\n"
+              "before = [os.getpriority(os.PRIO_PROCESS, 0), sorted(os.sched_getaffinity(0)), os.sched_getscheduler(0)]\n"
+              "verdicts = sandbox.run_many(json.load(sys.stdin))\n"
+              "after = [os.getpriority(os.PRIO_PROCESS, 0), sorted(os.sched_getaffinity(0)), os.sched_getscheduler(0)]\n"
+              "print(json.dumps([sandbox.isolation, verdicts, before == after]))\n")
+    setpriv = shutil.which("setpriv")  # found here: the eval's PATH has no bubblewrap (nor setpriv)
+    proc = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", python, "-c", script],
+                          input=json.dumps(programs), capture_output=True, text=True, cwd="/", timeout=120,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/nonexistent", "HOME": "/nonexistent"})
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    isolation, verdicts, unchanged = json.loads(proc.stdout)
+    assert isolation.startswith("weak: seccomp + rlimits only")
+    assert [v["passed"] for v in verdicts] == [False, False, False, True, True] and unchanged, verdicts
+    assert leftovers() == []
 
 
 @needs_data

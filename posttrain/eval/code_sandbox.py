@@ -24,6 +24,8 @@ the user running the eval can (files in particular): a warning says so.
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import json
 import os
 import queue
@@ -33,6 +35,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -42,6 +45,10 @@ from pathlib import Path
 STOP_SEQUENCES = ["\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint("]  # the original harness's
 WIRE_SOURCE = (Path(__file__).parent / "sandbox_wire.py").read_text()
 STRONG = "bubblewrap"
+# glibc gives each new thread a malloc arena of 64 MB of address space (up to 8 per core): under
+# RLIMIT_AS, 6 threads were all a sample could start. Two arenas, as for a single-threaded program.
+ARENAS = ("MALLOC_ARENA_MAX", "2")
+MAX_TASKS = 64  # processes and threads of one sample (the interpreter's own included; ThreadPoolExecutor takes up to 32)
 
 
 def assemble_program(prompt: str, completion: str, test: str, entry_point: str) -> dict:
@@ -64,14 +71,19 @@ class CodeSandbox:
         self.memory_mb, self.output_limit = memory_mb, output_limit
         self.as_root = os.geteuid() == 0
         # As root, each parallel slot's sample runs as its own unprivileged uid, from a block of 1000
-        # per eval process so that two evals on one machine never share (or sweep) each other's uids.
-        self.first_uid = 100_000 + (os.getpid() % 10_000) * 1000
+        # per sandbox so that two evals on one machine never share (or sweep) each other's uids: a
+        # block is held by a lock for this object's life (pid % 10000 alone once collided).
+        self.first_uid, self.uid_lock = _uid_block() if self.as_root else (-1, None)
         self.python = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
         self.slots: queue.Queue = queue.Queue()
         for slot in range(self.workers):
             self.slots.put(slot)
         self.bwrap, self.seccomp = shutil.which("bwrap"), True
         self.isolation = self._probe()
+        if not self.isolation.startswith(STRONG) and not self.as_root:
+            # The samples run as this user and see this process: not dumpable, its memory and
+            # descriptors (the checkers' verdict pipes) are out of their reach through /proc.
+            ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
 
     # --- which isolation this machine allows ----------------------------------------------------
 
@@ -125,6 +137,7 @@ class CodeSandbox:
         finally:
             if self.as_root and not self.bwrap:  # (under bubblewrap the PID namespace did this)
                 _kill_uid(uid)
+                _remove_files_of(uid)
             if workdir:
                 shutil.rmtree(workdir, ignore_errors=True)
             self.slots.put(slot)
@@ -149,7 +162,8 @@ class CodeSandbox:
                 if fd is not None:
                     os.close(fd)
         output = _CappedOutput(sample, self.output_limit)
-        job = {**program, "timeout": self.timeout, "call_timeout": self.timeout}
+        job = {**program, "timeout": self.timeout, "call_timeout": self.timeout,
+               "memory": max(2 * self.memory_mb, 1024) * 2**20}
         try:
             stdout, stderr = checker.communicate(json.dumps(job).encode(), timeout=self.timeout + 10)
         except subprocess.TimeoutExpired:
@@ -158,7 +172,8 @@ class CodeSandbox:
         finally:
             sample.stop()  # the checker is gone: a sample that is not busy has ended by now
             output.join()
-        verdict = _parse_verdict(stdout, stderr)
+        # Only a checker that finished (os._exit(0) right after its verdict) has a verdict.
+        verdict = _parse_verdict(checker.returncode, stdout, stderr)
         if output.flooded:
             return {"passed": False, "error": f"the sample printed more than {self.output_limit} bytes"}
         if not verdict["passed"] and output.tail and "process ended" in (verdict["error"] or ""):
@@ -167,24 +182,32 @@ class CodeSandbox:
 
     def _sample_command(self, uid: int, info_fd: int | None) -> list[str]:
         preload = self.as_root and not self.bwrap
-        limits = [str(self.memory_mb * 2**20), str(int(self.timeout) + 1), str(uid), str(int(self.seccomp)), str(int(preload))]
+        # Threads are tasks too: without a bound, one sample (~700 threads at 512 MB) could use up a
+        # machine's PIDs (often 32768). Bounded where the count is the sample's own: its uid as root,
+        # its user namespace under bubblewrap; not in the weak mode as an ordinary user.
+        max_tasks = MAX_TASKS if self.as_root or self.bwrap else 0
+        limits = [str(self.memory_mb * 2**20), str(int(self.timeout) + 1), str(uid), str(int(self.seccomp)),
+                  str(int(preload)), str(max_tasks)]
         serve = [self.python, "-I", "-S", "-c", WIRE_SOURCE, "serve", *limits]
         return self._bwrap_args(info_fd) + serve if self.bwrap else serve
 
     def _sample_env(self, workdir: str | None) -> dict:
         home = workdir or "/tmp"
-        return {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8"}
+        return {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8", ARENAS[0]: ARENAS[1]}
 
     def _bwrap_args(self, info_fd: int) -> list[str]:
         """Namespaces, and a read-only root with only what the interpreter needs."""
         args = [self.bwrap, "--info-fd", str(info_fd), "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--die-with-parent",
                 "--new-session", "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",
-                "--setenv", "TMPDIR", "/tmp", "--setenv", "LANG", "C.UTF-8"]
+                "--setenv", "TMPDIR", "/tmp", "--setenv", "LANG", "C.UTF-8", "--setenv", *ARENAS]
         if not self.as_root:
             args.append("--unshare-user")
-        prefix = Path(sys.base_prefix).resolve()
-        wanted = ["/usr/lib", "/usr/lib64", "/usr/lib32", "/usr/share/zoneinfo", str(prefix),
-                  str(Path(sys.base_exec_prefix).resolve()), os.path.dirname(self.python), "/etc/ld.so.cache"]
+        # The interpreter, its standard library and its shared libraries, never its whole prefix: a
+        # prefix of /usr would show /usr/local, /usr/src, /usr/share (a checkout, a benchmark file).
+        base = sysconfig.get_paths(vars={"base": sys.base_prefix, "platbase": sys.base_exec_prefix})
+        wanted = ["/usr/lib", "/usr/lib64", "/usr/lib32", "/usr/share/zoneinfo", base["stdlib"], base["platstdlib"],
+                  sysconfig.get_config_var("LIBDIR") or "/usr/lib", self.python, "/etc/ld.so.cache"]
+        wanted = [os.path.realpath(path) for path in wanted]
         bound: list[str] = []
         made: set[str] = set()
         for path in sorted(set(wanted)):
@@ -286,7 +309,10 @@ class _CappedOutput:
         self.stream.close()
 
 
-def _parse_verdict(stdout: bytes, stderr: bytes) -> dict:
+def _parse_verdict(returncode: int, stdout: bytes, stderr: bytes) -> dict:
+    if returncode != 0:  # killed (its time, CPU or memory limit) or crashed: no verdict to read
+        how = f"signal {-returncode}" if returncode < 0 else f"exit status {returncode}"
+        return {"passed": False, "error": f"the checker was stopped ({how}): " + stderr.decode(errors="replace").strip()[-500:]}
     try:
         verdict = json.loads(stdout.decode().strip().splitlines()[-1])
         return {"passed": verdict["passed"] is True, "error": verdict["error"]}
@@ -301,6 +327,47 @@ def _kill_group(proc: subprocess.Popen, wait: bool = True) -> None:
         pass
     if wait:
         proc.wait()
+
+
+# Where any user may create files (the weak mode as root: the sample's uid may write only there).
+SHARED_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/dev/mqueue")
+
+
+def _remove_files_of(uid: int, tops: tuple = SHARED_WRITABLE) -> None:
+    """Delete what the sandbox uid created in the usual world-writable places (after _kill_uid):
+    its own entries, and inside any world-writable directory there (the only others it can write)."""
+    for top in tops:
+        try:
+            entries = list(os.scandir(top))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                info = entry.stat(follow_symlinks=False)
+                if info.st_uid == uid:
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path, ignore_errors=True)
+                    else:
+                        os.unlink(entry.path)
+                elif entry.is_dir(follow_symlinks=False) and info.st_mode & 0o002:
+                    _remove_files_of(uid, (entry.path,))
+            except OSError:
+                pass
+
+
+def _uid_block() -> tuple[int, object]:
+    """The first of 1000 uids no other live sandbox on this machine holds, and the held lock."""
+    folder = Path("/run" if os.path.isdir("/run") else tempfile.gettempdir()) / "posttrain-sandbox-uids"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    for step in range(10_000):
+        block = (os.getpid() + step) % 10_000
+        handle = open(folder / f"{block}.lock", "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return 100_000 + block * 1000, handle
+        except OSError:
+            handle.close()
+    raise RuntimeError("every block of sandbox uids is in use")
 
 
 def _kill_uid(uid: int) -> None:

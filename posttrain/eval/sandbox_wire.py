@@ -130,20 +130,23 @@ def _read_exactly(fd, size, deadline):
 # --- the sample's side -------------------------------------------------------------------------
 
 
-def serve(memory_bytes, cpu_seconds, uid, require_seccomp, preload):
+def serve(memory_bytes, cpu_seconds, uid, require_seccomp, preload, max_tasks):
     """In the sandbox: confine this process, load the sample, answer calls until stdin closes."""
     requests, replies = os.dup(0), os.dup(1)
     os.dup2(2, 1)  # the sample's prints go to the capped output pipe, never onto the wire
     null = os.open("/dev/null", os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
-    _confine(memory_bytes, cpu_seconds, uid, require_seccomp, preload)
+    _confine(memory_bytes, cpu_seconds, uid, require_seccomp, preload, max_tasks)
     import threading
 
     # Deep recursion through C code (sorted(key=...), map, ...) needs a large C stack.
     threading.stack_size(min(256 * 2**20, memory_bytes // 4))
     server = threading.Thread(target=_answer_calls, args=(requests, replies))
     server.start()
+    # The sample's own threads get the usual stack: with the large one, 3 threads filled the
+    # address-space limit and a ThreadPoolExecutor failed with "can't start new thread".
+    threading.stack_size(0)
     server.join()
     os._exit(0)
 
@@ -199,29 +202,63 @@ def _describe(err):
     return f"{type(err).__name__}: {err}"[:2000]
 
 
-def _confine(memory_bytes, cpu_seconds, uid, require_seccomp, preload):
-    """Before any sample code: limits, an unprivileged uid (when started as root), seccomp."""
+def _confine(memory_bytes, cpu_seconds, uid, require_seccomp, preload, max_tasks):
+    """Before any sample code: limits, an unprivileged uid (when started as root), seccomp.
+    `max_tasks` (threads included), 0 for none: only where the uid's count is this sample's alone
+    (its own uid as root; a user namespace of its own, where the kernel counts per namespace)."""
     import resource
     import threading  # noqa: F401  (imported while the interpreter is surely readable)
 
     limits = [(resource.RLIMIT_AS, memory_bytes), (resource.RLIMIT_CPU, cpu_seconds),
-              (resource.RLIMIT_FSIZE, 16 * 2**20), (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)]
+              (resource.RLIMIT_FSIZE, 16 * 2**20), (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0),
+              (resource.RLIMIT_MSGQUEUE, 0)]
+    if max_tasks:
+        limits.append((resource.RLIMIT_NPROC, max_tasks))
     if uid >= 0:
-        limits.append((resource.RLIMIT_NPROC, 16))  # this uid belongs to this sample alone
         for name in PRELOAD if preload else ():  # without bubblewrap the interpreter may be unreadable to `uid`
             try:
                 __import__(name)
             except ImportError:
                 pass
+        held = _hold_import_path() if preload else {}
         os.setgroups([])
         os.setgid(uid)
         os.setuid(uid)
+        _use_import_path(held)
     for limit, value in limits:
         resource.setrlimit(limit, (value, value))
     sys.setrecursionlimit(20_000)
     _die_with_parent()  # after setuid, which clears it
     if install_seccomp() is None and require_seccomp:
         os._exit(3)
+
+
+def _hold_import_path():
+    """The import path as descriptors opened while still root: /proc/self/fd/N reaches the standard
+    library after setuid even where a parent directory (say /root, 0700) is closed to `uid`."""
+    held = {}
+    for entry in sys.path:
+        try:
+            held[entry] = f"/proc/self/fd/{os.open(entry, os.O_RDONLY | os.O_DIRECTORY)}"
+        except OSError:  # a zip that does not exist, ...
+            continue
+    return held
+
+
+def _use_import_path(held):
+    """sys.path, and the __path__ of packages already imported (importlib, ...), through `held`."""
+    if not held:
+        return
+    sys.path[:] = list(held.values())
+    for module in list(sys.modules.values()):
+        paths = getattr(module, "__path__", None)
+        if type(paths) is list:
+            for i, path in enumerate(paths):
+                for old, new in held.items():
+                    if path == old or path.startswith(old + "/"):
+                        paths[i] = new + path[len(old):]
+                        break
+    sys.path_importer_cache.clear()
 
 
 PRELOAD = ("math", "cmath", "re", "collections", "collections.abc", "itertools", "functools", "heapq", "bisect",
@@ -232,6 +269,9 @@ PRELOAD = ("math", "cmath", "re", "collections", "collections.abc", "itertools",
 
 
 # --- seccomp: no new processes, no signals to others, no sockets, no namespaces ----------------
+# Nor memory outside RLIMIT_AS: System V shared memory (attach, fill, detach, again: as much as
+# the machine has; without bubblewrap it also outlives the sample, as do message queues and
+# semaphores) and memfd (16 MB each, up to the open-file limit). POSIX message queues: RLIMIT_MSGQUEUE.
 
 # Syscall numbers per architecture (AUDIT_ARCH value, syscalls, x32 bit).
 _X86_64 = (0xC000003E, dict(
@@ -240,14 +280,30 @@ _X86_64 = (0xC000003E, dict(
     mount=165, umount2=166, pivot_root=155, chroot=161, keyctl=250, add_key=248, request_key=249, bpf=321,
     perf_event_open=298, userfaultfd=323, io_uring_setup=425, io_uring_enter=426, io_uring_register=427,
     pidfd_open=434, pidfd_send_signal=424, pidfd_getfd=438, kcmp=312, rt_sigqueueinfo=129, rt_tgsigqueueinfo=297,
-    open_tree=428, move_mount=429, fsopen=430, fsmount=432), 0x40000000)
+    open_tree=428, move_mount=429, fsopen=430, fsmount=432, fcntl=72, ioctl=16, setpriority=141, ioprio_set=251,
+    sched_setaffinity=203, sched_setscheduler=144, sched_setparam=142, sched_setattr=314, shmget=29, shmat=30,
+    semget=64, msgget=68, msgsnd=69, memfd_create=319), 0x40000000)
 _AARCH64 = (0xC00000B7, dict(
     clone=220, clone3=435, execve=221, execveat=281, kill=129, tkill=130, tgkill=131, prlimit64=261, ptrace=117,
     process_vm_readv=270, process_vm_writev=271, socket=198, connect=203, unshare=97, setns=268, mount=40,
     umount2=39, pivot_root=41, chroot=51, keyctl=219, add_key=217, request_key=218, bpf=280, perf_event_open=241,
     userfaultfd=282, io_uring_setup=425, io_uring_enter=426, io_uring_register=427, pidfd_open=434,
     pidfd_send_signal=424, pidfd_getfd=438, kcmp=272, rt_sigqueueinfo=138, rt_tgsigqueueinfo=240, open_tree=428,
-    move_mount=429, fsopen=430, fsmount=432), None)
+    move_mount=429, fsopen=430, fsmount=432, fcntl=25, ioctl=29, setpriority=140, ioprio_set=30,
+    sched_setaffinity=122, sched_setscheduler=119, sched_setparam=118, sched_setattr=274, shmget=194, shmat=196,
+    semget=190, msgget=186, msgsnd=189, memfd_create=279), None)
+
+
+# F_SETOWN, F_SETOWN_EX (fcntl); FIOSETOWN, SIOCSPGRP (ioctl, a socketpair's): the owner of a file
+# gets SIGIO, or any signal F_SETSIG names, when the file is ready, and that owner may be any
+# process this user may signal: in the weak mode as an ordinary user, the eval itself.
+OWNER_COMMANDS = {"fcntl": (8, 15), "ioctl": (0x8901, 0x8902)}
+
+
+# Scheduling: on this process only (pid 0), never on another (as an ordinary user without
+# bubblewrap, the eval could be made to run at nice 19 on one CPU). setpriority and ioprio_set
+# (PRIO_USER, IOPRIO_WHO_USER: every process of a user) are refused outright.
+OWN_ONLY = ("sched_setaffinity", "sched_setscheduler", "sched_setparam", "sched_setattr")
 
 
 def seccomp_arch():
@@ -270,8 +326,13 @@ def install_seccomp():
     for name, nr in numbers.items():
         if name == "clone":  # a thread (CLONE_THREAD) is fine, a process is not
             prog += [(JEQ, 0, 4, nr), (LD, 0, 0, 16), (JSET, 0, 1, 0x10000), (RET, 0, 0, ALLOW), (RET, 0, 0, EPERM)]
-        elif name in ("kill", "tgkill", "prlimit64"):  # only on itself: raise(), os.kill(os.getpid()), setrlimit()
-            own = 0 if name == "prlimit64" else me
+        elif name in OWNER_COMMANDS:  # no signals to others through a file's owner (SIGIO, F_SETSIG)
+            commands = OWNER_COMMANDS[name]
+            prog += [(JEQ, 0, len(commands) + 3, nr), (LD, 0, 0, 24)]  # args[1]: the command
+            prog += [(JEQ, len(commands) - i, 0, command) for i, command in enumerate(commands)]
+            prog += [(RET, 0, 0, ALLOW), (RET, 0, 0, EPERM)]
+        elif name in ("kill", "tgkill", "prlimit64") or name in OWN_ONLY:  # only on itself: raise(), setrlimit()...
+            own = me if name in ("kill", "tgkill") else 0
             prog += [(JEQ, 0, 4, nr), (LD, 0, 0, 16), (JEQ, 0, 1, own), (RET, 0, 0, ALLOW), (RET, 0, 0, EPERM)]
         else:  # clone3 says ENOSYS so that the C library falls back to clone for threads
             prog += [(JEQ, 0, 1, nr), (RET, 0, 0, ENOSYS if name == "clone3" else EPERM)]
@@ -370,9 +431,21 @@ def _update_in_place(before, after):
 
 
 def check_main(requests, replies):
-    """Job on stdin (JSON); one line of verdict JSON on stdout."""
+    """Job on stdin (JSON); one line of verdict JSON on stdout, and nothing else there: what the
+    test prints (it may print what the sample returned) goes to /dev/null, so that a checker
+    killed before its verdict can never leave a line on stdout that reads as one."""
     _die_with_parent()
     job = json.loads(sys.stdin.read())
+    verdict_fd = os.dup(1)
+    null = os.open("/dev/null", os.O_WRONLY)
+    os.dup2(null, 1)
+    os.close(null)
+    import resource
+
+    # Replies can be built to make decoding slow (ints whose hashes collide, in a set) or large
+    # (16 MB of `[{},{},...]` is ~0.4 GB of objects): bounded here, not only by the grader's clock.
+    resource.setrlimit(resource.RLIMIT_CPU, (int(job["timeout"]) + 1, int(job["timeout"]) + 1))
+    resource.setrlimit(resource.RLIMIT_AS, (job["memory"], job["memory"]))
     start = time.monotonic()
     candidate = Candidate(requests, replies, job["call_timeout"], start + job["timeout"])
     verdict = {"passed": False, "error": None}
@@ -390,8 +463,9 @@ def check_main(requests, replies):
     except BaseException as err:
         verdict["error"] = candidate.failure or _test_failure(err)
     verdict["calls"] = candidate.calls
-    sys.stdout.write(json.dumps(verdict) + "\n")
-    sys.stdout.flush()
+    data = (json.dumps(verdict) + "\n").encode()
+    while data:
+        data = data[os.write(verdict_fd, data):]
     os._exit(0)
 
 
@@ -422,14 +496,18 @@ def _test_failure(err):
 
 
 def _die_with_parent():
+    """Killed with the process that started it; and not dumpable, so that a process of the same
+    user (another sample, in the weak mode as an ordinary user) can neither read nor write its
+    memory or open its descriptors through /proc (the kernel then asks for CAP_SYS_PTRACE)."""
     try:
         ctypes.CDLL(None).prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
+        ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
     except (OSError, AttributeError):
         pass
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
-        serve(*(int(arg) for arg in sys.argv[2:7]))
+        serve(*(int(arg) for arg in sys.argv[2:8]))
     else:
         check_main(int(sys.argv[2]), int(sys.argv[3]))
