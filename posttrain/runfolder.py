@@ -142,9 +142,24 @@ def _write_checkpoint(run_dir, final, step, model, model_state, optim_state, tok
         return f"cannot write checkpoint {final}: {_first_line(err)}; {_newest_left(run_dir)}"
     _replace_dir(tmp, final)
     if keep > 0:  # pruned only once the new checkpoint is complete
-        for _, old in checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(run_dir, keep)
     return None
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints. Each is first renamed to
+    `step-N.deleting` (atomic), so a kill in the middle of rmtree leaves a folder that is plainly
+    garbage rather than a `step-N` without its state file; such leftovers of an earlier kill are
+    deleted here too."""
+    folder = run_dir / "checkpoints"
+    doomed = [path for _, path in checkpoints(run_dir)[:-keep]]
+    leftovers = [path for path in folder.glob("step-*.deleting") if path.is_dir()]
+    for path in doomed:
+        trash = path.with_name(path.name + ".deleting")
+        path.rename(trash)
+        leftovers.append(trash)
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def nonfinite_tensors(state: dict) -> list[str]:
