@@ -412,8 +412,9 @@ def _coerce(value: Any, hint: Any, key: str, where: _Where) -> Any:
     if dataclasses.is_dataclass(hint):
         return _build(hint, {} if value is None else value, key, where)
     if origin is Literal:
-        if value not in args:
-            where.fail(key, f"must be one of: {', '.join(map(str, args))}; got {value!r}")
+        # the type must match too: YAML's 1 is not the literal True (1 == True in Python)
+        if not any(value == a and type(value) is type(a) for a in args):
+            where.fail(key, f"must be one of: {_choices(args)}; got {value!r}")
         return value
     if origin in (list, tuple):
         if isinstance(value, str):
@@ -467,7 +468,7 @@ def _describe(hint: Any) -> str:
     if origin is Annotated:
         return " ".join([_describe(args[0])] + [bounds.describe() for bounds in hint.__metadata__])
     if origin is Literal:
-        return "one of: " + ", ".join(map(str, args))
+        return "one of: " + _choices(args)
     if origin is list:
         return f"a list, each item {_describe(args[0])}"
     if origin is tuple:
@@ -476,3 +477,8 @@ def _describe(hint: Any) -> str:
     if dataclasses.is_dataclass(hint):
         return "a mapping"
     return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _choices(args) -> str:
+    """The allowed literals as a recipe spells them (YAML's true/false, not Python's True/False)."""
+    return ", ".join(str(a).lower() if isinstance(a, bool) else str(a) for a in args)

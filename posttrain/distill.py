@@ -257,14 +257,9 @@ def fetch_signals(objective, params, policy, teacher, batch, recipe: DistillReci
             "teacher_topk_ids": teach["topk_ids"], "teacher_topk_logprob": teach["topk_logprob"],
             "student_logprob_at_teacher_topk": old["at_logprob"], "student_entropy": old["entropy"],
         }
-    # "mass on the support" refers to the objective's support (the teacher's top-K unless the
-    # objective uses the student's).
-    if STUDENT_TOPK in objective.needs(params):
-        on_support = (signals["student_topk_logprob"], signals["teacher_logprob_at_student_topk"])
-    else:
-        on_support = (signals["student_logprob_at_teacher_topk"], signals["teacher_topk_logprob"])
-    diagnostics = support_diagnostics(*on_support, signals["student_topk_ids"], signals["teacher_topk_ids"],
-                                      batch["loss_mask"])
+    # "mass on the support" refers to the objective's support (LSM's `support`; the teacher's top-K
+    # for objectives without one).
+    diagnostics = support_diagnostics(signals, getattr(params, "support", "teacher"), batch["loss_mask"])
     return signals, diagnostics
 
 
