@@ -32,13 +32,21 @@ def train(recipe: Path = RECIPE, overrides: list[str] = OVERRIDES, resume: bool 
 
 
 @app.command()
-def distill(recipe: Path = RECIPE, overrides: list[str] = OVERRIDES, resume: bool = RESUME) -> None:
+def distill(recipe: Path = RECIPE, overrides: list[str] = OVERRIDES, resume: bool = RESUME,
+            check: bool = typer.Option(False, "--check", help="Only the pre-flight checks of the teacher/student "
+                                       "pair (vocabulary, EOS and end of turn, chat templates, samples, scoring "
+                                       "determinism), in seconds; writes nothing.")) -> None:
     """On-policy distillation (opd, lsm): the student samples, the teacher scores; writes runs/<name>/."""
     from posttrain.config import DistillRecipe, load_recipe
     from posttrain.distill import distill as run
+    from posttrain.preflight import check_only
 
     with naming_the_recipe(recipe):
-        run(load_recipe(recipe, DistillRecipe, overrides), resume=resume, recipe_path=str(recipe))
+        loaded = load_recipe(recipe, DistillRecipe, overrides)
+        if check:
+            check_only(loaded, str(recipe))
+        else:
+            run(loaded, resume=resume, recipe_path=str(recipe))
 
 
 @contextmanager

@@ -27,6 +27,7 @@ from posttrain.errors import UserError
 from posttrain.generation import SamplingSpec, make_backend
 from posttrain.losses import OBJECTIVES
 from posttrain.losses.aggregation import micro_batch_aggregation, top_entropy_mask
+from posttrain import preflight
 from posttrain.losses.objective import STUDENT_TOPK
 from posttrain.models import load_policy, same_vocabulary
 from posttrain.optim import build_scheduler
@@ -61,6 +62,7 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, recipe_path: str = "
     ), runtime.device, show=runtime.is_main, where=recipe_path)
     mask_ids = _single_token_ids(tokenizer, recipe.train.mask_first_tokens, recipe_path)
     prompts = _load_prompts(recipe, tokenizer)
+    preflight.at_start(recipe, student, tokenizer, teacher, prompts, runtime, recipe_path)  # refuses fatal problems
 
     rollouts_per_step = recipe.rollout.prompts_per_step * recipe.rollout.samples_per_prompt
     updates_per_step = recipe.train.ppo_epochs * (rollouts_per_step // recipe.train.mini_batch_size)
@@ -276,6 +278,7 @@ class Teacher:
             raise UserError("teacher and student tokenizers differ (recipe keys 'teacher' and 'student'); "
                             "token-level objectives need one shared vocabulary")
         self.model = self.vllm = None
+        self.tokenizer = tokenizer  # for the pre-flight checks (preflight.py)
         if recipe.scoring.backend == "vllm":
             from posttrain.generation.vllm import VLLMTeacher
 
