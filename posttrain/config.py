@@ -102,6 +102,11 @@ class DataConfig:
     response_role: str = "assistant"
     max_length: PositiveInt = 1024  # prompt + response tokens; longer examples are cut at the end
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    # Conversational data (data/conversation.py): "messages" = response_field holds whole
+    # conversations, loss on the response_role turns; "prompt-completion" = TRL's pairs (plain
+    # strings, no template; or message lists through the template).
+    format: Literal["prompt-response", "messages", "prompt-completion"] = "prompt-response"
+    train_turns: Literal["all", "last"] = "all"  # which response_role turns of a conversation are trained
 
 
 @dataclass
