@@ -92,6 +92,8 @@ def evaluate(
                                 "the last number, its own equivalence rules)."),
     cross_check: bool = typer.Option(False, "--cross-check", help="Also grade the samples with both math-verify and "
                                      "harness-style rules; counts in results.json, disagreements in cross_check.jsonl."),
+    report_to: str = typer.Option(None, "--report-to", help="Also send the metrics to these experiment trackers: "
+                                  "tensorboard, wandb, trackio (comma-separated; default none)."),
 ) -> None:
     """Evaluate a checkpoint (or grade given completions) on math and code benchmarks."""
     from posttrain.eval.runner import eval_from_cli
@@ -99,7 +101,7 @@ def evaluate(
     flags = {"model": model, "benchmarks": benchmark, "data_dir": data_dir, "samples": samples, "limit": limit,
              "out": out, "prompt": prompt, "backend": backend, "temperature": temperature, "top_p": top_p,
              "top_k": top_k, "max_new_tokens": max_new_tokens, "seed": seed, "batch_size": batch_size,
-             "workers": workers, "extract": extract}
+             "workers": workers, "extract": extract, "report_to": report_to}
     eval_from_cli(recipe, {k: v for k, v in flags.items() if v is not None}, completions, cross_check)
 
 
@@ -135,9 +137,12 @@ def main() -> None:
     try:
         app()
     except UserError as err:
+        from rich.markup import escape
+
         from posttrain.progress import console
 
-        console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
+        # escaped: a message may hold brackets (a list, an extra's name) that are not markup
+        console.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted; a run continues from its newest checkpoint with --resume", file=sys.stderr)

@@ -185,6 +185,8 @@ class TrainRecipe:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    # Experiment trackers that get a copy of every metrics row (posttrain/trackers.py); none: []
+    report_to: list[Literal["none", "tensorboard", "wandb", "trackio"]] = field(default_factory=list)
 
 
 @dataclass
@@ -267,6 +269,8 @@ class DistillRecipe:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: DistillLoopConfig = field(default_factory=DistillLoopConfig)
+    # Experiment trackers that get a copy of every metrics row (posttrain/trackers.py); none: []
+    report_to: list[Literal["none", "tensorboard", "wandb", "trackio"]] = field(default_factory=list)
 
 
 @dataclass
@@ -287,6 +291,8 @@ class EvalRecipe:
     batch_size: PositiveInt = 32  # prompts per generation call
     workers: PositiveInt = 2  # grading processes
     out: str | None = None
+    # Experiment trackers that get a copy of the results (per benchmark) (posttrain/trackers.py); none: []
+    report_to: list[Literal["none", "tensorboard", "wandb", "trackio"]] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from posttrain.runfolder import load_trainer_state, save_checkpoint
 from posttrain.runtime import Runtime, make_runtime
 from posttrain.memory import check_memory, training_memory
 from posttrain.scale import gathered, place_teacher, wrap_for_training
+from posttrain.trackers import check_installed
 from posttrain.scoring import has_repetition_loop, score_pair, score_tokens, support_diagnostics
 
 
@@ -49,6 +50,7 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, recipe_path: str = "
     if STUDENT_TOPK in objective.needs(params) and recipe.scoring.backend == "vllm":
         raise UserError(f"{recipe_path}: key 'scoring.backend': vllm returns only the teacher's own top-K, "
                         "so it cannot score the student's top-K support; use scoring.backend: hf")
+    check_installed(recipe.report_to, recipe_path)  # trackers.py: a missing tracker package, before anything runs
     runtime = make_runtime(recipe.train.precision, recipe.train.parallel)
     _check_sizes(recipe, runtime, recipe_path)
     run_dir, checkpoint, student, tokenizer = open_run(recipe, "student", runtime, resume)

@@ -220,15 +220,19 @@ def refuse_or_warn(findings: list[Finding], recipe_path: str, show) -> None:
 def at_start(recipe, student, tokenizer, teacher, prompts, runtime, recipe_path: str) -> None:
     """The checks at the start of a distill run: fatal problems refuse, the others warn. The
     sample and scoring checks run in single-process runs (the teacher may be sharded otherwise)."""
+    from rich.markup import escape
+
     from posttrain.progress import console
 
     findings, _ = run_checks(recipe, student, tokenizer, teacher, prompts, models_too=runtime.world_size == 1)
-    refuse_or_warn(findings, recipe_path, show=lambda line: runtime.is_main and console.print(line, highlight=False,
+    refuse_or_warn(findings, recipe_path, show=lambda line: runtime.is_main and console.print(escape(line), highlight=False,
                                                                                                 soft_wrap=True))
 
 
 def check_only(recipe, recipe_path: str) -> None:
     """`posttrain distill --check`: load both models, run every check, print, write nothing."""
+    from rich.markup import escape
+
     from posttrain.distill import Teacher, _load_prompts
     from posttrain.models import load_policy
     from posttrain.progress import console
@@ -240,8 +244,8 @@ def check_only(recipe, recipe_path: str) -> None:
     prompts = _load_prompts(recipe, tokenizer)
     findings, info = run_checks(recipe, student, tokenizer, teacher, prompts, models_too=True)
     for line in info:
-        console.print(f"pre-flight: {line}", highlight=False, soft_wrap=True)
-    refuse_or_warn(findings, recipe_path, show=lambda line: console.print(line, highlight=False, soft_wrap=True))
+        console.print(escape(f"pre-flight: {line}"), highlight=False, soft_wrap=True)
+    refuse_or_warn(findings, recipe_path, show=lambda line: console.print(escape(line), highlight=False, soft_wrap=True))
     warnings = len(findings)
     console.print(f"pre-flight: {'no problems found' if not warnings else f'{warnings} warning(s)'}; "
                   f"{recipe_path} is ready to run", highlight=False, soft_wrap=True)

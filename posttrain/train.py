@@ -31,6 +31,7 @@ from posttrain.runtime import Runtime, make_runtime
 from posttrain.memory import check_memory, training_memory
 from posttrain.scale import gathered, wrap_for_training
 from posttrain.scoring import hidden_at_loss_positions, score_tokens
+from posttrain.trackers import check_installed
 
 
 def train(recipe: TrainRecipe, *, resume: bool = False, recipe_path: str = "recipe") -> Path:
@@ -38,6 +39,7 @@ def train(recipe: TrainRecipe, *, resume: bool = False, recipe_path: str = "reci
     if objective.on_policy:
         raise UserError(f"{recipe_path}: key 'objective.name': {objective.name!r} is an on-policy objective; "
                         "run it with `posttrain distill`")
+    check_installed(recipe.report_to, recipe_path)  # trackers.py: a missing tracker package, before anything runs
     runtime = make_runtime(recipe.train.precision, recipe.train.parallel)
     run_dir, checkpoint, model, tokenizer = open_run(recipe, "model", runtime, resume)
     apply_precision(model, recipe.train.precision)

@@ -1,7 +1,9 @@
 """`posttrain distill --check` and the same checks at the start of every distill run."""
 
+import json
 import shutil
 
+import pytest
 import torch
 
 from posttrain.config import TinyModelConfig
@@ -52,13 +54,19 @@ def test_a_template_that_ends_turns_with_an_ordinary_token_is_refused(tmp_path, 
 
 
 def test_a_different_rendering_warns_and_the_run_goes_on(tmp_path, models):  # noqa: F811
+    # (this run also checks that a distill run's rows reach TensorBoard: tests/test_trackers.py)
     with_system = ("{{ '<|im_start|>system\\nYou are helpful.<|im_end|>\\n' }}" + CHATML_TEMPLATE)
     recipe = distill_recipe(tmp_path, models, {"name": "opd"}, name="warned", steps=1)
+    recipe["report_to"] = ["tensorboard"]
     recipe["teacher"] = {"path": str(teacher_with_template(tmp_path, models, with_system))}
     proc = run_cli("distill", "--recipe", str(write_recipe(tmp_path, recipe)))
     out = proc.stdout + proc.stderr
     assert "key 'teacher': the chat templates render the same prompt differently (from token 1: student 'user" in out
     assert (tmp_path / "runs" / "warned" / "final").exists()
+    from tests.test_trackers import scalars
+
+    [row] = [json.loads(line) for line in (tmp_path / "runs" / "warned" / "metrics.jsonl").read_text().splitlines()]
+    assert scalars(tmp_path / "runs" / "warned" / "tensorboard")["train/reverse_kl"] == [(1, pytest.approx(row["reverse_kl"]))]
 
 
 def test_end_of_turn_is_read_from_the_template():
