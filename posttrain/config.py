@@ -173,6 +173,7 @@ class TrainLoopConfig:
     save_every: NonNegativeInt = 0  # optimizer steps between checkpoints; 0: only the final one
     keep_checkpoints: PositiveInt = 2
     log_every: PositiveInt = 1
+    packing: bool = False  # padding-free micro-batches of ≤ micro_batch_tokens (data/packing.py)
 
 
 @dataclass
