@@ -76,7 +76,7 @@ def token_findings(student_tokenizer, teacher_tokenizer, student_model, teacher_
     if teacher_eot is not None and teacher_eot not in student_stops:
         findings.append(Finding(True, "student", f"the teacher ends a turn with {name(teacher_eot)!r}, which does not "
                                 f"stop the student's rollouts (stop tokens: {sorted(map(name, student_stops))}); "
-                                "add its id to eos_token_id in the student's generation_config.json"))
+                                "add its id to eos_token_id in the student's generation_config.json, or use matching chat templates"))
     if student_eot != teacher_eot:
         findings.append(Finding(False, "teacher", f"the chat templates end a turn differently: student "
                                 f"{_token(name, student_eot)}, teacher {_token(name, teacher_eot)}"))
