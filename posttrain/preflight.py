@@ -51,6 +51,8 @@ def vocabulary_findings(student_tokenizer, teacher_tokenizer, student_model, tea
                                          "shared vocabulary")]
     findings = []
     for key, model in (("student", student_model), ("teacher", teacher_model)):
+        if model is None:  # a vLLM teacher: its head is not loaded here
+            continue
         rows = model.get_output_embeddings().weight.shape[0]
         if rows < len(student_tokenizer):
             findings.append(Finding(True, key, f"the LM head has {rows} rows for a vocabulary of "
@@ -176,7 +178,7 @@ def determinism_findings(models: dict, examples: list[Example], pad_id: int) -> 
 
 def run_checks(recipe, student, tokenizer, teacher, prompts: list[list[int]], *, models_too: bool):
     """(findings, info lines). models_too: also sample and score (needs the local teacher)."""
-    findings = vocabulary_findings(tokenizer, teacher.tokenizer, student, teacher.model or student)
+    findings = vocabulary_findings(tokenizer, teacher.tokenizer, student, teacher.model)
     if any(f.fatal for f in findings):
         return findings, []
     findings += token_findings(tokenizer, teacher.tokenizer, student, teacher.model)
