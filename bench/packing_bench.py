@@ -1,9 +1,9 @@
 """Training tokens/s with and without sequence packing (train.packing), on the same examples.
 
-Both sides train the same tiny model on the same examples with the same token budget per
-micro-batch (train.micro_batch_tokens): padded micro-batches (sorted by length, as
-train.micro_batch_tokens makes them) vs best-fit packed rows (data/packing.py). One side's
-forward+backward over all micro-batches is one round; rounds alternate the order of the two sides.
+The same tiny model and examples, three ways to cut them into micro-batches: by count in data
+order (train.micro_batch_size 16, the default), by a padded-token budget (train.micro_batch_tokens,
+length-sorted) and packed best-fit rows with the same budget (train.packing). One side's
+forward+backward over all micro-batches is one measurement; rounds alternate the sides' order.
 tokens/s counts real (non-padding) input tokens, as the train loop's `tokens_per_s` does.
 
     python bench/packing_bench.py                      # ~30 s on 2 idle cores
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import time
 
@@ -53,14 +54,18 @@ def main() -> None:
             for row in load_rows("synthetic", "train", SyntheticConfig(split=split, num_examples=args.examples // 3),
                                  None, "data.source")]
     examples, _ = build_examples(rows, tokenizer, DataConfig(max_length=512))
+    random.Random(0).shuffle(examples)  # training visits examples in a shuffled order
     lengths = sorted(len(e) - 1 for e in examples)
     real_tokens = sum(lengths)
-    padded = [collate(group, tokenizer.pad_token_id) for group in micro_batches(examples, 8, args.budget)]
+    by_count = [collate(group, tokenizer.pad_token_id) for group in micro_batches(examples, 16, None)]
+    padded = [collate(group, tokenizer.pad_token_id) for group in micro_batches(examples, 16, args.budget)]
     packed = [collate_packed(group, tokenizer.pad_token_id) for group in best_fit(examples, args.budget)]
-    sides = {"padded": padded, "packed": packed}
+    # by-count: train.micro_batch_size 16 in data order (the default micro-batching); padded:
+    # train.micro_batch_tokens (length-sorted); packed: train.packing with the same budget
+    sides = {"by-count": by_count, "padded": padded, "packed": packed}
     seconds = {name: [] for name in sides}
     for round_index in range(args.rounds + 1):  # round 0 warms up
-        for name in (("padded", "packed") if round_index % 2 else ("packed", "padded")):
+        for name in (list(sides) if round_index % 2 else list(reversed(sides))):
             elapsed = one_pass(policy, sides[name])
             if round_index:
                 seconds[name].append(elapsed)
@@ -68,14 +73,15 @@ def main() -> None:
     print(f"{len(examples)} examples, input lengths {lengths[0]}..{lengths[-1]} (median {lengths[len(lengths) // 2]}), "
           f"{real_tokens} real tokens; budget {args.budget} input tokens per micro-batch; "
           f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
-    print(f"{'':8} {'micro-batches':>13} {'computed tokens':>16} {'padding':>8} {'median s':>9} {'tokens/s':>9}")
+    print(f"{'':9} {'micro-batches':>13} {'computed tokens':>16} {'padding':>8} {'median s':>9} {'tokens/s':>9}")
     for name, batches in sides.items():
         computed = sum(b["input_ids"].numel() for b in batches)
         median = statistics.median(seconds[name])
-        print(f"{name:8} {len(batches):>13} {computed:>16} {1 - real_tokens / computed:>8.1%} {median:>9.2f} "
+        print(f"{name:9} {len(batches):>13} {computed:>16} {1 - real_tokens / computed:>8.1%} {median:>9.2f} "
               f"{real_tokens / median:>9.0f}")
-    speedup = statistics.median(seconds["padded"]) / statistics.median(seconds["packed"])
-    print(f"packing: {speedup:.2f}x the padded run's tokens/s")
+    for other in ("by-count", "padded"):
+        speedup = statistics.median(seconds[other]) / statistics.median(seconds["packed"])
+        print(f"packing: {speedup:.2f}x the tokens/s of {other}")
 
 
 if __name__ == "__main__":
