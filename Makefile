@@ -64,6 +64,7 @@ test-vllm: $(VLLM_STAMP)
 bench: $(STAMP) sandbox
 	$(BIN)/python bench/head_bench.py
 	$(BIN)/python bench/grading_bench.py
+	$(BIN)/python bench/packing_bench.py
 	@if [ -f $(VLLM_STAMP) ]; then $(VLLM_BIN)/python bench/generation_bench.py; \
 	else echo "generation bench (hf vs vllm) skipped: no .venv-vllm (make test-vllm builds it)"; fi
 

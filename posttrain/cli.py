@@ -37,14 +37,21 @@ def train(recipe: Path = RECIPE, overrides: list[str] = OVERRIDES, resume: bool 
 
 @app.command()
 def distill(recipe: Path = RECIPE, overrides: list[str] = OVERRIDES, resume: bool = RESUME,
-            allow_changed_recipe: bool = ALLOW_CHANGED) -> None:
+            allow_changed_recipe: bool = ALLOW_CHANGED,
+            check: bool = typer.Option(False, "--check", help="Only the pre-flight checks of the teacher/student "
+                                       "pair (vocabulary, EOS and end of turn, chat templates, samples, scoring "
+                                       "determinism), in seconds; writes nothing.")) -> None:
     """On-policy distillation (opd, lsm): the student samples, the teacher scores; writes runs/<name>/."""
     from posttrain.config import DistillRecipe, load_recipe
     from posttrain.distill import distill as run
+    from posttrain.preflight import check_only
 
     with naming_the_recipe(recipe):
-        run(load_recipe(recipe, DistillRecipe, overrides), resume=resume, recipe_path=str(recipe),
-            allow_changed_recipe=allow_changed_recipe)
+        loaded = load_recipe(recipe, DistillRecipe, overrides)
+        if check:
+            check_only(loaded, str(recipe))
+        else:
+            run(loaded, resume=resume, recipe_path=str(recipe), allow_changed_recipe=allow_changed_recipe)
 
 
 @contextmanager
@@ -90,6 +97,8 @@ def evaluate(
                                 "the last number, its own equivalence rules)."),
     cross_check: bool = typer.Option(False, "--cross-check", help="Also grade the samples with both math-verify and "
                                      "harness-style rules; counts in results.json, disagreements in cross_check.jsonl."),
+    report_to: str = typer.Option(None, "--report-to", help="Also send the metrics to these experiment trackers: "
+                                  "tensorboard, wandb, trackio (comma-separated; default none)."),
 ) -> None:
     """Evaluate a checkpoint (or grade given completions) on math and code benchmarks."""
     from posttrain.eval.runner import eval_from_cli
@@ -97,7 +106,7 @@ def evaluate(
     flags = {"model": model, "benchmarks": benchmark, "data_dir": data_dir, "samples": samples, "limit": limit,
              "out": out, "prompt": prompt, "backend": backend, "temperature": temperature, "top_p": top_p,
              "top_k": top_k, "max_new_tokens": max_new_tokens, "seed": seed, "batch_size": batch_size,
-             "workers": workers, "extract": extract}
+             "workers": workers, "extract": extract, "report_to": report_to}
     eval_from_cli(recipe, {k: v for k, v in flags.items() if v is not None}, completions, cross_check)
 
 
@@ -133,9 +142,12 @@ def main() -> None:
     try:
         app()
     except UserError as err:
+        from rich.markup import escape
+
         from posttrain.progress import console
 
-        console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
+        # escaped: a message may hold brackets (a list, an extra's name) that are not markup
+        console.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted; a run continues from its newest checkpoint with --resume", file=sys.stderr)

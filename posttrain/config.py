@@ -117,6 +117,11 @@ class DataConfig:
     response_role: str = "assistant"
     max_length: PositiveInt = 1024  # prompt + response tokens; longer examples are cut at the end
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    # Conversational data (data/conversation.py): "messages" = response_field holds whole
+    # conversations, loss on the response_role turns; "prompt-completion" = TRL's pairs (plain
+    # strings, no template; or message lists through the template).
+    format: Literal["prompt-response", "messages", "prompt-completion"] = "prompt-response"
+    train_turns: Literal["all", "last"] = "all"  # which response_role turns of a conversation are trained
 
 
 @dataclass
@@ -185,6 +190,7 @@ class TrainLoopConfig:
     log_every: PositiveInt = 1
     max_nonfinite_steps: PositiveInt = 3  # stop after this many updates in a row skipped for a NaN/inf loss or grad
     token_probs_examples: NonNegativeInt = 0  # training examples scored before/after for token_probs.json; 0: off
+    packing: bool = False  # padding-free micro-batches of ≤ micro_batch_tokens (data/packing.py)
 
 
 @dataclass
@@ -197,6 +203,8 @@ class TrainRecipe:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    # Experiment trackers that get a copy of every metrics row (posttrain/trackers.py); none: []
+    report_to: list[Literal["none", "tensorboard", "wandb", "trackio"]] = field(default_factory=list)
 
 
 @dataclass
@@ -280,6 +288,8 @@ class DistillRecipe:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: DistillLoopConfig = field(default_factory=DistillLoopConfig)
+    # Experiment trackers that get a copy of every metrics row (posttrain/trackers.py); none: []
+    report_to: list[Literal["none", "tensorboard", "wandb", "trackio"]] = field(default_factory=list)
 
 
 @dataclass
@@ -300,6 +310,8 @@ class EvalRecipe:
     batch_size: PositiveInt = 32  # prompts per generation call
     workers: PositiveInt = 2  # grading processes
     out: str | None = None
+    # Experiment trackers that get a copy of the results (per benchmark) (posttrain/trackers.py); none: []
+    report_to: list[Literal["none", "tensorboard", "wandb", "trackio"]] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -455,8 +467,9 @@ def _coerce(value: Any, hint: Any, key: str, where: _Where) -> Any:
     if dataclasses.is_dataclass(hint):
         return _build(hint, {} if value is None else value, key, where)
     if origin is Literal:
-        if value not in args:
-            where.fail(key, f"must be one of: {', '.join(map(str, args))}; got {value!r}")
+        # the type must match too: YAML's 1 is not the literal True (1 == True in Python)
+        if not any(value == a and type(value) is type(a) for a in args):
+            where.fail(key, f"must be one of: {_choices(args)}; got {value!r}")
         return value
     if origin in (list, tuple):
         if isinstance(value, str):
@@ -515,7 +528,7 @@ def _describe(hint: Any) -> str:
     if origin is Annotated:
         return " ".join([_describe(args[0])] + [bounds.describe() for bounds in hint.__metadata__])
     if origin is Literal:
-        return "one of: " + ", ".join(map(str, args))
+        return "one of: " + _choices(args)
     if origin is list:
         return f"a list, each item {_describe(args[0])}"
     if origin is tuple:
@@ -524,3 +537,8 @@ def _describe(hint: Any) -> str:
     if dataclasses.is_dataclass(hint):
         return "a mapping"
     return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _choices(args) -> str:
+    """The allowed literals as a recipe spells them (YAML's true/false, not Python's True/False)."""
+    return ", ".join(str(a).lower() if isinstance(a, bool) else str(a) for a in args)

@@ -27,6 +27,7 @@ from posttrain.errors import UserError
 from posttrain.generation import SamplingSpec, make_backend
 from posttrain.losses import OBJECTIVES
 from posttrain.losses.aggregation import micro_batch_aggregation, top_entropy_mask
+from posttrain import preflight
 from posttrain.losses.objective import STUDENT_TOPK
 from posttrain.models import load_policy, same_vocabulary
 from posttrain.optim import build_scheduler
@@ -36,6 +37,7 @@ from posttrain.runfolder import load_trainer_state, save_checkpoint
 from posttrain.runtime import Runtime, make_runtime
 from posttrain.memory import check_memory, training_memory
 from posttrain.scale import gathered, place_teacher, wrap_for_training
+from posttrain.trackers import check_installed
 from posttrain.scoring import has_repetition_loop, score_pair, score_tokens, support_diagnostics
 
 
@@ -49,6 +51,7 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, recipe_path: str = "
     if STUDENT_TOPK in objective.needs(params) and recipe.scoring.backend == "vllm":
         raise UserError(f"{recipe_path}: key 'scoring.backend': vllm returns only the teacher's own top-K, "
                         "so it cannot score the student's top-K support; use scoring.backend: hf")
+    check_installed(recipe.report_to, recipe_path)  # trackers.py: a missing tracker package, before anything runs
     runtime = make_runtime(recipe.train.precision, recipe.train.parallel)
     _check_sizes(recipe, runtime, recipe_path)
     run_dir, checkpoint, student, tokenizer = open_run(recipe, "student", runtime, resume, allow_changed_recipe, recipe_path)
@@ -63,6 +66,7 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, recipe_path: str = "
     ), runtime.device, show=runtime.is_main, where=recipe_path)
     mask_ids = _single_token_ids(tokenizer, recipe.train.mask_first_tokens, recipe_path)
     prompts = _load_prompts(recipe, tokenizer)
+    preflight.at_start(recipe, student, tokenizer, teacher, prompts, runtime, recipe_path)  # refuses fatal problems
 
     rollouts_per_step = recipe.rollout.prompts_per_step * recipe.rollout.samples_per_prompt
     updates_per_step = recipe.train.ppo_epochs * (rollouts_per_step // recipe.train.mini_batch_size)
@@ -281,14 +285,9 @@ def fetch_signals(objective, params, policy, teacher, batch, recipe: DistillReci
             "teacher_topk_ids": teach["topk_ids"], "teacher_topk_logprob": teach["topk_logprob"],
             "student_logprob_at_teacher_topk": old["at_logprob"], "student_entropy": old["entropy"],
         }
-    # "mass on the support" refers to the objective's support (the teacher's top-K unless the
-    # objective uses the student's).
-    if STUDENT_TOPK in objective.needs(params):
-        on_support = (signals["student_topk_logprob"], signals["teacher_logprob_at_student_topk"])
-    else:
-        on_support = (signals["student_logprob_at_teacher_topk"], signals["teacher_topk_logprob"])
-    diagnostics = support_diagnostics(*on_support, signals["student_topk_ids"], signals["teacher_topk_ids"],
-                                      batch["loss_mask"])
+    # "mass on the support" refers to the objective's support (LSM's `support`; the teacher's top-K
+    # for objectives without one).
+    diagnostics = support_diagnostics(signals, getattr(params, "support", "teacher"), batch["loss_mask"])
     return signals, diagnostics
 
 
@@ -305,6 +304,7 @@ class Teacher:
             raise UserError("teacher and student tokenizers differ (recipe keys 'teacher' and 'student'); "
                             "token-level objectives need one shared vocabulary")
         self.model = self.vllm = None
+        self.tokenizer = tokenizer  # for the pre-flight checks (preflight.py)
         if recipe.scoring.backend == "vllm":
             from posttrain.generation.vllm import VLLMTeacher
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from posttrain.runfolder import (
 )
 from posttrain.runtime import Runtime
 from posttrain.scale import prepare_model, save_merged_lora
+from posttrain.trackers import open_trackers
 
 
 def open_run(recipe, model_key: str, runtime: Runtime, resume: bool, allow_changed_recipe: bool = False,
@@ -48,6 +50,8 @@ def open_logs(run_dir: Path, runtime: Runtime, recipe, command: str, checkpoint,
     """The run's JSONL logs (rows past the resumed step dropped) and its resolved config.yaml,
     headed by the command that made it."""
     logs = [MetricsLog(run_dir / name, enabled=runtime.is_main) for name in filenames]
+    if runtime.is_main:  # the trackers get a copy of each metrics row (posttrain/trackers.py)
+        logs[0].tee = open_trackers(recipe.report_to, run_dir, recipe.name, dataclasses.asdict(recipe))
     for log in logs:
         log.truncate_after(start_step)
     if runtime.is_main:

@@ -11,7 +11,7 @@ import torch
 from posttrain.losses import head_loss
 from posttrain.models import decoder_and_head
 
-NOT_PER_TOKEN = ("input_ids", "attention_mask", "loss_mask")
+NOT_PER_TOKEN = ("input_ids", "attention_mask", "loss_mask", "position_ids")
 
 
 class PolicyLoss(torch.nn.Module):
@@ -32,7 +32,14 @@ class PolicyLoss(torch.nn.Module):
         batch["loss_weight"] holds the aggregation weights w_t). temperature ≠ 1 scores the
         student at logits / temperature (dividing h divides h Wᵀ, and autograd carries the 1/T)."""
         decoder, weight_VH = decoder_and_head(self.model)
-        hidden_BTH = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        # A packed batch (data/packing.py) has position ids restarting per example and no attention
+        # mask: transformers then attends block-diagonally, one example at a time. It reads the
+        # boundaries off the position ids only without a KV cache, hence use_cache=False.
+        if "position_ids" in batch:
+            hidden_BTH = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                 use_cache=False).last_hidden_state
+        else:
+            hidden_BTH = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         mask_BT = batch["loss_mask"]
         inputs = {k: v[mask_BT] for k, v in batch.items() if k not in NOT_PER_TOKEN}
         hidden_NH = hidden_BTH[mask_BT] if temperature == 1.0 else hidden_BTH[mask_BT] / temperature

@@ -111,6 +111,8 @@ def report(paths: list[Path], out: Path, with_papers: bool = True) -> dict:
         sections.append(_table("On-policy distillation from one student (shaped like the LSM paper's single-task table)",
                                rows, benchmarks, "paper: 7B student, math average", with_papers, summary, "distill",
                                extra=_distill_extras))
+    if any(run.metrics for run in runs):
+        sections.append(_compute_table(runs, benchmarks, by_final, summary))
     sections.append(_sources_note(with_papers))
     (out / "tables.md").write_text("\n\n".join(sections) + "\n")
     (out / "runs.md").write_text(_runs_table(runs, benchmarks))
@@ -204,6 +206,59 @@ def _distill_extras(group):
         values = [v for v in (_tail_mean(r, key) for r in group) if v is not None]
         cells.append(f"{statistics.fmean(values):.3f}" if values else "–")
     return headers, cells
+
+
+def phase_totals(run: Run) -> dict[str, float]:
+    """Seconds and tokens per phase, summed over the run's logged steps (metrics.jsonl).
+
+    distill: generate / score / train seconds (time_*), generated tokens (response_tokens) and
+    trained tokens (response_tokens × trained_token_frac). train: train seconds (step_seconds),
+    input tokens (tokens_per_s × step_seconds) and trained (loss) tokens (response_tokens)."""
+    rows = run.metrics
+    total = lambda key: sum(float(r.get(key, 0.0)) for r in rows)  # noqa: E731
+    if run.command == "distill":
+        return {"generate_s": total("time_generate"), "score_s": total("time_score"), "train_s": total("time_train"),
+                "generated_tokens": total("response_tokens"),
+                "trained_tokens": sum(float(r.get("response_tokens", 0.0)) * float(r.get("trained_token_frac", 1.0))
+                                      for r in rows)}
+    return {"generate_s": 0.0, "score_s": 0.0, "train_s": total("step_seconds"), "generated_tokens": 0.0,
+            "input_tokens": sum(float(r.get("tokens_per_s", 0.0)) * float(r.get("step_seconds", 0.0)) for r in rows),
+            "trained_tokens": total("response_tokens")}
+
+
+def _average(run: Run | None, benchmarks: list[str]) -> float | None:
+    scores = run.scores() if run is not None else {}
+    if not benchmarks or not all(b in scores for b in benchmarks):
+        return None
+    return statistics.fmean(scores[b] for b in benchmarks)
+
+
+def _compute_table(runs: list[Run], benchmarks: list[str], by_final: dict, summary: dict) -> str:
+    """Seconds and tokens per phase for every run, and accuracy at equal cost: with one eval at
+    the end of a run, the honest measure is the gain over the model it started from (average
+    accuracy, points) per 1000 s of the run's own wall time, not a point on a learning curve."""
+    lines = ["### Compute per run (sums over the logged steps of metrics.jsonl)", "",
+             "Gain per 1000 s = (average accuracy − that of the model the run started from) / total seconds × 1000: "
+             "accuracy bought per unit of this run's wall time (the starting model's own training not counted). "
+             "Wall times compare only runs made on the same machine under the same load.", "",
+             "| run | command | generate s | score s | train s | total s | generated tokens | trained tokens | "
+             "average | start average | gain per 1000 s |", "|" + "---|" * 11]
+    summary["compute"] = {}
+    for run in sorted((r for r in runs if r.metrics), key=lambda r: r.name):
+        phases = phase_totals(run)
+        seconds = phases["generate_s"] + phases["score_s"] + phases["train_s"]
+        start = _source_run(run, "student" if run.command == "distill" else "model", by_final)
+        average, start_average = _average(run, benchmarks), _average(start, benchmarks)
+        gain = ((average - start_average) / seconds * 1000
+                if average is not None and start_average is not None and seconds > 0 else None)
+        number = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
+        lines.append(f"| {run.name} | {run.command} | {phases['generate_s']:.1f} | {phases['score_s']:.1f} | "
+                     f"{phases['train_s']:.1f} | {seconds:.1f} | {phases['generated_tokens']:.0f} | "
+                     f"{phases['trained_tokens']:.0f} | {number(average, '.1f')} | {number(start_average, '.1f')} | "
+                     f"{number(gain, '.2f')} |")
+        summary["compute"][run.name] = {**phases, "total_s": seconds, "average": average,
+                                        "start_average": start_average, "gain_per_1000s": gain}
+    return "\n".join(lines)
 
 
 def _sources_note(with_papers: bool) -> str:

@@ -72,6 +72,7 @@ class MetricsLog:
 
     def __init__(self, path: Path, enabled: bool = True):
         self.path, self.enabled = path, enabled
+        self.tee = None  # set by open_logs: sends each row on to the experiment trackers (trackers.py)
 
     def truncate_after(self, step: int) -> None:
         if not self.enabled or not self.path.exists():
@@ -84,6 +85,8 @@ class MetricsLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
                 f.flush()
+            if self.tee is not None:
+                self.tee(row)
 
 
 def read_jsonl(path: Path) -> list[dict]:

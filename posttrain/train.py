@@ -31,6 +31,8 @@ from posttrain.runtime import Runtime, make_runtime
 from posttrain.memory import check_memory, training_memory
 from posttrain.scale import gathered, wrap_for_training
 from posttrain.scoring import hidden_at_loss_positions, score_tokens
+from posttrain.trackers import check_installed
+from posttrain.data.packing import best_fit, check_packing, collate_packed
 
 
 def train(recipe: TrainRecipe, *, resume: bool = False, recipe_path: str = "recipe",
@@ -39,6 +41,8 @@ def train(recipe: TrainRecipe, *, resume: bool = False, recipe_path: str = "reci
     if objective.on_policy:
         raise UserError(f"{recipe_path}: key 'objective.name': {objective.name!r} is an on-policy objective; "
                         "run it with `posttrain distill`")
+    check_packing(recipe.train, recipe_path)
+    check_installed(recipe.report_to, recipe_path)  # trackers.py: a missing tracker package, before anything runs
     # the data's rows first: a missing, empty or non-UTF-8 file is refused before any model is built
     rows = load_rows(recipe.data.source, recipe.data.split, recipe.data.synthetic, recipe.data.max_examples, "data.source")
     runtime = make_runtime(recipe.train.precision, recipe.train.parallel)
@@ -118,8 +122,11 @@ def train_step(policy, optimizer, scheduler, runtime: Runtime, recipe: TrainReci
     started = time.time()
     response_tokens = sum(ex.loss_tokens for ex in step_examples)  # every rank sees the whole batch
     local = step_examples[runtime.rank :: runtime.world_size]
-    batches = [collate(group, pad_id) for group in micro_batches(local, recipe.train.micro_batch_size,
-                                                                 recipe.train.micro_batch_tokens)]
+    if recipe.train.packing:  # data/packing.py: best-fit rows of ≤ micro_batch_tokens, no padding
+        batches = [collate_packed(group, pad_id) for group in best_fit(local, recipe.train.micro_batch_tokens)]
+    else:
+        batches = [collate(group, pad_id) for group in micro_batches(local, recipe.train.micro_batch_size,
+                                                                     recipe.train.micro_batch_tokens)]
     if recipe.train.entropy_top_ratio is not None:
         for batch in batches:
             batch["loss_mask"] = _top_entropy_loss_mask(policy, batch, recipe, runtime)

@@ -47,18 +47,34 @@ def opd(hidden, weight, inputs, params):
     return per_token.sum()
 
 
+def lsm_support(n, inputs, params):
+    """S_t as a sorted list of ids, built with Python sets from the two top-K lists."""
+    teacher = set(inputs["teacher_topk_ids"][n].tolist())
+    student = set(inputs["student_topk_ids"][n].tolist())
+    support = {"teacher": teacher, "student": student, "union": teacher | student,
+               "overlap": teacher & student}[params.support]
+    if params.add_sampled_token:
+        support = support | {int(inputs["target_ids"][n])}
+    return sorted(support)
+
+
 def lsm(hidden, weight, inputs, params):
+    """Reverse KL on S_t, with q from the teacher's full distribution (inputs["teacher_logprob_NV"])."""
     logp_full = logits_of(hidden, weight).log_softmax(-1)
     total = logp_full.new_zeros(())
     for n in range(hidden.shape[0]):  # one position at a time: obviously right, not fast
-        keep = inputs["support_valid"][n]
-        ids = inputs["support_ids"][n][keep]
-        logq = inputs["support_teacher_logprob"][n][keep].to(logp_full.dtype)
-        logp = logp_full[n, ids]
-        if params.renormalize:
-            logp = logp - logp.logsumexp(0)
-            logq = logq - logq.logsumexp(0)
-        total = total + (logp.exp() * (logp - logq)).sum()
+        ids = lsm_support(n, inputs, params)
+        if not ids:
+            continue  # an empty overlap: nothing to match
+        p = logp_full[n, ids].exp()
+        q = inputs["teacher_logprob_NV"][n, ids].to(p.dtype).exp()
+        if params.renormalize is True:
+            p, q = p / p.sum(), q / q.sum()
+        if params.renormalize == "tail":
+            eps = torch.finfo(p.dtype).eps  # masses below rounding are floored (lsm.py's convention)
+            p = torch.cat([p, (1 - p.sum()).clamp(min=eps).reshape(1)])
+            q = torch.cat([q, (1 - q.sum()).clamp(min=eps).reshape(1)])
+        total = total + (p * (p.log() - q.log())).sum()
     return total
 
 

@@ -113,6 +113,13 @@ def test_other_schemas_load(tmp_path):
     distill = {"name": "d", "student": {"path": "s"}, "teacher": {"path": "t"}, "objective": {"name": "lsm", "k": 16}}
     loaded = load_recipe(write_recipe(tmp_path, distill), DistillRecipe)
     assert loaded.objective.params.k == 16 and loaded.rollout.backend == "hf"
+    path = write_recipe(tmp_path, distill)
+    for text, value in (("tail", "tail"), ("false", False), ("true", True)):
+        renormalize = load_recipe(path, DistillRecipe, [f"objective.renormalize={text}"]).objective.params.renormalize
+        assert renormalize == value and type(renormalize) is type(value)
+    message = error_of(path, DistillRecipe, ["objective.renormalize=1"])
+    assert "'objective.renormalize' must be one of: true, false, tail; got 1" in message
+    assert "must be one of: teacher, student, union, overlap" in error_of(path, DistillRecipe, ["objective.support=both"])
     loaded = load_recipe(write_recipe(tmp_path, {"benchmarks": "math500,gsm8k", "samples": 4}), EvalRecipe)
     assert loaded.benchmarks == ["math500", "gsm8k"]
 

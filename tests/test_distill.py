@@ -83,11 +83,20 @@ def test_score_tokens_matches_full_log_softmax():
     assert (out["token_logprob"][~mask] == 0).all()
 
 
-def test_support_diagnostics():
-    ids = torch.tensor([[[1, 2], [3, 4]]])
-    half = torch.full((1, 2, 2), torch.log(torch.tensor(0.25)))
-    diag = support_diagnostics(half, half, ids, torch.tensor([[[2, 1], [5, 4]]]), torch.ones(1, 2, dtype=torch.bool))
-    assert diag["student_mass"] == pytest.approx(0.5) and diag["topk_overlap"] == pytest.approx(0.75)
+@pytest.mark.parametrize("support,student_mass,teacher_mass,size", [
+    ("teacher", 0.6, 0.7, 2), ("student", 0.7, 0.4, 2), ("union", 0.8, 0.8, 3), ("overlap", 0.5, 0.3, 1),
+])
+def test_support_diagnostics(support, student_mass, teacher_mass, size):
+    # one position: teacher top-2 = {1: .4, 2: .3}, student top-2 = {2: .5, 5: .2}; π(1) = .1, q(5) = .1
+    log = lambda *p: torch.tensor(p).log().reshape(1, 1, -1)  # noqa: E731
+    signals = {
+        "teacher_topk_ids": torch.tensor([[[1, 2]]]), "teacher_topk_logprob": log(0.4, 0.3),
+        "student_topk_ids": torch.tensor([[[2, 5]]]), "student_topk_logprob": log(0.5, 0.2),
+        "teacher_logprob_at_student_topk": log(0.3, 0.1), "student_logprob_at_teacher_topk": log(0.1, 0.5),
+    }
+    diag = support_diagnostics(signals, support, torch.ones(1, 1, dtype=torch.bool))
+    assert diag["student_mass"] == pytest.approx(student_mass) and diag["teacher_mass"] == pytest.approx(teacher_mass)
+    assert diag["support_size"] == size and diag["topk_overlap"] == pytest.approx(0.5)
 
 
 def test_lsm_distillation_lowers_the_students_reverse_kl(tmp_path, models):
@@ -112,11 +121,21 @@ def test_lsm_distillation_lowers_the_students_reverse_kl(tmp_path, models):
     {"name": "lsm", "k": 8, "renormalize": False},
     {"name": "lsm", "k": 8, "support": "student"},
     {"name": "lsm", "k": 8, "add_sampled_token": True},
-], ids=["opd", "opd-plain-discounted", "lsm-no-renorm", "lsm-student-support", "lsm-augmented"])
+    {"name": "lsm", "k": 8, "support": "union", "renormalize": "tail"},
+    {"name": "lsm", "k": 8, "support": "overlap"},
+], ids=["opd", "opd-plain-discounted", "lsm-no-renorm", "lsm-student-support", "lsm-augmented", "lsm-union-tail",
+        "lsm-overlap"])
 def test_every_objective_and_ablation_runs(tmp_path, models, objective):
     run_dir = distill(from_dict(DistillRecipe, distill_recipe(tmp_path, models, objective), "test"))
     rows = metrics_of(run_dir)
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    # every variant logs the exact reverse KL, the masses on its support and the top-K overlap
+    for key in ("reverse_kl", "student_mass", "teacher_mass", "support_size", "topk_overlap"):
+        assert torch.isfinite(torch.tensor(rows[0][key])), key
+    if objective.get("support") == "union":
+        assert 8 <= rows[0]["support_size"] <= 16 and rows[0]["train_support_size"] >= 8
+    if objective.get("support") == "overlap":
+        assert rows[0]["support_size"] <= 8
     if objective["name"] == "opd" and objective.get("ppo_clip", True):
         assert "train_clip_frac" in rows[0]
 

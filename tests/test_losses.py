@@ -32,6 +32,7 @@ def make_problem(dtype=torch.float32, n=N, h=H, v=V, k=K, seed=0):
         "teacher_topk_logprob": teacher_logprob_NV.topk(k, dim=-1).values.to(dtype),
         "teacher_topk_ids": teacher_logprob_NV.topk(k, dim=-1).indices,
         "student_topk_ids": student_logprob_NV.topk(k, dim=-1).indices,
+        "teacher_logprob_NV": teacher_logprob_NV.to(dtype),  # for the plain LSM reference only
     }
     batch["teacher_logprob_at_student_topk"] = teacher_logprob_NV.gather(1, batch["student_topk_ids"]).to(dtype)
     return hidden.to(dtype), weight.to(dtype), batch, teacher_logprob_NV.to(dtype)
@@ -59,6 +60,12 @@ CASES = [
     ("lsm", lsm.Params(k=K, renormalize=False)),
     ("lsm", lsm.Params(k=K, support="student")),
     ("lsm", lsm.Params(k=K, add_sampled_token=True)),
+    ("lsm", lsm.Params(k=K, support="union")),
+    ("lsm", lsm.Params(k=K, support="overlap")),  # about half the positions have an empty overlap
+    ("lsm", lsm.Params(k=K, renormalize="tail")),
+    ("lsm", lsm.Params(k=K, support="student", renormalize="tail")),
+    ("lsm", lsm.Params(k=K, support="union", renormalize="tail", add_sampled_token=True)),
+    ("lsm", lsm.Params(k=K, support="overlap", renormalize=False, add_sampled_token=True)),
 ]
 CASE_IDS = [f"{name}-{params}" for name, params in CASES]
 
@@ -328,3 +335,57 @@ def test_empty_batch_gives_zero_loss_and_zero_grads():
     loss = head_loss(hidden, weight, OBJECTIVES["sft"], OBJECTIVES["sft"].Params(), {"target_ids": torch.zeros(0, dtype=torch.long)})
     loss.backward()
     assert loss.item() == 0.0 and weight.grad.abs().sum().item() == 0.0
+
+
+# --- the LSM support matrix --------------------------------------------------------------------
+
+
+def per_position_lsm_losses(params, hidden, weight, batch):
+    inputs = inputs_for("lsm", params, batch)
+    return torch.stack([
+        head_loss(hidden[n : n + 1], weight, OBJECTIVES["lsm"], params, {k: v[n : n + 1] for k, v in inputs.items()})
+        for n in range(hidden.shape[0])
+    ])
+
+
+def test_lsm_tail_with_k_equal_vocab_is_the_full_reverse_kl():
+    hidden, weight, batch, teacher_NV = make_problem(torch.float64, n=7, v=11, k=11)
+    for support in ("teacher", "union"):
+        params = lsm.Params(k=11, renormalize="tail", support=support)
+        loss, grad_h, grad_w, _ = engine_run("lsm", params, hidden, weight, inputs_for("lsm", params, batch), chunk=3)
+        h = hidden.clone().requires_grad_(True)
+        w = weight.clone().requires_grad_(True)
+        full = reference.full_reverse_kl(h, w, teacher_NV)
+        full.backward()
+        torch.testing.assert_close(loss, full.detach(), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(grad_h, h.grad, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(grad_w, w.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_lsm_tail_kl_is_a_true_kl_that_grows_with_the_support():
+    # A KL on the coarser partition {S, rest} is ≥ 0 and ≤ the KL on a finer one (the data
+    # processing inequality): teacher-top-K ⊂ union ⊂ whole vocabulary, position by position.
+    hidden, weight, batch, teacher_NV = make_problem(torch.float64, n=20, v=30, k=4)
+    on_teacher = per_position_lsm_losses(lsm.Params(k=4, renormalize="tail"), hidden, weight, batch)
+    on_union = per_position_lsm_losses(lsm.Params(k=4, renormalize="tail", support="union"), hidden, weight, batch)
+    logp_NV = (hidden @ weight.t()).log_softmax(-1)
+    full_N = (logp_NV.exp() * (logp_NV - teacher_NV)).sum(-1)
+    assert (on_teacher >= 0).all() and (on_teacher <= on_union + 1e-12).all() and (on_union <= full_N + 1e-12).all()
+    # and, unlike renormalize: false, it is not a lower bound that can go negative
+    truncated = per_position_lsm_losses(lsm.Params(k=4, renormalize=False), hidden, weight, batch)
+    assert (truncated < 0).any()
+
+
+def test_lsm_empty_overlap_gives_zero_loss_and_gradient():
+    hidden, weight, batch, _ = make_problem(torch.float64, n=6, k=3)
+    batch["student_topk_ids"] = (batch["teacher_topk_ids"] + 1) % V  # shifted: no shared id ...
+    batch["student_topk_ids"][:, 0] = batch["teacher_topk_ids"][:, 0]  # ... except the first one
+    batch["student_topk_ids"][3:] = torch.tensor([V - 1, V - 2, V - 3])
+    batch["teacher_topk_ids"][3:] = torch.tensor([0, 1, 2])  # positions 3..5: no overlap at all
+    for renormalize in (True, "tail"):
+        params = lsm.Params(k=3, support="overlap", renormalize=renormalize)
+        inputs = inputs_for("lsm", params, batch)
+        assert inputs["support_valid"].sum(-1).tolist() == [1, 1, 1, 0, 0, 0]
+        loss, grad_h, _, stats = engine_run("lsm", params, hidden[3:], weight, {k: v[3:] for k, v in inputs.items()}, chunk=2)
+        assert loss.item() == 0.0 and grad_h.abs().max().item() == 0.0
+        assert stats["support_size"].item() == 0.0

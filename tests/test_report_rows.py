@@ -1,6 +1,8 @@
 """`posttrain report` picks each run's paper row from the run's own settings (config.yaml),
 never from its name."""
 
+import json
+
 import yaml
 
 from posttrain.paper_numbers import distill_paper_row
@@ -39,3 +41,38 @@ def test_paper_rows_by_setting():
     assert distill_paper_row("distilled", "lsm", {"k": 32}, True, 0.9)[0] == "41.5"
     student_topk = distill_paper_row("distilled", "lsm", {"support": "student"}, False, 0.9)[0]
     assert student_topk.startswith("competitive with teacher top-K single-task")
+
+
+def _eval(folder, score):
+    (folder / "eval").mkdir()
+    (folder / "eval" / "results.json").write_text(json.dumps({"benchmarks": {"synthetic": {
+        "metrics": {"avg@4": score}, "coverage": {"complete": True}}}}))
+
+
+def _metrics(folder, rows):
+    (folder / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, **row}) + "\n" for i, row in enumerate(rows)))
+
+
+def test_compute_table_sums_phases_and_prices_the_gain(tmp_path):
+    runs = tmp_path / "runs"
+    base = _run(runs, "base", "train", {"model": {"tiny": {}}, "objective": {"name": "sft"}, "train": {}})
+    _metrics(base, [{"step_seconds": 1.0, "tokens_per_s": 100.0, "response_tokens": 60}])
+    _eval(base, 20.0)
+    sft = _run(runs, "sft", "train", {"model": {"path": str(base / "final")}, "objective": {"name": "sft"}, "train": {}})
+    _metrics(sft, [{"step_seconds": 2.0, "tokens_per_s": 50.0, "response_tokens": 40}] * 2)
+    _eval(sft, 30.0)
+    opd = _run(runs, "opd", "distill", {"student": {"path": str(base / "final")}, "teacher": {"path": str(sft / "final")},
+                                        "objective": {"name": "opd"}, "train": {}})
+    _metrics(opd, [{"time_generate": 3.0, "time_score": 1.0, "time_train": 1.0, "response_tokens": 100,
+                    "trained_token_frac": 0.5}] * 4)
+    _eval(opd, 45.0)
+    summary = report([runs], tmp_path / "out", with_papers=False)
+    compute = summary["compute"]
+    assert compute["sft"] == {"generate_s": 0.0, "score_s": 0.0, "train_s": 4.0, "generated_tokens": 0.0,
+                              "input_tokens": 200.0, "trained_tokens": 80.0, "total_s": 4.0, "average": 30.0,
+                              "start_average": 20.0, "gain_per_1000s": 2500.0}
+    assert compute["opd"]["total_s"] == 20.0 and compute["opd"]["trained_tokens"] == 200.0
+    assert compute["opd"]["gain_per_1000s"] == 1250.0  # (45 − 20) / 20 s × 1000
+    assert compute["base"]["gain_per_1000s"] is None  # started from a model that is not a run here
+    table = (tmp_path / "out" / "tables.md").read_text()
+    assert "| opd | distill | 12.0 | 4.0 | 4.0 | 20.0 | 400 | 200 | 45.0 | 20.0 | 1250.00 |" in table

@@ -18,6 +18,7 @@ import torch
 
 from posttrain.config import DataConfig, SyntheticConfig
 from posttrain.data import synthetic
+from posttrain.data.conversation import build_conversation_examples
 from posttrain.errors import UserError
 
 
@@ -25,9 +26,14 @@ from posttrain.errors import UserError
 class Example:
     token_ids: list[int]  # prompt + response
     prompt_len: int  # response tokens start here
+    # Conversations (data/conversation.py): the trained token ranges [start, end); None: all
+    # tokens from prompt_len on.
+    loss_spans: list[tuple[int, int]] | None = None
 
     @property
     def loss_tokens(self) -> int:
+        if self.loss_spans is not None:
+            return sum(end - start for start, end in self.loss_spans)
         return len(self.token_ids) - self.prompt_len
 
     def __len__(self) -> int:
@@ -139,6 +145,8 @@ def render_prompt(tokenizer, prompt, system_prompt: str | None) -> list[int]:
 
 def build_examples(rows: list[dict], tokenizer, cfg: DataConfig, key: str = "data") -> tuple[list[Example], dict]:
     """Tokenize rows; returns the examples and counts of what was truncated or dropped."""
+    if cfg.format != "prompt-response":
+        return build_conversation_examples(rows, tokenizer, cfg, key)
     for field_key, name in (("prompt_field", cfg.prompt_field), ("response_field", cfg.response_field)):
         if rows and name not in rows[0]:
             raise UserError(
@@ -198,7 +206,8 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         input_ids[row, :n] = ids[:-1]
         target_ids[row, :n] = ids[1:]
         attention_mask[row, :n] = 1
-        loss_mask[row, ex.prompt_len - 1 : n] = True
+        for start, end in ex.loss_spans or [(ex.prompt_len, n + 1)]:
+            loss_mask[row, start - 1 : end - 1] = True  # position t − 1 predicts token t
     return {"input_ids": input_ids, "attention_mask": attention_mask, "target_ids": target_ids, "loss_mask": loss_mask}
 
 

@@ -33,6 +33,7 @@ from posttrain.eval.prompts import prompt_ids, prompt_text
 from posttrain.generation import SamplingSpec, make_backend
 from posttrain.progress import console
 from posttrain.runfolder import read_jsonl, write_text_atomic
+from posttrain.trackers import check_installed, report_eval
 
 LOCK_FILE = ".eval.lock"
 COMPLETIONS_CHUNK = 64  # --completions: samples graded and appended at a time, so a killed eval keeps them
@@ -43,6 +44,7 @@ def eval_from_cli(recipe_path: Path | None, flags: dict, completions: Path | Non
     raw.update(flags)
     given = {key: f"--{'benchmark' if key == 'benchmarks' else key.replace('_', '-')} {value}" for key, value in flags.items()}
     cfg = from_dict(EvalRecipe, raw, str(recipe_path or "command line"), given)
+    check_installed(cfg.report_to, str(recipe_path or "command line"))
     if completions is None and not cfg.model:
         raise UserError("--model is required (or --completions FILE to grade completions made elsewhere)")
     if completions is not None and len(cfg.benchmarks) != 1:
@@ -127,6 +129,7 @@ def _evaluate_locked(cfg: EvalRecipe, out: Path, completions: Path | None, bench
     if cross_check:
         results["cross_check"] = _cross_check(out, benchmarks, cfg)
     write_text_atomic(out / "results.json", json.dumps(results, indent=1))
+    report_eval(cfg.report_to, out, cfg.model, results)  # trackers.py: the metrics to the experiment trackers
     _print_table(results, out)
     return results
 
