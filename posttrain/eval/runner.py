@@ -297,7 +297,7 @@ def _repair_torn_tail(path: Path) -> None:
 
 
 def _check_resume_config(out: Path, cfg: EvalRecipe, completions) -> None:
-    wanted = {k: v for k, v in asdict(cfg).items() if k not in ("limit", "benchmarks", "workers", "batch_size", "out")}
+    wanted = {k: v for k, v in asdict(cfg).items() if k not in ("limit", "benchmarks", "workers", "batch_size", "out", "report_to")}
     wanted["completions"] = str(completions) if completions else None
     path = out / "eval_config.json"
     if path.exists():
