@@ -158,14 +158,20 @@ def _read_rows(path: Path, raw: bytes) -> list[dict]:
         if not isinstance(rows, list):
             raise UserError(f"benchmark file {path}: a .json benchmark must hold a list of objects")
         return rows
-    rows = []
+    return [row for _, row in jsonl_lines(text, f"benchmark file {path}")]
+
+
+def jsonl_lines(text: str, where: str) -> list[tuple[int, object]]:
+    """(line number, value) for each non-empty line of JSONL text; a line that is not JSON is a
+    UserError naming `where` and the line."""
+    values = []
     for line_no, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                values.append((line_no, json.loads(line)))
             except json.JSONDecodeError as err:
-                raise UserError(f"benchmark file {path}: line {line_no} is not valid JSON ({err.msg})") from None
-    return rows
+                raise UserError(f"{where}: line {line_no} is not valid JSON ({err.msg})") from None
+    return values
 
 
 def _check_rows(spec: Benchmark, rows: list, path: Path) -> None:

@@ -24,7 +24,7 @@ from rich.table import Table
 
 from posttrain.config import EvalRecipe, from_dict, load_recipe
 from posttrain.errors import UserError
-from posttrain.eval.benchmarks import LoadedBenchmark, load_benchmark
+from posttrain.eval.benchmarks import LoadedBenchmark, jsonl_lines, load_benchmark
 from posttrain.eval.code_sandbox import CodeSandbox, assemble_program
 from posttrain.eval.protocols import cross_check as run_cross_check
 from posttrain.eval.protocols import make_math_grader
@@ -212,17 +212,10 @@ def _read_completions(path: Path) -> list[tuple[int, dict]]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise UserError(f"{path}: not UTF-8 text ({err})") from None
-    rows = []
-    for line_no, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}: line {line_no} is not valid JSON ({err.msg})") from None
+    rows = jsonl_lines(text, str(path))
+    for line_no, row in rows:
         if not isinstance(row, dict):
             raise UserError(f"{path}: line {line_no}: each line needs an integer 'index' and a string 'completion'")
-        rows.append((line_no, row))
     return rows
 
 
