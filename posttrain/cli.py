@@ -12,7 +12,7 @@ from posttrain.errors import UserError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-    help="Token-level post-training experiments: train (SFT/DFT/OTR), distill (OPD/LSM), eval, report.",
+    help="Token-level post-training experiments: train (SFT/DFT/OTR), rl (OPD/LSM/GRPO; alias distill), eval, report.",
 )
 
 RECIPE = typer.Option(..., "--recipe", "-r", help="YAML recipe (see `posttrain recipes`).")
@@ -36,15 +36,23 @@ def train(recipe: Path = RECIPE, overrides: list[str] = OVERRIDES, resume: bool 
 
 
 @app.command()
-def distill(recipe: Path = RECIPE, overrides: list[str] = OVERRIDES, resume: bool = RESUME,
-            allow_changed_recipe: bool = ALLOW_CHANGED) -> None:
-    """On-policy distillation (opd, lsm): the student samples, the teacher scores; writes runs/<name>/."""
+def rl(recipe: Path = RECIPE, overrides: list[str] = OVERRIDES, resume: bool = RESUME,
+       allow_changed_recipe: bool = ALLOW_CHANGED) -> None:
+    """On-policy training (opd, lsm, grpo): the student samples; a teacher, a reference policy or a
+    grader scores what the objective declares; writes runs/<name>/."""
     from posttrain.config import DistillRecipe, load_recipe
     from posttrain.distill import distill as run
 
     with naming_the_recipe(recipe):
         run(load_recipe(recipe, DistillRecipe, overrides), resume=resume, recipe_path=str(recipe),
             allow_changed_recipe=allow_changed_recipe)
+
+
+@app.command()
+def distill(recipe: Path = RECIPE, overrides: list[str] = OVERRIDES, resume: bool = RESUME,
+            allow_changed_recipe: bool = ALLOW_CHANGED) -> None:
+    """The same as `posttrain rl` (its older name, kept for distillation recipes: opd, lsm)."""
+    rl(recipe, overrides, resume, allow_changed_recipe)
 
 
 @contextmanager

@@ -182,7 +182,6 @@ class TrainLoopConfig:
     lora: LoraConfig | None = None  # None: full fine-tuning
     save_every: NonNegativeInt = 0  # optimizer steps between checkpoints; 0: only the final one
     keep_checkpoints: PositiveInt = 2
-    log_every: PositiveInt = 1
     max_nonfinite_steps: PositiveInt = 3  # stop after this many updates in a row skipped for a NaN/inf loss or grad
     token_probs_examples: NonNegativeInt = 0  # training examples scored before/after for token_probs.json; 0: off
 
@@ -213,6 +212,7 @@ class PromptsConfig:
     dedupe: bool = False  # keep only the first row of each distinct prompt field (DAPO-Math-17k repeats each ~100x)
     max_examples: PositiveInt | None = None
     max_prompt_length: PositiveInt = 512  # longer prompts are skipped
+    answer_field: str = "answer"  # the gold answer, for objectives graded on a verifiable reward (grpo)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -245,6 +245,7 @@ class ScoringConfig:
     # compute_log_prob and update_policy do); false: temperature 1.
     at_rollout_temperature: bool = False
     gpu_memory_utilization: Share = 0.3  # vllm teacher only
+    grader_workers: PositiveInt = 2  # grading processes for a verifiable reward (grpo)
 
 
 @dataclass
@@ -263,7 +264,6 @@ class DistillLoopConfig:
     mask_first_tokens: list[str] = field(default_factory=list)  # LSM paper's special-token mask
     save_every: NonNegativeInt = 0
     keep_checkpoints: PositiveInt = 2
-    log_every: PositiveInt = 1
     max_nonfinite_steps: PositiveInt = 3  # stop after this many updates in a row skipped for a NaN/inf loss or grad
 
 
@@ -271,8 +271,8 @@ class DistillLoopConfig:
 class DistillRecipe:
     name: RunName
     student: ModelConfig
-    teacher: ModelConfig
     objective: ObjectiveConfig
+    teacher: ModelConfig | None = None  # required exactly when the objective uses a teacher signal (opd, lsm)
     seed: int = 0
     out_dir: str = "runs"
     prompts: PromptsConfig = field(default_factory=PromptsConfig)

@@ -46,17 +46,17 @@ def full_vocab(params):
     return not params.renormalize
 
 
-def prepare(params, batch):
+def prepare(params, batch, signals):
     if params.support == "teacher":
-        ids_BTK, logq_BTK = batch["teacher_topk_ids"], batch["teacher_topk_logprob"]
+        ids_BTK, logq_BTK = signals.teacher_topk_ids_BTK, signals.teacher_topk_logprob_BTK
     else:
-        ids_BTK, logq_BTK = batch["student_topk_ids"], batch["teacher_logprob_at_student_topk"]
+        ids_BTK, logq_BTK = signals.student_topk_ids_BTK, signals.teacher_logprob_at_student_topk_BTK
     valid_BTK = torch.ones_like(ids_BTK, dtype=torch.bool)
     if params.add_sampled_token:
         sampled_BT1 = batch["target_ids"].unsqueeze(-1)
         already_in = (ids_BTK == sampled_BT1).any(dim=-1, keepdim=True)
         ids_BTK = torch.cat([ids_BTK, sampled_BT1], dim=-1)
-        logq_BTK = torch.cat([logq_BTK, batch["teacher_token_logprob"].unsqueeze(-1)], dim=-1)
+        logq_BTK = torch.cat([logq_BTK, signals.teacher_token_logprob_BT.unsqueeze(-1)], dim=-1)
         valid_BTK = torch.cat([valid_BTK, ~already_in], dim=-1)
     return {"support_ids": ids_BTK, "support_teacher_logprob": logq_BTK, "support_valid": valid_BTK}
 
