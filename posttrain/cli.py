@@ -55,6 +55,18 @@ def distill(recipe: Path = RECIPE, overrides: list[str] = OVERRIDES, resume: boo
     rl(recipe, overrides, resume, allow_changed_recipe)
 
 
+@app.command("rft-data")
+def rft_data(
+    eval_dir: Path = typer.Argument(..., help="An eval folder (posttrain eval --out) of k samples per training problem."),
+    out: Path = typer.Option(..., "--out", help="The JSONL to write: the correct samples, for `posttrain train`."),
+    max_per_problem: int = typer.Option(None, "--max-per-problem", min=1, help="Keep at most this many per problem."),
+) -> None:
+    """Rejection-sampling fine-tuning data: the correct, model-ended, distinct samples of an eval."""
+    from posttrain.rft import rft_data as run
+
+    run(eval_dir, out, max_per_problem)
+
+
 @contextmanager
 def naming_the_recipe(recipe: Path):
     """Errors raised where the recipe file is not known ("recipe key 'data.source': ...", from the
