@@ -84,7 +84,7 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, recipe_path: str = "
         backend.update_weights(student)
 
     # rollouts.jsonl: two responses per step
-    metrics, rollout_log = open_logs(run_dir, runtime, recipe, f"posttrain distill --recipe {recipe_path}", checkpoint,
+    metrics, rollout_log = open_logs(run_dir, runtime, recipe, f"posttrain rl --recipe {recipe_path}", checkpoint,
                                      start_step, "metrics.jsonl", "rollouts.jsonl")
 
     started, row, nonfinite_streak = time.time(), {}, 0

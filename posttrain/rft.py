@@ -10,7 +10,7 @@ RFT is a pipeline of existing commands, not a loop:
 A kept sample is graded correct, ended by the model (a completion cut at max_new_tokens is not
 a demonstration of stopping), and distinct from the problem's other kept samples. Each line is
 {"prompt": the user message the model answered, "solution": the completion, "answer", "problem",
-"index", "sample"}; `prompt` is what eval's `chat` preset put in the user turn, which is what
+"index", "sample", "rft_source": the eval folder (`posttrain report` finds RFT runs by it)}; `prompt` is what eval's `chat` preset put in the user turn, which is what
 `posttrain train` renders through the same chat template, so training sees the prompt the
 samples were drawn for.
 """
@@ -56,7 +56,7 @@ def rft_data(eval_dir: Path, out: Path, max_per_problem: int | None = None) -> d
         question = spec.question(rows[record["index"]]).strip()
         kept.append({"prompt": f"{question}\n{BOXED_INSTRUCTION}", "solution": record["completion"],
                      "answer": record.get("gold"), "problem": question, "index": record["index"],
-                     "sample": record["sample"]})
+                     "sample": record["sample"], "rft_source": str(eval_dir)})
     if not kept:
         raise UserError(f"{eval_dir / 'samples.jsonl'}: no correct sample that the model ended itself "
                         f"({counts['correct']} correct, {counts['cut_off']} of them cut at max_new_tokens); nothing to train on")

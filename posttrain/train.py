@@ -38,7 +38,7 @@ def train(recipe: TrainRecipe, *, resume: bool = False, recipe_path: str = "reci
     objective = OBJECTIVES[recipe.objective.name]
     if objective.on_policy:
         raise UserError(f"{recipe_path}: key 'objective.name': {objective.name!r} is an on-policy objective; "
-                        "run it with `posttrain distill`")
+                        "run it with `posttrain rl`")
     # the data's rows first: a missing, empty or non-UTF-8 file is refused before any model is built
     rows = load_rows(recipe.data.source, recipe.data.split, recipe.data.synthetic, recipe.data.max_examples, "data.source")
     runtime = make_runtime(recipe.train.precision, recipe.train.parallel)
