@@ -22,7 +22,7 @@ from typing import Literal
 
 import torch
 
-from posttrain.config import NonNegativeFloat, OpenFraction, PositiveFloat
+from posttrain.config.ranges import NonNegativeFloat, OpenFraction, PositiveFloat
 from posttrain.losses.objective import REFERENCE_TOKEN, VERIFIABLE_REWARD, Objective
 
 

@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 
-from posttrain.config import PositiveFloat, PositiveInt
+from posttrain.config.ranges import PositiveFloat, PositiveInt
 from posttrain.losses.objective import STUDENT_TOPK, TEACHER_TOKEN, TEACHER_TOPK, Objective
 
 _MASKED = -1e30  # finite stand-in for −inf: exp gives 0 and differences stay finite (no NaN grads)

@@ -14,7 +14,7 @@ from typing import Annotated
 
 import torch
 
-from posttrain.config import Bounds, NonNegativeFloat, OpenFraction, PositiveFloat, Probability
+from posttrain.config.ranges import Bounds, NonNegativeFloat, OpenFraction, PositiveFloat, Probability
 from posttrain.losses.objective import TEACHER_TOKEN, Objective
 
 
