@@ -18,7 +18,6 @@ Per step the data flows one way, top to bottom:
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,14 +29,16 @@ from posttrain.data.sft import Example, collate, epoch_order, load_rows, micro_b
 from posttrain.errors import UserError
 from posttrain.generation import SamplingSpec, make_backend
 from posttrain.losses import OBJECTIVES
-from posttrain.losses.aggregation import micro_batch_aggregation, top_entropy_mask
+from posttrain.losses.aggregation import top_entropy_mask
 from posttrain.losses.objective import (
     REFERENCE_TOKEN, STUDENT_TOPK, TEACHER_SOURCES, VERIFIABLE_REWARD, TokenSignals,
 )
 from posttrain.models import load_policy, same_vocabulary
 from posttrain.optim import build_scheduler
 from posttrain.progress import StepProgress, summary_table
-from posttrain.loop import apply_precision, count_nonfinite, global_counts, open_logs, open_run, optimizer_step, save_final
+from posttrain.loop import (
+    accumulate_gradients, apply_precision, count_nonfinite, open_logs, open_run, optimizer_step, save_final,
+)
 from posttrain.runfolder import load_trainer_state, save_checkpoint
 from posttrain.runtime import Runtime, make_runtime
 from posttrain.memory import check_memory, training_memory
@@ -244,22 +245,15 @@ def ppo_update(policy, optimizer, scheduler, runtime, recipe, batch, rows, stats
     objective, params = OBJECTIVES[recipe.objective.name], recipe.objective.params
     groups = [torch.tensor(g, device=batch["input_ids"].device)
               for g in micro_batches(rows.tolist(), recipe.train.micro_batch_size, None)]
-    counts = global_counts([batch["loss_mask"][g] for g in groups], runtime)
     temperature = recipe.rollout.temperature if recipe.scoring.at_rollout_temperature else 1.0
-    loss_total = 0.0
-    for i, group in enumerate(groups):
-        micro = _select_rows(batch, group)
-        weights, divisor = micro_batch_aggregation(recipe.train.loss_aggregation, micro["loss_mask"], counts)
-        if weights is not None:
-            micro["loss_weight"] = weights
-        generator = torch.Generator(device=runtime.device).manual_seed(seed * 31 + i)
-        last = i == len(groups) - 1
-        with nullcontext() if last else runtime.accelerator.no_sync(policy):
-            weighted_loss = policy(micro, objective, params, chunk_tokens=recipe.train.head_chunk_tokens,
-                                   generator=generator, matmul_dtype=runtime.matmul_dtype, stats=stats,
-                                   temperature=temperature) / divisor
-            runtime.accelerator.backward(weighted_loss * runtime.world_size)
-        loss_total += weighted_loss.item()
+
+    def forward(index: int, micro: dict) -> torch.Tensor:
+        generator = torch.Generator(device=runtime.device).manual_seed(seed * 31 + index)
+        return policy(micro, objective, params, chunk_tokens=recipe.train.head_chunk_tokens, generator=generator,
+                      matmul_dtype=runtime.matmul_dtype, stats=stats, temperature=temperature)
+
+    loss_total, _ = accumulate_gradients(policy, runtime, [_select_rows(batch, g) for g in groups],
+                                         recipe.train.loss_aggregation, forward)
     grad_norm, skipped = optimizer_step(policy, optimizer, scheduler, runtime, recipe.optim.grad_clip, loss_total)
     return runtime.sum_across_ranks({"l": loss_total})["l"], grad_norm, skipped
 
