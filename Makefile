@@ -140,7 +140,7 @@ reproduce-table: $(STAMP)
 
 # The same pipeline on a few steps and one seed (a few minutes): checks that it all runs. The base
 # gets 200 steps so that the RFT sampling finds correct answers to keep (measured: 2 of 512 samples
-# at 200 steps with 128 problems; none after 30).
+# at 200 steps with 128 problems, hence 256 problems here).
 reproduce-smoke: $(STAMP)
 	$(MAKE) reproduce-table MINI=runs/smoke RESULTS=results/smoke SEEDS=0 \
 	  BASE_ARGS="train.max_steps=200" TEACHER_ARGS="train.max_steps=30" TRAIN_ARGS="train.max_steps=10" \
