@@ -111,17 +111,23 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, recipe_path: str = "
 
     save_final(run_dir, recipe.train.steps, student, tokenizer, optimizer, scheduler, runtime, recipe.train, checkpoint)
     if runtime.is_main:
-        summary_table(f"rl {recipe.name} ({objective.name})", [
-            ("steps", f"{recipe.train.steps} ({start_step} before this session)"),
-            ("reverse KL exact / sampled", f"{row.get('reverse_kl', float('nan')):.4f} / "
-                                           f"{row.get('reverse_kl_sampled', float('nan')):.4f}" if row else "-"),
-            ("reward mean / negative share", f"{row.get('reward_mean', 0):.3f} / {row.get('negative_reward_frac', 0):.2f}" if row else "-"),
-            ("verifiable reward mean", f"{row.get('verifiable_reward_mean', float('nan')):.3f}" if row else "-"),
-            ("repetition / truncated", f"{row.get('repetition_frac', 0):.2f} / {row.get('truncated_frac', 0):.2f}" if row else "-"),
-            ("wall time", f"{time.time() - started:.1f} s"),
-            ("checkpoint", str(run_dir / "final")),
-        ])
+        summary_table(f"rl {recipe.name} ({objective.name})", _summary_rows(row, recipe, start_step, started, run_dir))
     return run_dir
+
+
+def _summary_rows(row: dict, recipe: DistillRecipe, start_step: int, started: float, run_dir: Path) -> list:
+    """The last step's numbers for the console, only those its sources produced (no teacher: no
+    reverse KL row, rather than a 0 that reads as a measurement)."""
+    rows = [("steps", f"{recipe.train.steps} ({start_step} before this session)")]
+    if "reverse_kl" in row:
+        rows += [("reverse KL exact / sampled", f"{row['reverse_kl']:.4f} / {row['reverse_kl_sampled']:.4f}"),
+                 ("reward mean / negative share", f"{row['reward_mean']:.3f} / {row['negative_reward_frac']:.2f}")]
+    if "verifiable_reward_mean" in row:
+        rows += [("verifiable reward mean / std", f"{row['verifiable_reward_mean']:.3f} / {row['verifiable_reward_std']:.3f}"),
+                 ("groups with zero advantage", f"{row['zero_advantage_group_frac']:.2f}")]
+    if row:
+        rows.append(("repetition / truncated", f"{row['repetition_frac']:.2f} / {row['truncated_frac']:.2f}"))
+    return rows + [("wall time", f"{time.time() - started:.1f} s"), ("checkpoint", str(run_dir / "final"))]
 
 
 def distill_step(policy, optimizer, scheduler, backend, sources: Sources, runtime: Runtime, recipe: DistillRecipe,
