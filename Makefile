@@ -83,6 +83,7 @@ TEACHER_ARGS ?=
 TRAIN_ARGS ?=
 DISTILL_ARGS ?=
 RL_ARGS ?=
+RFT_ARGS ?= $(TRAIN_ARGS)
 # RFT: k samples of each of the first N training problems from the base, graded; the correct ones
 # are the RFT runs' data (drawn once: the seeds vary the fine-tuning only).
 RFT_SAMPLE_ARGS ?= --limit 2048 --samples 4 --temperature 1.0 --max-new-tokens 96 --workers 1
@@ -118,7 +119,7 @@ $(MINI)/$(1)-seed$(2)/final: $(MINI)/base/final
 endef
 define RFT_RULE
 $(MINI)/$(1)-seed$(2)/final: $(MINI)/base/rft-data.jsonl
-	$(POSTTRAIN) train --recipe recipes/mini/$(1).yaml out_dir=$(MINI) name=$(1)-seed$(2) seed=$(2) model.path=$(MINI)/base/final data.source=$(MINI)/base/rft-data.jsonl $(TRAIN_ARGS) --resume
+	$(POSTTRAIN) train --recipe recipes/mini/$(1).yaml out_dir=$(MINI) name=$(1)-seed$(2) seed=$(2) model.path=$(MINI)/base/final data.source=$(MINI)/base/rft-data.jsonl $(RFT_ARGS) --resume
 endef
 $(foreach r,$(OFFLINE),$(foreach s,$(SEEDS),$(eval $(call OFFLINE_RULE,$(r),$(s)))))
 $(foreach r,$(ONLINE),$(foreach s,$(SEEDS),$(eval $(call ONLINE_RULE,$(r),$(s)))))
@@ -140,11 +141,11 @@ reproduce-table: $(STAMP)
 
 # The same pipeline on a few steps and one seed (a few minutes): checks that it all runs. The base
 # gets 200 steps so that the RFT sampling finds correct answers to keep (measured: 2 of 512 samples
-# at 200 steps with 128 problems, hence 256 problems here).
+# at 200 steps with 128 problems, 5 of 1,024 with 256 problems, hence 256 problems and RFT batches of 4).
 reproduce-smoke: $(STAMP)
 	$(MAKE) reproduce-table MINI=runs/smoke RESULTS=results/smoke SEEDS=0 \
 	  BASE_ARGS="train.max_steps=200" TEACHER_ARGS="train.max_steps=30" TRAIN_ARGS="train.max_steps=10" \
-	  DISTILL_ARGS="train.steps=4" RL_ARGS="train.steps=4" \
+	  DISTILL_ARGS="train.steps=4" RL_ARGS="train.steps=4" RFT_ARGS="train.max_steps=10 train.batch_size=4 train.micro_batch_size=4" \
 	  RFT_SAMPLE_ARGS="--limit 256 --samples 4 --temperature 1.0 --max-new-tokens 64 --workers 1" EVAL_ARGS="--benchmark synthetic,synthetic_ood --samples 2 --limit 16 --max-new-tokens 64 --workers 1"
 
 clean-runs:
