@@ -63,7 +63,7 @@ def _grpo_recipe(tmp_path, student, **objective):
         "name": "g", "out_dir": str(tmp_path / "runs"), "student": {"path": str(student)},
         "prompts": {"source": "synthetic", "prompt_field": "prompt",
                     "synthetic": {"split": "in_domain", "num_examples": 64}},
-        "rollout": {"prompts_per_step": 4, "samples_per_prompt": 4, "max_new_tokens": 48},
+        "rollout": {"prompts_per_step": 4, "samples_per_prompt": 4, "max_new_tokens": 64},
         "scoring": {"grader_workers": 1},
         "objective": {"name": "grpo", **objective}, "optim": {"lr": 1e-3, "schedule": "constant"},
         "train": {"steps": 2, "mini_batch_size": 8, "micro_batch_size": 4},
@@ -71,7 +71,7 @@ def _grpo_recipe(tmp_path, student, **objective):
 
 
 def test_grpo_runs_without_a_teacher_and_reports_its_diagnostics(tmp_path, models):
-    student = models[1]
+    student = models[0]  # the fixture's in-domain model: it solves some problems, so rewards vary
     recipe = _grpo_recipe(tmp_path, student, clip_high=0.28, kl_coef=0.05)
     run_cli("rl", "--recipe", str(write_recipe(tmp_path, recipe)))
     rows = [json.loads(line) for line in (tmp_path / "runs" / "g" / "metrics.jsonl").read_text().splitlines()]
