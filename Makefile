@@ -77,16 +77,25 @@ RESULTS ?= results/mini
 SEEDS ?= 0 1 2
 OFFLINE := sft dft otr otr-beta0
 ONLINE := opd opd-mask lsm lsm-norenorm lsm-student-topk
+RL := grpo
+RFT := rft
 BASE_ARGS ?=
 TEACHER_ARGS ?=
 TRAIN_ARGS ?=
 DISTILL_ARGS ?=
+RL_ARGS ?=
+RFT_ARGS ?= $(TRAIN_ARGS)
+# RFT: k samples of each of the first N training problems from the base, graded; the correct ones
+# are the RFT runs' data (drawn once: the seeds vary the fine-tuning only).
+RFT_SAMPLE_ARGS ?= --limit 2048 --samples 4 --temperature 1.0 --max-new-tokens 96 --workers 1
 EVAL_ARGS ?= --benchmark synthetic,synthetic_ood --samples 4 --limit 200 --max-new-tokens 96 --temperature 1.0 --workers 1
 POSTTRAIN := POSTTRAIN_THREADS=1 $(BIN)/posttrain
 
 OFFLINE_RUNS := $(foreach r,$(OFFLINE),$(foreach s,$(SEEDS),$(r)-seed$(s)))
 ONLINE_RUNS := $(foreach r,$(ONLINE),$(foreach s,$(SEEDS),$(r)-seed$(s)))
-EVALS := $(foreach r,base teacher $(OFFLINE_RUNS) $(ONLINE_RUNS),$(MINI)/$(r)/eval/results.json)
+RL_RUNS := $(foreach r,$(RL),$(foreach s,$(SEEDS),$(r)-seed$(s)))
+RFT_RUNS := $(foreach r,$(RFT),$(foreach s,$(SEEDS),$(r)-seed$(s)))
+EVALS := $(foreach r,base teacher $(OFFLINE_RUNS) $(ONLINE_RUNS) $(RL_RUNS) $(RFT_RUNS),$(MINI)/$(r)/eval/results.json)
 
 .PHONY: mini-runs
 mini-runs: $(EVALS)
@@ -105,8 +114,23 @@ define ONLINE_RULE
 $(MINI)/$(1)-seed$(2)/final: $(MINI)/base/final $(MINI)/teacher/final
 	$(POSTTRAIN) distill --recipe recipes/mini/$(1).yaml out_dir=$(MINI) name=$(1)-seed$(2) seed=$(2) student.path=$(MINI)/base/final teacher.path=$(MINI)/teacher/final $(DISTILL_ARGS) --resume
 endef
+define RL_RULE
+$(MINI)/$(1)-seed$(2)/final: $(MINI)/base/final
+	$(POSTTRAIN) rl --recipe recipes/mini/$(1).yaml out_dir=$(MINI) name=$(1)-seed$(2) seed=$(2) student.path=$(MINI)/base/final $(RL_ARGS) --resume
+endef
+define RFT_RULE
+$(MINI)/$(1)-seed$(2)/final: $(MINI)/base/rft-data.jsonl
+	$(POSTTRAIN) train --recipe recipes/mini/$(1).yaml out_dir=$(MINI) name=$(1)-seed$(2) seed=$(2) model.path=$(MINI)/base/final data.source=$(MINI)/base/rft-data.jsonl $(RFT_ARGS) --resume
+endef
 $(foreach r,$(OFFLINE),$(foreach s,$(SEEDS),$(eval $(call OFFLINE_RULE,$(r),$(s)))))
 $(foreach r,$(ONLINE),$(foreach s,$(SEEDS),$(eval $(call ONLINE_RULE,$(r),$(s)))))
+$(foreach r,$(RL),$(foreach s,$(SEEDS),$(eval $(call RL_RULE,$(r),$(s)))))
+$(foreach r,$(RFT),$(foreach s,$(SEEDS),$(eval $(call RFT_RULE,$(r),$(s)))))
+
+# RFT data: sample the training problems from the base (eval resumes an interrupted sampling), keep the correct ones
+$(MINI)/base/rft-data.jsonl: $(MINI)/base/final
+	$(POSTTRAIN) eval --model $(MINI)/base/final --benchmark synthetic_train $(RFT_SAMPLE_ARGS) --out $(MINI)/base/rft-samples
+	$(POSTTRAIN) rft-data $(MINI)/base/rft-samples --out $@
 
 $(MINI)/%/eval/results.json: $(MINI)/%/final
 	$(POSTTRAIN) eval --model $(MINI)/$*/final $(EVAL_ARGS)
@@ -116,11 +140,14 @@ reproduce-table: $(STAMP)
 	$(MAKE) -j2 --output-sync=target mini-runs
 	$(BIN)/posttrain report $(MINI) --out $(RESULTS)
 
-# The same pipeline on a few steps and one seed (a few minutes): checks that it all runs.
+# The same pipeline on a few steps and one seed (a few minutes): checks that it all runs. The base
+# gets 200 steps so that the RFT sampling finds correct answers to keep (measured: 2 of 512 samples
+# at 200 steps with 128 problems, 5 of 1,024 with 256 problems, hence 256 problems and RFT batches of 4).
 reproduce-smoke: $(STAMP)
 	$(MAKE) reproduce-table MINI=runs/smoke RESULTS=results/smoke SEEDS=0 \
-	  BASE_ARGS="train.max_steps=30" TEACHER_ARGS="train.max_steps=30" TRAIN_ARGS="train.max_steps=10" \
-	  DISTILL_ARGS="train.steps=4" EVAL_ARGS="--benchmark synthetic,synthetic_ood --samples 2 --limit 16 --max-new-tokens 64 --workers 1"
+	  BASE_ARGS="train.max_steps=200" TEACHER_ARGS="train.max_steps=30" TRAIN_ARGS="train.max_steps=10" \
+	  DISTILL_ARGS="train.steps=4" RL_ARGS="train.steps=4" RFT_ARGS="train.max_steps=10 train.batch_size=4 train.micro_batch_size=4" \
+	  RFT_SAMPLE_ARGS="--limit 256 --samples 4 --temperature 1.0 --max-new-tokens 64 --workers 1" EVAL_ARGS="--benchmark synthetic,synthetic_ood --samples 2 --limit 16 --max-new-tokens 64 --workers 1"
 
 clean-runs:
 	rm -rf runs/smoke results/smoke

@@ -12,13 +12,15 @@ from posttrain.errors import UserError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-    help="Token-level post-training experiments: train (SFT/DFT/OTR), distill (OPD/LSM), eval, report.",
+    help="Token-level post-training experiments: train (SFT/DFT/OTR), rl (OPD/LSM/GRPO; alias distill), eval, report.",
 )
 
 RECIPE = typer.Option(..., "--recipe", "-r", help="YAML recipe (see `posttrain recipes`).")
 OVERRIDES = typer.Argument(None, help="Recipe overrides as dotted key=value pairs, typed by the schema, "
                                       "e.g. optim.lr=1e-4 objective.k=128 name=my-run.", show_default=False)
 RESUME = typer.Option(False, "--resume", help="Continue the run folder from its newest intact checkpoint.")
+CHECK = typer.Option(False, "--check", help="Only the pre-flight checks (teacher/student vocabulary, EOS and end of "
+                     "turn, chat templates, samples, scoring determinism), in seconds; writes nothing.")
 ALLOW_CHANGED = typer.Option(False, "--allow-changed-recipe", help="With --resume: continue although the recipe differs "
                              "from the run's config.yaml (the change is recorded in config_changes.jsonl).")
 
@@ -36,12 +38,10 @@ def train(recipe: Path = RECIPE, overrides: list[str] = OVERRIDES, resume: bool 
 
 
 @app.command()
-def distill(recipe: Path = RECIPE, overrides: list[str] = OVERRIDES, resume: bool = RESUME,
-            allow_changed_recipe: bool = ALLOW_CHANGED,
-            check: bool = typer.Option(False, "--check", help="Only the pre-flight checks of the teacher/student "
-                                       "pair (vocabulary, EOS and end of turn, chat templates, samples, scoring "
-                                       "determinism), in seconds; writes nothing.")) -> None:
-    """On-policy distillation (opd, lsm): the student samples, the teacher scores; writes runs/<name>/."""
+def rl(recipe: Path = RECIPE, overrides: list[str] = OVERRIDES, resume: bool = RESUME,
+       allow_changed_recipe: bool = ALLOW_CHANGED, check: bool = CHECK) -> None:
+    """On-policy training (opd, lsm, grpo): the student samples; a teacher, a reference policy or a
+    grader scores what the objective declares; writes runs/<name>/."""
     from posttrain.config import DistillRecipe, load_recipe
     from posttrain.distill import distill as run
     from posttrain.preflight import check_only
@@ -52,6 +52,25 @@ def distill(recipe: Path = RECIPE, overrides: list[str] = OVERRIDES, resume: boo
             check_only(loaded, str(recipe))
         else:
             run(loaded, resume=resume, recipe_path=str(recipe), allow_changed_recipe=allow_changed_recipe)
+
+
+@app.command()
+def distill(recipe: Path = RECIPE, overrides: list[str] = OVERRIDES, resume: bool = RESUME,
+            allow_changed_recipe: bool = ALLOW_CHANGED, check: bool = CHECK) -> None:
+    """The same as `posttrain rl` (its older name, kept for distillation recipes: opd, lsm)."""
+    rl(recipe, overrides, resume, allow_changed_recipe, check)
+
+
+@app.command("rft-data")
+def rft_data(
+    eval_dir: Path = typer.Argument(..., help="An eval folder (posttrain eval --out) of k samples per training problem."),
+    out: Path = typer.Option(..., "--out", help="The JSONL to write: the correct samples, for `posttrain train`."),
+    max_per_problem: int = typer.Option(None, "--max-per-problem", min=1, help="Keep at most this many per problem."),
+) -> None:
+    """Rejection-sampling fine-tuning data: the correct, model-ended, distinct samples of an eval."""
+    from posttrain.rft import rft_data as run
+
+    run(eval_dir, out, max_per_problem)
 
 
 @contextmanager

@@ -1,12 +1,15 @@
-"""`posttrain distill`: on-policy objectives (OPD, LSM). The student samples, the teacher scores.
+"""The on-policy loop (`posttrain rl`, alias `posttrain distill`): OPD and LSM distillation, GRPO.
 
-Per step, read top to bottom:
-  1. prompts → rollouts from the current student (generation backend), n per prompt
+Per step the data flows one way, top to bottom:
+  1. prompts (with their data rows: the gold answer) → rollouts from the current student
+     (generation backend), samples_per_prompt per prompt; the rollouts of one prompt are a group
   2. the special-token mask (LSM paper): the first occurrence of each listed token per response
      is not trained on
-  3. scoring, no grad: π_old (the student before this step's updates) and the teacher, fetching
-     what the objective declares it needs (sampled-token log-probs, top-K supports)
-  4. objective.prepare: rewards / advantages / supports, once for the whole rollout batch
+  3. the sources the objective declares (objective.needs), no grad, into one TokenSignals: always
+     π_old (the student before this step's updates: sampled-token log-prob, entropy); the teacher
+     (sampled-token log-prob, top-K supports) only when a teacher signal is declared; the frozen
+     reference policy for a KL penalty; the grader (a worker pool) on each completion's text
+  4. objective.prepare(batch, signals): rewards / advantages / supports, once for the whole batch
   5. PPO epochs × mini-batches; each mini-batch is one optimizer step, its per-token losses
      aggregated over the whole mini-batch (all processes) as train.loss_aggregation says
   6. the new weights reach the generation backend; metrics; checkpoint
@@ -15,7 +18,7 @@ Per step, read top to bottom:
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,13 +29,17 @@ from posttrain.data.sft import Example, collate, epoch_order, load_rows, micro_b
 from posttrain.errors import UserError
 from posttrain.generation import SamplingSpec, make_backend
 from posttrain.losses import OBJECTIVES
-from posttrain.losses.aggregation import micro_batch_aggregation, top_entropy_mask
 from posttrain import preflight
-from posttrain.losses.objective import STUDENT_TOPK
+from posttrain.losses.aggregation import top_entropy_mask
+from posttrain.losses.objective import (
+    REFERENCE_TOKEN, STUDENT_TOPK, TEACHER_SOURCES, VERIFIABLE_REWARD, TokenSignals,
+)
 from posttrain.models import load_policy, same_vocabulary
 from posttrain.optim import build_scheduler
 from posttrain.progress import StepProgress, summary_table
-from posttrain.loop import apply_precision, count_nonfinite, global_counts, open_logs, open_run, optimizer_step, save_final
+from posttrain.loop import (
+    accumulate_gradients, apply_precision, count_nonfinite, open_logs, open_run, optimizer_step, save_final,
+)
 from posttrain.runfolder import load_trainer_state, save_checkpoint
 from posttrain.runtime import Runtime, make_runtime
 from posttrain.memory import check_memory, training_memory
@@ -48,25 +55,26 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, recipe_path: str = "
         raise UserError(f"{recipe_path}: key 'objective.name': {objective.name!r} is an offline objective; "
                         "run it with `posttrain train`")
     params = recipe.objective.params
-    if STUDENT_TOPK in objective.needs(params) and recipe.scoring.backend == "vllm":
-        raise UserError(f"{recipe_path}: key 'scoring.backend': vllm returns only the teacher's own top-K, "
-                        "so it cannot score the student's top-K support; use scoring.backend: hf")
+    needs = objective.needs(params)
+    _check_sources(recipe, needs, recipe_path)
     check_installed(recipe.report_to, recipe_path)  # trackers.py: a missing tracker package, before anything runs
     runtime = make_runtime(recipe.train.precision, recipe.train.parallel)
     _check_sizes(recipe, runtime, recipe_path)
+    prompts, golds = _load_prompts(recipe, needs)  # data errors come before the model loads
     run_dir, checkpoint, student, tokenizer = open_run(recipe, "student", runtime, resume, allow_changed_recipe, recipe_path)
     apply_precision(student, recipe.train.precision)
-    teacher = Teacher(recipe, runtime, tokenizer)
-    _check_k(recipe, student, recipe_path)
+    prompts = _tokenized_prompts(recipe, prompts, tokenizer)
+    sources = Sources.open(recipe, needs, runtime, tokenizer)
+    if sources.teacher is not None:
+        _check_k(recipe, student, recipe_path)
     check_memory(training_memory(
         student, tokens_per_micro_batch=recipe.train.micro_batch_size * (recipe.prompts.max_prompt_length + recipe.rollout.max_new_tokens),
         bf16=runtime.matmul_dtype is not None, gradient_checkpointing=recipe.train.gradient_checkpointing,
         world_size=runtime.world_size, sharded=runtime.sharded, head_chunk_tokens=recipe.train.head_chunk_tokens,
-        teacher=teacher.model,
+        teacher=sources.teacher.model if sources.teacher is not None else sources.reference,
     ), runtime.device, show=runtime.is_main, where=recipe_path)
     mask_ids = _single_token_ids(tokenizer, recipe.train.mask_first_tokens, recipe_path)
-    prompts = _load_prompts(recipe, tokenizer)
-    preflight.at_start(recipe, student, tokenizer, teacher, prompts, runtime, recipe_path)  # refuses fatal problems
+    preflight.at_start(recipe, student, tokenizer, sources.teacher, prompts, runtime, recipe_path)  # refuses fatal problems
 
     rollouts_per_step = recipe.rollout.prompts_per_step * recipe.rollout.samples_per_prompt
     updates_per_step = recipe.train.ppo_epochs * (rollouts_per_step // recipe.train.mini_batch_size)
@@ -81,15 +89,15 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, recipe_path: str = "
         backend.update_weights(student)
 
     # rollouts.jsonl: two responses per step
-    metrics, rollout_log = open_logs(run_dir, runtime, recipe, f"posttrain distill --recipe {recipe_path}", checkpoint,
+    metrics, rollout_log = open_logs(run_dir, runtime, recipe, f"posttrain rl --recipe {recipe_path}", checkpoint,
                                      start_step, "metrics.jsonl", "rollouts.jsonl")
 
     started, row, nonfinite_streak = time.time(), {}, 0
-    with StepProgress(f"distill {recipe.name}", recipe.train.steps, start_step, enabled=runtime.is_main) as progress:
+    with sources, StepProgress(f"rl {recipe.name}", recipe.train.steps, start_step, enabled=runtime.is_main) as progress:
         for step in range(start_step, recipe.train.steps):
-            step_prompts = _prompts_for_step(prompts, recipe, runtime, step)
-            row, texts = distill_step(policy, optimizer, scheduler, backend, teacher, runtime, recipe, step,
-                                      step_prompts, tokenizer, mask_ids)
+            chosen = _prompts_for_step(prompts, recipe, runtime, step)
+            row, texts = distill_step(policy, optimizer, scheduler, backend, sources, runtime, recipe, step,
+                                      [prompts[i] for i in chosen], [golds[i] for i in chosen], tokenizer, mask_ids)
             backend.update_weights(student)
             row["step"] = step + 1
             skipped = row.pop("skipped")
@@ -107,20 +115,28 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, recipe_path: str = "
 
     save_final(run_dir, recipe.train.steps, student, tokenizer, optimizer, scheduler, runtime, recipe.train, checkpoint)
     if runtime.is_main:
-        summary_table(f"distill {recipe.name} ({objective.name})", [
-            ("steps", f"{recipe.train.steps} ({start_step} before this session)"),
-            ("reverse KL exact / sampled", f"{row.get('reverse_kl', float('nan')):.4f} / "
-                                           f"{row.get('reverse_kl_sampled', float('nan')):.4f}" if row else "-"),
-            ("reward mean / negative share", f"{row.get('reward_mean', 0):.3f} / {row.get('negative_reward_frac', 0):.2f}" if row else "-"),
-            ("repetition / truncated", f"{row.get('repetition_frac', 0):.2f} / {row.get('truncated_frac', 0):.2f}" if row else "-"),
-            ("wall time", f"{time.time() - started:.1f} s"),
-            ("checkpoint", str(run_dir / "final")),
-        ])
+        summary_table(f"rl {recipe.name} ({objective.name})", _summary_rows(row, recipe, start_step, started, run_dir))
     return run_dir
 
 
-def distill_step(policy, optimizer, scheduler, backend, teacher, runtime: Runtime, recipe: DistillRecipe, step: int,
-                 prompt_ids: list[list[int]], tokenizer, mask_ids: list[int]) -> tuple[dict, list[str]]:
+def _summary_rows(row: dict, recipe: DistillRecipe, start_step: int, started: float, run_dir: Path) -> list:
+    """The last step's numbers for the console, only those its sources produced (no teacher: no
+    reverse KL row, rather than a 0 that reads as a measurement)."""
+    rows = [("steps", f"{recipe.train.steps} ({start_step} before this session)")]
+    if "reverse_kl" in row:
+        rows += [("reverse KL exact / sampled", f"{row['reverse_kl']:.4f} / {row['reverse_kl_sampled']:.4f}"),
+                 ("reward mean / negative share", f"{row['reward_mean']:.3f} / {row['negative_reward_frac']:.2f}")]
+    if "verifiable_reward_mean" in row:
+        rows += [("verifiable reward mean / std", f"{row['verifiable_reward_mean']:.3f} / {row['verifiable_reward_std']:.3f}"),
+                 ("groups with zero advantage", f"{row['zero_advantage_group_frac']:.2f}")]
+    if row:
+        rows.append(("repetition / truncated", f"{row['repetition_frac']:.2f} / {row['truncated_frac']:.2f}"))
+    return rows + [("wall time", f"{time.time() - started:.1f} s"), ("checkpoint", str(run_dir / "final"))]
+
+
+def distill_step(policy, optimizer, scheduler, backend, sources: Sources, runtime: Runtime, recipe: DistillRecipe,
+                 step: int, prompt_ids: list[list[int]], golds: list[str | None], tokenizer,
+                 mask_ids: list[int]) -> tuple[dict, list[str]]:
     objective, params = OBJECTIVES[recipe.objective.name], recipe.objective.params
     lr = scheduler.get_last_lr()[0]
     clock = time.time()
@@ -134,22 +150,24 @@ def distill_step(policy, optimizer, scheduler, backend, teacher, runtime: Runtim
         completions = _generate_or_stop(backend, prompt_ids, spec, step)
     rollouts = [Example(p + c.token_ids, len(p)) for p, samples in zip(prompt_ids, completions) for c in samples]
     flat = [c for samples in completions for c in samples]
+    group_B = torch.arange(len(prompt_ids)).repeat_interleave(torch.tensor([len(s) for s in completions]))
     time_generate = time.time() - clock
 
-    # 2.–4. batch, special-token mask, scoring, objective inputs
+    # 2.–4. batch, special-token mask, the declared sources, objective inputs
     clock = time.time()
     batch = {k: v.to(runtime.device) for k, v in collate(rollouts, tokenizer.pad_token_id).items()}
     batch["loss_mask"] &= ~first_occurrence_mask(batch["target_ids"], batch["loss_mask"], mask_ids)
-    signals, diagnostics = fetch_signals(objective, params, policy, teacher, batch, recipe, runtime)
-    batch.update(signals)
+    rollout_golds = [golds[int(g)] for g in group_B]
+    signals, diagnostics = fetch_signals(sources, policy, batch, group_B, [c.text for c in flat], rollout_golds)
+    batch["old_logprob"] = signals.old_logprob_BT  # every on-policy loss reads π_old (ratios, rewards)
     gap_sum = rollout_logprob_gap_sum(flat, rollouts, batch, spec)
     if objective.prepare is not None:
-        batch.update(objective.prepare(params, batch))
+        batch.update(objective.prepare(params, batch, signals))
     response_mask = batch["loss_mask"]
     if recipe.train.entropy_top_ratio is not None:
         # The LSM authors' code: rewards/advantages over the whole response (above), then the loss
         # only on each rollout's top share of π_old's entropy (from the scoring pass).
-        batch["loss_mask"] = top_entropy_mask(batch["student_entropy"], response_mask, recipe.train.entropy_top_ratio)
+        batch["loss_mask"] = top_entropy_mask(signals.entropy_BT, response_mask, recipe.train.entropy_top_ratio)
     time_score = time.time() - clock
 
     # 5. PPO epochs × mini-batches
@@ -169,12 +187,10 @@ def distill_step(policy, optimizer, scheduler, backend, teacher, runtime: Runtim
 
     # 6. metrics (sums over processes, then per-token or per-rollout means) over all response tokens
     mask = response_mask
-    reward = (batch["teacher_token_logprob"] - batch["old_logprob"])[mask]
-    exact_kl = batch["exact_reverse_kl"][mask].sum() if "exact_reverse_kl" in batch else float("nan")
     sums = {
-        "tokens": float(mask.sum()), "rollouts": float(len(rollouts)), "reward_sum": float(reward.sum()),
-        "exact_kl_sum": float(exact_kl),
-        "negative_sum": float((reward < 0).sum()), "entropy_sum": float(batch["student_entropy"][mask].sum()),
+        "tokens": float(mask.sum()), "rollouts": float(len(rollouts)),
+        **teacher_sums(signals, mask), **verifiable_reward_sums(signals),
+        "entropy_sum": float(signals.entropy_BT[mask].sum()),
         "length_sum": float(sum(len(c.token_ids) for c in flat)),
         "truncated": float(sum(c.finish_reason == "length" for c in flat)),
         "repetition": float(sum(has_repetition_loop(c.token_ids) for c in flat)),
@@ -188,11 +204,8 @@ def distill_step(policy, optimizer, scheduler, backend, teacher, runtime: Runtim
     engine_tokens = max(sums.pop("stat_tokens", 1.0), 1.0)
     row = {
         "loss": sum(losses) / max(len(losses), 1), "lr": lr, "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
-        # exact Σ_v π(log π − log q) at the visited positions (local teacher), and the sampled-token
-        # (k1) estimate E_y[log π_old(y) − log q(y)] that most tools report
-        "reverse_kl": sums["exact_kl_sum"] / tokens, "reverse_kl_sampled": -sums["reward_sum"] / tokens,
-        "reward_mean": sums["reward_sum"] / tokens,
-        "negative_reward_frac": sums["negative_sum"] / tokens, "entropy": sums["entropy_sum"] / tokens,
+        **teacher_metrics(sums, tokens), **verifiable_reward_metrics(sums),
+        "entropy": sums["entropy_sum"] / tokens,
         "response_length": sums["length_sum"] / count, "truncated_frac": sums["truncated"] / count,
         "repetition_frac": sums["repetition"] / count, "response_tokens": tokens,
         "trained_token_frac": sums["trained_tokens"] / tokens,
@@ -242,62 +255,164 @@ def ppo_update(policy, optimizer, scheduler, runtime, recipe, batch, rows, stats
     objective, params = OBJECTIVES[recipe.objective.name], recipe.objective.params
     groups = [torch.tensor(g, device=batch["input_ids"].device)
               for g in micro_batches(rows.tolist(), recipe.train.micro_batch_size, None)]
-    counts = global_counts([batch["loss_mask"][g] for g in groups], runtime)
     temperature = recipe.rollout.temperature if recipe.scoring.at_rollout_temperature else 1.0
-    loss_total = 0.0
-    for i, group in enumerate(groups):
-        micro = _select_rows(batch, group)
-        weights, divisor = micro_batch_aggregation(recipe.train.loss_aggregation, micro["loss_mask"], counts)
-        if weights is not None:
-            micro["loss_weight"] = weights
-        generator = torch.Generator(device=runtime.device).manual_seed(seed * 31 + i)
-        last = i == len(groups) - 1
-        with nullcontext() if last else runtime.accelerator.no_sync(policy):
-            weighted_loss = policy(micro, objective, params, chunk_tokens=recipe.train.head_chunk_tokens,
-                                   generator=generator, matmul_dtype=runtime.matmul_dtype, stats=stats,
-                                   temperature=temperature) / divisor
-            runtime.accelerator.backward(weighted_loss * runtime.world_size)
-        loss_total += weighted_loss.item()
+
+    def forward(index: int, micro: dict) -> torch.Tensor:
+        generator = torch.Generator(device=runtime.device).manual_seed(seed * 31 + index)
+        return policy(micro, objective, params, chunk_tokens=recipe.train.head_chunk_tokens, generator=generator,
+                      matmul_dtype=runtime.matmul_dtype, stats=stats, temperature=temperature)
+
+    loss_total, _ = accumulate_gradients(policy, runtime, [_select_rows(batch, g) for g in groups],
+                                         recipe.train.loss_aggregation, forward)
     grad_norm, skipped = optimizer_step(policy, optimizer, scheduler, runtime, recipe.optim.grad_clip, loss_total)
     return runtime.sum_across_ranks({"l": loss_total})["l"], grad_norm, skipped
 
 
-def fetch_signals(objective, params, policy, teacher, batch, recipe: DistillRecipe, runtime):
-    """π_old and teacher signals at the loss positions (no grad), plus support diagnostics.
+def fetch_signals(sources: Sources, policy, batch, group_B, texts: list[str], golds: list[str | None]):
+    """The one place a rollout batch's TokenSignals are built, for every backend: π_old always,
+    then each source the objective declared. Returns (signals, support diagnostics).
 
     A local teacher is scored together with the student in one chunked pass (score_pair), which
     also gives the exact reverse KL; a vLLM teacher returns its own top-K, and the student is
-    then scored on it."""
+    then scored on it (no exact KL, no student top-K: refused with vllm, see _check_sources)."""
     student = policy.module.model if hasattr(policy, "module") else policy.model
-    k = getattr(params, "k", recipe.scoring.diagnostics_k)
-    temperature = recipe.rollout.temperature if recipe.scoring.at_rollout_temperature else 1.0
-    score = dict(chunk_tokens=recipe.scoring.chunk_tokens, matmul_dtype=runtime.matmul_dtype, temperature=temperature)
-    if teacher.vllm is None:
+    score = sources.score_settings
+    teacher = sources.teacher
+    if teacher is not None and teacher.vllm is None:
         with gathered(policy), gathered(teacher.model):
-            signals = score_pair(student, teacher.model, batch, k=k, **score)
-    else:
+            pair = score_pair(student, teacher.model, batch, k=sources.k, **score)
+        signals = TokenSignals(
+            old_logprob_BT=pair["old_logprob"], entropy_BT=pair["student_entropy"], group_B=group_B,
+            teacher_token_logprob_BT=pair["teacher_token_logprob"],
+            teacher_topk_ids_BTK=pair["teacher_topk_ids"], teacher_topk_logprob_BTK=pair["teacher_topk_logprob"],
+            student_logprob_at_teacher_topk_BTK=pair["student_logprob_at_teacher_topk"],
+            student_topk_ids_BTK=pair["student_topk_ids"], student_topk_logprob_BTK=pair["student_topk_logprob"],
+            teacher_logprob_at_student_topk_BTK=pair["teacher_logprob_at_student_topk"],
+            exact_reverse_kl_BT=pair["exact_reverse_kl"])
+    elif teacher is not None:
         teach = teacher.vllm.score(batch)  # at temperature 1 (_check_sizes refuses at_rollout_temperature)
         with gathered(policy):
-            old = score_tokens(student, batch, k=k, at_ids_BTJ=teach["topk_ids"], entropy=True, **score)
-        signals = {
-            "old_logprob": old["token_logprob"], "teacher_token_logprob": teach["token_logprob"],
-            "student_topk_ids": old["topk_ids"], "student_topk_logprob": old["topk_logprob"],
-            "teacher_topk_ids": teach["topk_ids"], "teacher_topk_logprob": teach["topk_logprob"],
-            "student_logprob_at_teacher_topk": old["at_logprob"], "student_entropy": old["entropy"],
-        }
-    # "mass on the support" refers to the objective's support (LSM's `support`; the teacher's top-K
-    # for objectives without one).
-    diagnostics = support_diagnostics(signals, getattr(params, "support", "teacher"), batch["loss_mask"])
-    return signals, diagnostics
+            old = score_tokens(student, batch, k=sources.k, at_ids_BTJ=teach["topk_ids"], entropy=True, **score)
+        signals = TokenSignals(
+            old_logprob_BT=old["token_logprob"], entropy_BT=old["entropy"], group_B=group_B,
+            teacher_token_logprob_BT=teach["token_logprob"],
+            teacher_topk_ids_BTK=teach["topk_ids"], teacher_topk_logprob_BTK=teach["topk_logprob"],
+            student_logprob_at_teacher_topk_BTK=old["at_logprob"],
+            student_topk_ids_BTK=old["topk_ids"], student_topk_logprob_BTK=old["topk_logprob"])
+    else:
+        with gathered(policy):
+            old = score_tokens(student, batch, k=0, entropy=True, **score)
+        signals = TokenSignals(old_logprob_BT=old["token_logprob"], entropy_BT=old["entropy"], group_B=group_B)
+    if sources.reference is not None:
+        with gathered(sources.reference):
+            signals.reference_logprob_BT = score_tokens(sources.reference, batch, k=0, **score)["token_logprob"]
+    if sources.grader is not None:
+        verdicts = sources.grader.grade(golds, texts)
+        signals.verifiable_reward_B = torch.tensor([float(v["correct"]) for v in verdicts], device=batch["loss_mask"].device)
+    return signals, _support_diagnostics(sources, signals, batch["loss_mask"])
+
+
+def _support_diagnostics(sources: Sources, signals: TokenSignals, mask_BT) -> dict[str, float]:
+    """Each model's mass on the objective's support (LSM's `support`; the teacher's top-K for
+    objectives without one) and the top-K overlap; only where a teacher was scored."""
+    if signals.teacher_topk_ids_BTK is None:
+        return {}
+    return support_diagnostics(signals, sources.support, mask_BT)
+
+
+def teacher_sums(signals: TokenSignals, mask_BT) -> dict[str, float]:
+    """Per-process sums for the teacher metrics (none without a teacher)."""
+    if signals.teacher_token_logprob_BT is None:
+        return {}
+    reward_N = (signals.teacher_token_logprob_BT - signals.old_logprob_BT)[mask_BT]
+    exact_kl = signals.exact_reverse_kl_BT[mask_BT].sum() if signals.exact_reverse_kl_BT is not None else float("nan")
+    return {"reward_sum": float(reward_N.sum()), "exact_kl_sum": float(exact_kl),
+            "negative_sum": float((reward_N < 0).sum())}
+
+
+def teacher_metrics(sums: dict, tokens: float) -> dict[str, float]:
+    if "reward_sum" not in sums:
+        return {}
+    return {
+        # exact Σ_v π(log π − log q) at the visited positions (local teacher), and the sampled-token
+        # (k1) estimate E_y[log π_old(y) − log q(y)] that most tools report
+        "reverse_kl": sums["exact_kl_sum"] / tokens, "reverse_kl_sampled": -sums["reward_sum"] / tokens,
+        "reward_mean": sums["reward_sum"] / tokens, "negative_reward_frac": sums["negative_sum"] / tokens,
+    }
+
+
+def verifiable_reward_sums(signals: TokenSignals) -> dict[str, float]:
+    """Per-process sums for the grader's metrics: rewards, their squares, and the groups (the
+    rollouts of one prompt) whose rewards are all equal, which give GRPO no signal."""
+    if signals.verifiable_reward_B is None:
+        return {}
+    reward_B, group_B = signals.verifiable_reward_B.cpu().double(), signals.group_B.cpu()
+    groups = group_B.unique()
+    flat = sum(bool((reward_B[group_B == g] == reward_B[group_B == g][0]).all()) for g in groups)
+    return {"vr_sum": float(reward_B.sum()), "vr_square_sum": float((reward_B**2).sum()),
+            "vr_rollouts": float(len(reward_B)), "vr_groups": float(len(groups)), "vr_flat_groups": float(flat)}
+
+
+def verifiable_reward_metrics(sums: dict) -> dict[str, float]:
+    if "vr_sum" not in sums:
+        return {}
+    count = max(sums["vr_rollouts"], 1.0)
+    mean = sums["vr_sum"] / count
+    variance = max(sums["vr_square_sum"] / count - mean**2, 0.0)
+    return {"verifiable_reward_mean": mean, "verifiable_reward_std": variance**0.5,
+            "zero_advantage_group_frac": sums["vr_flat_groups"] / max(sums["vr_groups"], 1.0)}
+
+
+@dataclass
+class Sources:
+    """What the loop fetches per rollout batch, opened once from the recipe: exactly the
+    sources the objective declares, and the scoring settings bound once for all of them."""
+
+    needs: frozenset[str]
+    score_settings: dict  # chunk_tokens, matmul_dtype, temperature for every no-grad scoring pass
+    k: int  # top-K of the teacher's and the student's supports (objective.k or scoring.diagnostics_k)
+    support: str  # whose top-K the support diagnostics measure (LSM's `support`; else the teacher's)
+    teacher: Teacher | None = None
+    reference: torch.nn.Module | None = None  # the starting student, frozen (KL to a reference)
+    grader: object | None = None  # eval.math_grader.MathGrader: a worker pool
+
+    @classmethod
+    def open(cls, recipe: DistillRecipe, needs: frozenset[str], runtime: Runtime, tokenizer) -> Sources:
+        temperature = recipe.rollout.temperature if recipe.scoring.at_rollout_temperature else 1.0
+        params = recipe.objective.params
+        sources = cls(needs=needs, k=getattr(params, "k", recipe.scoring.diagnostics_k),
+                      support=getattr(params, "support", "teacher"),
+                      score_settings=dict(chunk_tokens=recipe.scoring.chunk_tokens,
+                                          matmul_dtype=runtime.matmul_dtype, temperature=temperature))
+        if needs & TEACHER_SOURCES:
+            sources.teacher = Teacher(recipe, runtime, tokenizer)
+        if REFERENCE_TOKEN in needs:
+            model, _ = load_policy(recipe.student, "student", recipe.seed, "cpu", dtype=_frozen_dtype(recipe, runtime))
+            sources.reference = place_teacher(model.eval().requires_grad_(False), runtime)
+        if VERIFIABLE_REWARD in needs:
+            from posttrain.eval.math_grader import MathGrader
+
+            sources.grader = MathGrader(workers=recipe.scoring.grader_workers)
+        return sources
+
+    def __enter__(self) -> Sources:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.grader is not None:
+            self.grader.close()
+
+
+def _frozen_dtype(recipe: DistillRecipe, runtime: Runtime) -> torch.dtype:
+    bf16 = runtime.matmul_dtype == torch.bfloat16 or recipe.train.precision == "bf16-pure"
+    return torch.bfloat16 if bf16 else torch.float32
 
 
 class Teacher:
     """The frozen teacher: a local transformers model (`model`) or a vLLM engine (`vllm`)."""
 
     def __init__(self, recipe: DistillRecipe, runtime: Runtime, student_tokenizer):
-        bf16 = runtime.matmul_dtype == torch.bfloat16 or recipe.train.precision == "bf16-pure"
-        dtype = torch.bfloat16 if bf16 else torch.float32
-        model, tokenizer = load_policy(recipe.teacher, "teacher", recipe.seed + 1, "cpu", dtype=dtype)
+        model, tokenizer = load_policy(recipe.teacher, "teacher", recipe.seed + 1, "cpu", dtype=_frozen_dtype(recipe, runtime))
         if not same_vocabulary(tokenizer, student_tokenizer) or (
             model.get_output_embeddings().weight.shape[0] < len(student_tokenizer)
         ):
@@ -312,6 +427,24 @@ class Teacher:
             self.vllm = VLLMTeacher(recipe.teacher.path, k=k, gpu_memory_utilization=recipe.scoring.gpu_memory_utilization)
         else:
             self.model = place_teacher(model.eval().requires_grad_(False), runtime)
+
+
+def _check_sources(recipe: DistillRecipe, needs: frozenset[str], recipe_path: str) -> None:
+    """A teacher exactly when the objective declares a teacher signal; vllm scoring only for what
+    it can return."""
+    name = recipe.objective.name
+    if needs & TEACHER_SOURCES and recipe.teacher is None:
+        raise UserError(f"{recipe_path}: key 'teacher' is required: {name} learns from a teacher's "
+                        "log-probs; give teacher.path")
+    if not needs & TEACHER_SOURCES and recipe.teacher is not None:
+        raise UserError(f"{recipe_path}: key 'teacher': {name} uses no teacher signal, so the teacher would be "
+                        "ignored; remove the teacher section")
+    if STUDENT_TOPK in needs and recipe.scoring.backend == "vllm":
+        raise UserError(f"{recipe_path}: key 'scoring.backend': vllm returns only the teacher's own top-K, "
+                        "so it cannot score the student's top-K support; use scoring.backend: hf")
+    if not needs & TEACHER_SOURCES and recipe.scoring.backend == "vllm":
+        raise UserError(f"{recipe_path}: key 'scoring.backend': vllm scoring serves a teacher, and {name} has "
+                        "none; use scoring.backend: hf")
 
 
 def first_occurrence_mask(target_ids_BT, loss_mask_BT, token_ids: list[int]) -> torch.Tensor:
@@ -345,24 +478,41 @@ def _single_token_ids(tokenizer, tokens: list[str], recipe_path) -> list[int]:
     return ids
 
 
-def _load_prompts(recipe: DistillRecipe, tokenizer) -> list[list[int]]:
+def _load_prompts(recipe: DistillRecipe, needs: frozenset[str]) -> tuple[list, list[str | None]]:
+    """The prompt fields of the data rows, and each row's gold answer (prompts.answer_field) when
+    the objective needs a verifiable reward (else None)."""
     cfg = recipe.prompts
     rows = load_rows(cfg.source, cfg.split, cfg.synthetic, cfg.max_examples, "prompts.source",
                      dedupe_field=cfg.prompt_field if cfg.dedupe else None)
     if rows and cfg.prompt_field not in rows[0]:
         raise UserError(f"recipe key 'prompts.prompt_field': the data has no field {cfg.prompt_field!r}; "
                         f"fields: {', '.join(rows[0])}")
+    golds = [None] * len(rows)
+    if VERIFIABLE_REWARD in needs:
+        missing = next((i for i, row in enumerate(rows) if row.get(cfg.answer_field) in (None, "")), None)
+        if missing is not None:
+            raise UserError(f"recipe key 'prompts.answer_field': row {missing} has no {cfg.answer_field!r} (the gold "
+                            f"answer the grader compares with); fields: {', '.join(rows[missing])}")
+        golds = [str(row[cfg.answer_field]) for row in rows]
+    return [row[cfg.prompt_field] for row in rows], golds
+
+
+def _tokenized_prompts(recipe: DistillRecipe, prompt_fields: list, tokenizer) -> list[list[int] | None]:
+    """Token ids of each prompt (templated); None for a prompt longer than prompts.max_prompt_length
+    (skipped: the step's prompts are drawn among the others)."""
+    cfg = recipe.prompts
     template = None
     if cfg.template is not None:
         try:
             template = resolve_template(cfg.template)
         except ValueError as err:
             raise UserError(f"recipe key 'prompts.template' {err}") from None
-    prompts = [render_prompt(tokenizer, prompt_of(row[cfg.prompt_field], cfg.clean, template, index), cfg.system_prompt)
-               for index, row in enumerate(rows)]
-    prompts = [p for p in prompts if len(p) <= cfg.max_prompt_length]
-    if len(prompts) < recipe.rollout.prompts_per_step:
-        raise UserError(f"recipe key 'rollout.prompts_per_step': only {len(prompts)} prompts fit "
+    prompts = [render_prompt(tokenizer, prompt_of(field, cfg.clean, template, index), cfg.system_prompt)
+               for index, field in enumerate(prompt_fields)]
+    prompts = [p if len(p) <= cfg.max_prompt_length else None for p in prompts]
+    fitting = sum(p is not None for p in prompts)
+    if fitting < recipe.rollout.prompts_per_step:
+        raise UserError(f"recipe key 'rollout.prompts_per_step': only {fitting} prompts fit "
                         f"prompts.max_prompt_length={cfg.max_prompt_length}")
     return prompts
 
@@ -387,12 +537,14 @@ def prompt_of(value, clean: str, template: str | None, index: int):
     return template.format(question=question) if template is not None else question
 
 
-def _prompts_for_step(prompts, recipe: DistillRecipe, runtime, step) -> list[list[int]]:
+def _prompts_for_step(prompts: list[list[int] | None], recipe: DistillRecipe, runtime, step) -> list[int]:
+    """Indices of this process's prompts for `step` (an epoch-shuffled order over the prompts that fit)."""
+    fitting = [i for i, p in enumerate(prompts) if p is not None]
     per_step = recipe.rollout.prompts_per_step
-    steps_per_epoch = len(prompts) // per_step
+    steps_per_epoch = len(fitting) // per_step
     epoch, index = divmod(step, steps_per_epoch)
-    order = epoch_order(len(prompts), recipe.seed, epoch)[index * per_step : (index + 1) * per_step]
-    return [prompts[i] for i in order][runtime.rank :: runtime.world_size]
+    order = epoch_order(len(fitting), recipe.seed, epoch)[index * per_step : (index + 1) * per_step]
+    return [fitting[i] for i in order][runtime.rank :: runtime.world_size]
 
 
 def _check_k(recipe: DistillRecipe, student, recipe_path) -> None:

@@ -1,15 +1,17 @@
-"""What `train` and `distill` share: opening (or resuming) a run, and one optimizer step."""
+"""What `train` and `rl` (distill) share: opening (or resuming) a run and its logs, the micro-batch
+accumulation, one optimizer step, the final save."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from posttrain.config import ModelConfig, dump_yaml
-from posttrain.losses.aggregation import GlobalCounts
+from posttrain.losses.aggregation import GlobalCounts, micro_batch_aggregation
 from posttrain.errors import UserError
 from posttrain.models import load_policy
 from posttrain.progress import console
@@ -108,6 +110,28 @@ def optimizer_step(policy, optimizer, scheduler, runtime: Runtime, grad_clip: fl
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm, skipped
+
+
+def accumulate_gradients(policy, runtime: Runtime, micro_batches: list[dict], loss_aggregation: str,
+                         forward) -> tuple[float, GlobalCounts]:
+    """The one micro-batch accumulation of every loop: each micro-batch's tokens get their
+    train.loss_aggregation weights from the sizes of the whole global batch (all micro-batches of
+    all processes), `forward(index, micro_batch)` returns its Σ_t w_t ℓ_t, and backward runs per
+    micro-batch with the gradient all-reduce only on the last. Returns (this process's weighted
+    loss sum, the global counts)."""
+    counts = global_counts([b["loss_mask"] for b in micro_batches], runtime)
+    loss_total = 0.0
+    for i, batch in enumerate(micro_batches):
+        weights, divisor = micro_batch_aggregation(loss_aggregation, batch["loss_mask"], counts)
+        if weights is not None:
+            batch["loss_weight"] = weights
+        last = i == len(micro_batches) - 1
+        with nullcontext() if last else runtime.accelerator.no_sync(policy):
+            weighted_loss = forward(i, batch) / divisor
+            # DDP/FSDP average gradients over processes; × world_size turns that into the sum.
+            runtime.accelerator.backward(weighted_loss * runtime.world_size)
+        loss_total += weighted_loss.item()
+    return loss_total, counts
 
 
 def global_counts(loss_masks: list[torch.Tensor], runtime: Runtime) -> GlobalCounts:

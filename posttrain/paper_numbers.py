@@ -10,7 +10,10 @@ DFT_TABLE1 = "DFT Table 1"
 OTR_HEADLINE = "OTR headline"
 LSM_TABLE = "LSM single-task table"
 LSM_ABLATION = "LSM ablations"
+DFT_TABLE2 = "DFT Table 2"
 SOURCES = {
+    DFT_TABLE2: "DFT paper (arXiv 2508.05629) Table 2, offline RL setting: Qwen2.5-Math-1.5B averages; PPO 28.66 "
+                "and DPO 23.20 are in that table too, and posttrain runs neither",
     DFT_TABLE1: "DFT paper (arXiv 2508.05629) Table 1: Qwen2.5-Math-1.5B, Average@16 over MATH500, Minerva, "
                 "OlympiadBench, AIME24, AMC23",
     OTR_HEADLINE: "OTR paper (arXiv 2509.26313): +1.24 average over SFT in-domain; β = 0 \"almost always worse\"",
@@ -36,6 +39,16 @@ def offline_paper_row(role: str, objective: str | None = None, params: dict | No
     if objective == "otr" and params.get("beta") == 0.0:
         return "below β = −0.1 (\"almost always worse\")", OTR_HEADLINE
     return "-", ""
+
+
+def table2_paper_row(method: str) -> tuple[str, str]:
+    """(paper value, source) for a row of the Table-2-shaped table. method: base, sft, dft, otr, rft, grpo."""
+    values = {"dft": "35.43", "grpo": "32.00", "rft": "23.97"}
+    if method in values:
+        return values[method], DFT_TABLE2
+    if method in ("base", "sft"):
+        return "not in Table 2 (Table 1: " + ("15.92" if method == "base" else "18.01") + ")", DFT_TABLE1
+    return "not in Table 2", DFT_TABLE2
 
 
 def distill_paper_row(role: str, objective: str | None = None, params: dict | None = None,

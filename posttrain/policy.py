@@ -1,7 +1,8 @@
 """The one forward path from a batch to an objective's loss: body → masked hidden → chunked head.
 
-`PolicyLoss` is an nn.Module so that DDP / FSDP2 (through accelerate) wrap it as the root: the
-LM-head weight is then used inside the wrapped forward, where FSDP has unsharded it.
+`PolicyLoss` is an nn.Module so that DDP (accelerate) or FSDP2 (torch's fully_shard, scale.py)
+wrap it as the root: the LM-head weight is then used inside the wrapped forward, where FSDP2 has
+unsharded it.
 """
 
 from __future__ import annotations
@@ -18,13 +19,6 @@ class PolicyLoss(torch.nn.Module):
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
-
-    @property
-    def _no_split_modules(self):
-        # accelerate's FSDP2 wraps these blocks as units. The wrapper deliberately has no
-        # get_output_embeddings: the head weight then stays in the root unit, unsharded inside
-        # this forward, which is where the chunked head engine reads it.
-        return getattr(self.model, "_no_split_modules", None)
 
     def forward(self, batch, objective, params, *, chunk_tokens=None, generator=None, matmul_dtype=None, stats=None,
                 temperature: float = 1.0):

@@ -1,5 +1,5 @@
-"""Pre-flight checks of a teacher/student pair, in seconds: `posttrain distill --check`, and the
-start of every distill run.
+"""Pre-flight checks of a teacher/student pair, in seconds: `posttrain rl --check` (or
+`distill --check`), and the start of every on-policy run that has a teacher.
 
 What is checked (each problem is one line naming the recipe key it is about):
   - vocabulary and LM heads: one shared vocabulary, each head covers it (fatal otherwise; padded
@@ -177,7 +177,11 @@ def determinism_findings(models: dict, examples: list[Example], pad_id: int) -> 
 
 
 def run_checks(recipe, student, tokenizer, teacher, prompts: list[list[int]], *, models_too: bool):
-    """(findings, info lines). models_too: also sample and score (needs the local teacher)."""
+    """(findings, info lines). models_too: also sample and score (needs the local teacher).
+    `prompts` are token ids; None marks a prompt too long to use."""
+    if teacher is None:
+        return [], [f"no teacher: {recipe.objective.name} learns from no teacher, so there is no pair to check"]
+    prompts = [p for p in prompts if p is not None]
     findings = vocabulary_findings(tokenizer, teacher.tokenizer, student, teacher.model)
     if any(f.fatal for f in findings):
         return findings, []
@@ -235,16 +239,20 @@ def check_only(recipe, recipe_path: str) -> None:
     """`posttrain distill --check`: load both models, run every check, print, write nothing."""
     from rich.markup import escape
 
-    from posttrain.distill import Teacher, _load_prompts
+    from posttrain.distill import Sources, _check_sources, _load_prompts, _tokenized_prompts
+    from posttrain.losses import OBJECTIVES
     from posttrain.models import load_policy
     from posttrain.progress import console
     from posttrain.runtime import make_runtime
 
     runtime = make_runtime(recipe.train.precision, recipe.train.parallel)
     student, tokenizer = load_policy(recipe.student, "student", recipe.seed, runtime.device)
-    teacher = Teacher(recipe, runtime, tokenizer)
-    prompts = _load_prompts(recipe, tokenizer)
-    findings, info = run_checks(recipe, student, tokenizer, teacher, prompts, models_too=True)
+    needs = OBJECTIVES[recipe.objective.name].needs(recipe.objective.params)
+    _check_sources(recipe, needs, recipe_path)
+    prompt_fields, _ = _load_prompts(recipe, needs)
+    prompts = _tokenized_prompts(recipe, prompt_fields, tokenizer)
+    with Sources.open(recipe, needs, runtime, tokenizer) as sources:
+        findings, info = run_checks(recipe, student, tokenizer, sources.teacher, prompts, models_too=True)
     for line in info:
         console.print(escape(f"pre-flight: {line}"), highlight=False, soft_wrap=True)
     refuse_or_warn(findings, recipe_path, show=lambda line: console.print(escape(line), highlight=False, soft_wrap=True))

@@ -50,6 +50,8 @@ def list_objectives() -> None:
     for objective in OBJECTIVES.values():
         defaults = objective.Params()
         params = ", ".join(f"{f.name}={getattr(defaults, f.name)}" for f in dataclasses.fields(defaults)) or "-"
-        kind = "distill (on-policy)" if objective.on_policy else "train (offline)"
+        # on-policy: the command, and the sources the loop fetches for it (with default params)
+        kind = (f"rl (on-policy; {', '.join(sorted(objective.needs(defaults)))})" if objective.on_policy
+                else "train (offline)")
         table.add_row(objective.name, kind, params, objective.summary)
     console.print(table)

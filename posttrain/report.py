@@ -20,18 +20,18 @@ from pathlib import Path
 import yaml
 
 from posttrain.errors import UserError
-from posttrain.paper_numbers import SOURCES, distill_paper_row, offline_paper_row
+from posttrain.paper_numbers import SOURCES, distill_paper_row, offline_paper_row, table2_paper_row
 from posttrain.progress import console
 from posttrain.runfolder import read_jsonl
 
 BENCHMARK_LABELS = {"synthetic": "in-domain", "synthetic_ood": "out-of-domain"}
-OBJECTIVE_ORDER = ["sft", "dft", "otr", "opd", "lsm"]
+OBJECTIVE_ORDER = ["sft", "dft", "otr", "opd", "lsm", "grpo"]
 
 
 @dataclass
 class Run:
     path: Path
-    command: str  # "train" or "distill"
+    command: str  # "train", "distill" (on-policy with a teacher) or "rl" (on-policy without one: grpo)
     config: dict
     metrics: list[dict] = field(default_factory=list)
     results: dict | None = None  # eval/results.json
@@ -68,8 +68,12 @@ def load_runs(paths: list[Path]) -> list[Run]:
     runs = []
     for folder in folders:
         text = (folder / "config.yaml").read_text()
-        command = "distill" if text.startswith("# posttrain distill") else "train"
-        run = Run(folder, command, yaml.safe_load(text))
+        # on-policy runs (posttrain rl, or its older name distill) with a teacher are distillation
+        # runs; without one (grpo), RL runs
+        on_policy = text.startswith(("# posttrain distill", "# posttrain rl"))
+        config = yaml.safe_load(text)
+        command = ("distill" if config.get("teacher") else "rl") if on_policy else "train"
+        run = Run(folder, command, config)
         if (folder / "metrics.jsonl").exists():
             run.metrics = read_jsonl(folder / "metrics.jsonl")
         if (folder / "eval" / "results.json").exists():
@@ -86,8 +90,11 @@ def report(paths: list[Path], out: Path, with_papers: bool = True) -> dict:
     runs = load_runs(paths)
     out.mkdir(parents=True, exist_ok=True)
     by_final = {_resolve(run.path / "final"): run for run in runs}
-    offline = [r for r in runs if r.command == "train" and _source_run(r, "model", by_final) is not None]
+    from_base = [r for r in runs if r.command == "train" and _source_run(r, "model", by_final) is not None]
+    rft = [r for r in from_base if _is_rft(r)]
+    offline = [r for r in from_base if r not in rft]
     distilled = [r for r in runs if r.command == "distill"]
+    rl = [r for r in runs if r.command == "rl"]
     benchmarks = sorted({b for r in runs for b in r.scores()}, key=lambda b: (b not in BENCHMARK_LABELS, b))
     sections, summary = [], {"benchmarks": benchmarks, "tables": {}}
     if offline:
@@ -111,6 +118,8 @@ def report(paths: list[Path], out: Path, with_papers: bool = True) -> dict:
         sections.append(_table("On-policy distillation from one student (shaped like the LSM paper's single-task table)",
                                rows, benchmarks, "paper: 7B student, math average", with_papers, summary, "distill",
                                extra=_distill_extras))
+    if rft or rl:
+        sections.append(_table2(offline, rft, rl, by_final, benchmarks, with_papers, summary))
     if any(run.metrics for run in runs):
         sections.append(_compute_table(runs, benchmarks, by_final, summary))
     sections.append(_sources_note(with_papers))
@@ -124,6 +133,35 @@ def report(paths: list[Path], out: Path, with_papers: bool = True) -> dict:
     console.print(f"\nwrote {out / 'tables.md'}, {out / 'runs.md'}, {out / 'summary.json'}"
                   + (f", {len(plots)} plots" if plots else ""))
     return summary
+
+
+def _table2(offline, rft, rl, by_final, benchmarks, with_papers, summary) -> str:
+    """Base, SFT, DFT, OTR (the offline runs' default variants), RFT and GRPO from one base model,
+    shaped like DFT Table 2 (the paper's PPO and DPO rows are not run here)."""
+    first = (rft + rl + offline)[0]
+    base = _source_run(first, "student" if first.command == "rl" else "model", by_final)
+    rows = [("base model", [base], table2_paper_row("base"))] if base is not None else []
+    for variant, group in _variants(offline):
+        objective = group[0].config["objective"]
+        if objective["name"] in ("sft", "dft") or (objective["name"] == "otr" and objective.get("beta") == -0.1):
+            rows.append((variant, group, table2_paper_row(objective["name"])))
+    rows += [(variant, group, table2_paper_row("rft")) for variant, group in _variants(rft)]
+    rows += [(variant, group, table2_paper_row(group[0].config["objective"]["name"])) for variant, group in _variants(rl)]
+    return _table("Offline and online RL baselines from one base model (shaped like DFT Table 2; PPO and DPO not run)",
+                  rows, benchmarks, "paper: Qwen2.5-Math-1.5B average", with_papers, summary, "table2")
+
+
+def _is_rft(run: Run) -> bool:
+    """A train run on `posttrain rft-data` output (its rows name the eval folder they came from)."""
+    source = Path((run.config.get("data") or {}).get("source", ""))
+    if source.suffix != ".jsonl" or not source.is_file():
+        return False
+    with open(source, encoding="utf-8") as f:
+        first = f.readline()
+    try:
+        return "rft_source" in json.loads(first)
+    except json.JSONDecodeError:
+        return False
 
 
 def _resolve(path: Path) -> Path:

@@ -1,12 +1,16 @@
 """A run folder is the only record of a run: runs/<name>/
 
-    config.yaml              the resolved recipe (every default filled in)
-    metrics.jsonl            one JSON object per optimizer step
+    config.yaml              the resolved recipe (every default filled in), headed by the command
+    metrics.jsonl            one JSON object per step (offline: one optimizer step; on-policy: one
+                             rollout batch and its PPO updates)
+    rollouts.jsonl           on-policy runs: two decoded responses per step
+    token_probs.json         offline runs with train.token_probs_examples: probabilities before/after
     checkpoints/step-NNNNNN/ HF model + tokenizer (loadable by from_pretrained) + trainer_state.pt
                              + manifest.json (size and sha256 of every file)
     config_changes.jsonl     recipe keys changed by `--resume --allow-changed-recipe` (before → after)
     final -> checkpoints/step-NNNNNN   the last checkpoint, once the run has finished
-    eval/<benchmarks>/       results written by `posttrain eval --out` (optional)
+    eval/                    `posttrain eval --model runs/<name>/final` (the default --out):
+                             results.json, samples.jsonl, eval_config.json
 
 Checkpoints are written to a temporary directory, verified against their manifest, synced to
 disk and renamed into place, so a run killed at any moment leaves only complete checkpoints;

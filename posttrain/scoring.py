@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from posttrain.losses.lsm import student_logprob_on_support, support_slots
+from posttrain.losses.objective import TokenSignals
 from posttrain.models import decoder_and_head
 
 
@@ -100,7 +101,7 @@ def _unmask(values_N, mask_BT):
     return out
 
 
-def support_diagnostics(signals: dict, support: str, mask_BT) -> dict[str, float]:
+def support_diagnostics(signals: TokenSignals, support: str, mask_BT) -> dict[str, float]:
     """Means over loss positions: each model's probability mass on the objective's support
     (teacher / student / union / overlap of the two top-K, as LSM builds it), the support's size,
     and the share of the teacher's top-K that is also in the student's top-K."""
@@ -110,7 +111,7 @@ def support_diagnostics(signals: dict, support: str, mask_BT) -> dict[str, float
     off_BTJ = ~slots["valid"]
     student_mass = student_logprob_on_support(support, signals).masked_fill(off_BTJ, float("-inf"))
     teacher_mass = slots["teacher_logprob"].masked_fill(off_BTJ, float("-inf"))
-    s_ids, t_ids = signals["student_topk_ids"][mask_BT], signals["teacher_topk_ids"][mask_BT]
+    s_ids, t_ids = signals.student_topk_ids_BTK[mask_BT], signals.teacher_topk_ids_BTK[mask_BT]
     overlap = (t_ids.unsqueeze(-1) == s_ids.unsqueeze(-2)).any(-1).float().mean(-1)
     return {"student_mass": student_mass.logsumexp(-1).exp()[mask_BT].mean().item(),
             "teacher_mass": teacher_mass.logsumexp(-1).exp()[mask_BT].mean().item(),

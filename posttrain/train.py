@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -21,11 +20,13 @@ from posttrain.config import TrainRecipe
 from posttrain.data.sft import build_examples, collate, epoch_order, load_rows, micro_batches
 from posttrain.errors import UserError
 from posttrain.losses import OBJECTIVES
-from posttrain.losses.aggregation import micro_batch_aggregation, top_entropy_mask
+from posttrain.losses.aggregation import top_entropy_mask
 from posttrain.losses.engine import head_entropy
 from posttrain.optim import build_scheduler
 from posttrain.progress import StepProgress, summary_table
-from posttrain.loop import apply_precision, count_nonfinite, global_counts, open_logs, open_run, optimizer_step, save_final
+from posttrain.loop import (
+    accumulate_gradients, apply_precision, count_nonfinite, open_logs, open_run, optimizer_step, save_final,
+)
 from posttrain.runfolder import load_trainer_state, save_checkpoint, write_text_atomic
 from posttrain.runtime import Runtime, make_runtime
 from posttrain.memory import check_memory, training_memory
@@ -40,7 +41,7 @@ def train(recipe: TrainRecipe, *, resume: bool = False, recipe_path: str = "reci
     objective = OBJECTIVES[recipe.objective.name]
     if objective.on_policy:
         raise UserError(f"{recipe_path}: key 'objective.name': {objective.name!r} is an on-policy objective; "
-                        "run it with `posttrain distill`")
+                        "run it with `posttrain rl`")
     check_packing(recipe.train, recipe_path)
     check_installed(recipe.report_to, recipe_path)  # trackers.py: a missing tracker package, before anything runs
     # the data's rows first: a missing, empty or non-UTF-8 file is refused before any model is built
@@ -130,23 +131,16 @@ def train_step(policy, optimizer, scheduler, runtime: Runtime, recipe: TrainReci
     if recipe.train.entropy_top_ratio is not None:
         for batch in batches:
             batch["loss_mask"] = _top_entropy_loss_mask(policy, batch, recipe, runtime)
-    counts = global_counts([b["loss_mask"] for b in batches], runtime)
-    stats, loss_total, seen_tokens = {}, 0.0, 0
-    for i, batch in enumerate(batches):
-        weights, divisor = micro_batch_aggregation(recipe.train.loss_aggregation, batch["loss_mask"], counts)
-        if weights is not None:
-            batch["loss_weight"] = weights
+    stats = {}
+
+    def forward(index: int, batch: dict) -> torch.Tensor:
         batch = {k: v.to(runtime.device) for k, v in batch.items()}
-        generator = torch.Generator(device=runtime.device).manual_seed(_micro_batch_seed(recipe.seed, step, runtime.rank, i))
-        last = i == len(batches) - 1
-        # Gradients are all-reduced once, on the last micro-batch.
-        with nullcontext() if last else runtime.accelerator.no_sync(policy):
-            weighted_loss = policy(batch, objective, recipe.objective.params, chunk_tokens=recipe.train.head_chunk_tokens,
-                                   generator=generator, matmul_dtype=runtime.matmul_dtype, stats=stats) / divisor
-            # DDP/FSDP average gradients over processes; × world_size turns that into the sum.
-            runtime.accelerator.backward(weighted_loss * runtime.world_size)
-        loss_total += weighted_loss.item()
-        seen_tokens += int(batch["attention_mask"].sum())
+        generator = torch.Generator(device=runtime.device).manual_seed(_micro_batch_seed(recipe.seed, step, runtime.rank, index))
+        return policy(batch, objective, recipe.objective.params, chunk_tokens=recipe.train.head_chunk_tokens,
+                      generator=generator, matmul_dtype=runtime.matmul_dtype, stats=stats)
+
+    loss_total, counts = accumulate_gradients(policy, runtime, batches, recipe.train.loss_aggregation, forward)
+    seen_tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
     lr = scheduler.get_last_lr()[0]
     grad_norm, skipped = optimizer_step(policy, optimizer, scheduler, runtime, recipe.optim.grad_clip, loss_total)
     totals = runtime.sum_across_ranks({"loss": loss_total, "seen_tokens": seen_tokens,

@@ -58,3 +58,21 @@ def load_weights(checkpoint: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(checkpoint / "model.safetensors"))
+
+
+def token_signals(batch: dict):
+    """A TokenSignals from a dict of [B, T, ...] tensors named as the on-policy loop's fields
+    without their shape suffix (old_logprob, teacher_topk_ids, ...), for objective unit tests."""
+    import torch
+
+    from posttrain.losses.objective import TokenSignals
+
+    suffixed = {"old_logprob": "old_logprob_BT", "teacher_token_logprob": "teacher_token_logprob_BT",
+                "teacher_topk_ids": "teacher_topk_ids_BTK", "teacher_topk_logprob": "teacher_topk_logprob_BTK",
+                "student_topk_ids": "student_topk_ids_BTK",
+                "teacher_logprob_at_student_topk": "teacher_logprob_at_student_topk_BTK",
+                "reference_logprob": "reference_logprob_BT"}
+    fields = {field: batch[key] for key, field in suffixed.items() if key in batch}
+    shape_BT = batch["loss_mask"].shape
+    fields.setdefault("old_logprob_BT", torch.zeros(shape_BT))
+    return TokenSignals(entropy_BT=torch.zeros(shape_BT), group_B=torch.arange(shape_BT[0]), **fields)

@@ -129,7 +129,7 @@ def test_other_schemas_load(tmp_path):
     [
         ({"optim": {"lrr": 1}}, "did you mean 'optim.lr'"),
         ({"optim": {"lr": "abc"}}, "must be a number"),
-        ({"objective": {"name": "lsm"}}, "is an on-policy objective; run it with `posttrain distill`"),
+        ({"objective": {"name": "lsm"}}, "is an on-policy objective; run it with `posttrain rl`"),
         ({"optim": {"lr": 0}}, "key 'optim.lr' must be a number > 0, got 0"),
     ],
 )

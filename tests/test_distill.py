@@ -110,7 +110,7 @@ def test_lsm_distillation_lowers_the_students_reverse_kl(tmp_path, models):
                 "topk_overlap", "grad_norm", "response_length", "truncated_frac", "repetition_frac", "time_generate",
                 "time_score", "time_train", "entropy"):
         assert key in rows[0], key
-    assert "distill lsm (lsm)" in proc.stderr
+    assert "rl lsm (lsm)" in proc.stderr  # distill is the rl command under its older name
     assert (tmp_path / "runs" / "lsm" / "final" / "model.safetensors").exists()
     assert json.loads((tmp_path / "runs" / "lsm" / "rollouts.jsonl").read_text().splitlines()[-1])["step"] == 25
 

@@ -9,6 +9,7 @@ import torch
 from posttrain.losses import OBJECTIVES, head_loss, lsm, opd, otr
 from posttrain.losses.engine import inverse_cdf_draws
 from tests import reference
+from tests.helpers import token_signals
 
 N, H, V, K = 37, 16, 50, 5
 
@@ -44,7 +45,7 @@ def inputs_for(name, params, batch):
     objective = OBJECTIVES[name]
     if objective.prepare is not None:
         as_bt = {key: value.unsqueeze(0) for key, value in batch.items()}
-        inputs.update({key: value.squeeze(0) for key, value in objective.prepare(params, as_bt).items()})
+        inputs.update({key: value.squeeze(0) for key, value in objective.prepare(params, as_bt, token_signals(as_bt)).items()})
     return inputs
 
 
@@ -281,7 +282,7 @@ def test_lsm_with_k_one_is_zero():
 def test_lsm_augmented_slot_is_dropped_when_the_sampled_token_is_in_the_support():
     _, _, batch, _ = make_problem(k=3)
     batch["target_ids"] = batch["teacher_topk_ids"][:, 0].clone()  # sampled token always in top-3
-    prepared = lsm.prepare(lsm.Params(k=3, add_sampled_token=True), batch)
+    prepared = lsm.prepare(lsm.Params(k=3, add_sampled_token=True), batch, token_signals(batch))
     assert prepared["support_ids"].shape[-1] == 4
     assert not prepared["support_valid"][:, 3].any()
 

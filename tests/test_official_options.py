@@ -13,7 +13,7 @@ from posttrain.data.templates import LSM_MATH_TEMPLATE, clean_dapo_instructions,
 from posttrain.distill import distill, prompt_of
 from posttrain.errors import UserError
 from posttrain.losses import lsm, opd
-from tests.helpers import load_weights, run_cli, write_recipe
+from tests.helpers import load_weights, run_cli, token_signals, write_recipe
 from tests.test_distill import distill_recipe, metrics_of, models  # noqa: F401  (models is a fixture)
 
 # A DAPO-Math-17k prompt, verbatim in form (the dataset's user turn).
@@ -76,9 +76,9 @@ def test_response_from_a_message_list():
 def test_opd_clip_log_ratio_clamps_the_reward():
     batch = {"loss_mask": torch.tensor([[True, True, False]]), "old_logprob": torch.tensor([[-1.0, -9.0, -1.0]]),
              "teacher_token_logprob": torch.tensor([[-8.0, -2.0, -2.0]])}
-    clipped = opd.prepare(opd.Params(clip_log_ratio=5.0), batch)["reward"]
+    clipped = opd.prepare(opd.Params(clip_log_ratio=5.0), batch, token_signals(batch))["reward"]
     assert clipped.tolist() == [[-5.0, 5.0, 0.0]]
-    assert opd.prepare(opd.Params(), batch)["reward"].tolist() == [[-7.0, 7.0, 0.0]]
+    assert opd.prepare(opd.Params(), batch, token_signals(batch))["reward"].tolist() == [[-7.0, 7.0, 0.0]]
 
 
 def test_lsm_clip_log_ratio_clamps_each_support_term():

@@ -35,7 +35,8 @@ def test_recipe_validates_and_has_a_header(path):
 def test_the_makefile_runs_every_mini_variant():
     makefile = (REPO / "Makefile").read_text()
     listed = set(re.search(r"^OFFLINE := (.*)$", makefile, re.M).group(1).split())
-    listed |= set(re.search(r"^ONLINE := (.*)$", makefile, re.M).group(1).split())
+    for variable in ("ONLINE", "RL", "RFT"):
+        listed |= set(re.search(rf"^{variable} := (.*)$", makefile, re.M).group(1).split())
     shipped = {p.stem for p in (REPO / "recipes" / "mini").glob("*.yaml")} - {"base", "teacher"}
     assert listed == shipped
 

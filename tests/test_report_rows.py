@@ -43,7 +43,7 @@ def test_paper_rows_by_setting():
     assert student_topk.startswith("competitive with teacher top-K single-task")
 
 
-def _eval(folder, score):
+def _eval_synthetic(folder, score):
     (folder / "eval").mkdir()
     (folder / "eval" / "results.json").write_text(json.dumps({"benchmarks": {"synthetic": {
         "metrics": {"avg@4": score}, "coverage": {"complete": True}}}}))
@@ -57,15 +57,15 @@ def test_compute_table_sums_phases_and_prices_the_gain(tmp_path):
     runs = tmp_path / "runs"
     base = _run(runs, "base", "train", {"model": {"tiny": {}}, "objective": {"name": "sft"}, "train": {}})
     _metrics(base, [{"step_seconds": 1.0, "tokens_per_s": 100.0, "response_tokens": 60}])
-    _eval(base, 20.0)
+    _eval_synthetic(base, 20.0)
     sft = _run(runs, "sft", "train", {"model": {"path": str(base / "final")}, "objective": {"name": "sft"}, "train": {}})
     _metrics(sft, [{"step_seconds": 2.0, "tokens_per_s": 50.0, "response_tokens": 40}] * 2)
-    _eval(sft, 30.0)
+    _eval_synthetic(sft, 30.0)
     opd = _run(runs, "opd", "distill", {"student": {"path": str(base / "final")}, "teacher": {"path": str(sft / "final")},
                                         "objective": {"name": "opd"}, "train": {}})
     _metrics(opd, [{"time_generate": 3.0, "time_score": 1.0, "time_train": 1.0, "response_tokens": 100,
                     "trained_token_frac": 0.5}] * 4)
-    _eval(opd, 45.0)
+    _eval_synthetic(opd, 45.0)
     summary = report([runs], tmp_path / "out", with_papers=False)
     compute = summary["compute"]
     assert compute["sft"] == {"generate_s": 0.0, "score_s": 0.0, "train_s": 4.0, "generated_tokens": 0.0,
@@ -76,3 +76,44 @@ def test_compute_table_sums_phases_and_prices_the_gain(tmp_path):
     assert compute["base"]["gain_per_1000s"] is None  # started from a model that is not a run here
     table = (tmp_path / "out" / "tables.md").read_text()
     assert "| opd | distill | 12.0 | 4.0 | 4.0 | 20.0 | 400 | 200 | 45.0 | 20.0 | 1250.00 |" in table
+
+
+def _eval(folder, in_domain, ood):
+    import json
+
+    (folder / "eval").mkdir()
+    bench = lambda value: {"metrics": {"avg@4": value}, "coverage": {"complete": True}}  # noqa: E731
+    (folder / "eval" / "results.json").write_text(json.dumps(
+        {"benchmarks": {"synthetic": bench(in_domain), "synthetic_ood": bench(ood)}}))
+
+
+def test_table2_rows_base_sft_dft_otr_rft_grpo_with_seeds(tmp_path):
+    import json
+
+    runs = tmp_path / "runs"
+    base = _run(runs, "base", "train", {"model": {"tiny": {}}, "objective": {"name": "sft"}, "train": {}})
+    _eval(base, 20.0, 10.0)
+    model = {"path": str(base / "final")}
+    rft_data = tmp_path / "rft.jsonl"
+    rft_data.write_text(json.dumps({"prompt": "p", "solution": "s", "rft_source": "x"}) + "\n")
+    plain_data = tmp_path / "plain.jsonl"
+    plain_data.write_text(json.dumps({"prompt": "p", "solution": "s"}) + "\n")
+    for seed, (a, b) in enumerate([(30.0, 12.0), (34.0, 14.0)]):
+        _eval(_run(runs, f"sft-seed{seed}", "train", {"model": model, "objective": {"name": "sft"},
+                                                      "data": {"source": str(plain_data)}, "train": {}}), a, b)
+        _eval(_run(runs, f"tuned-seed{seed}", "train", {"model": model, "objective": {"name": "sft"},
+                                                        "data": {"source": str(rft_data)}, "train": {}}), a + 1, b)
+        _eval(_run(runs, f"grpo-seed{seed}", "rl", {"student": model, "teacher": None,
+                                                    "objective": {"name": "grpo"}, "train": {}}), a + 2, b)
+    _run(runs, "otr-beta0", "train", {"model": model, "objective": {"name": "otr", "beta": 0.0}, "train": {}})
+    summary = report([runs], tmp_path / "out")
+    text = (tmp_path / "out" / "tables.md").read_text()
+    table2 = text[text.index("shaped like DFT Table 2"):]
+    rows = {line.split("|")[1].strip(): line for line in table2.splitlines() if line.startswith("| ")}
+    assert list(rows)[1:] == ["base model", "sft", "tuned", "grpo"]  # after the header; otr-beta0 is not a Table 2 row
+    assert "| 2 | 33.0 ± 2.8 | 13.0 ± 1.4 |" in rows["tuned"] and "| 23.97 |" in rows["tuned"]  # RFT by its data
+    assert "| 32.00 |" in rows["grpo"] and "| 34.0 ± 2.8 |" in rows["grpo"]
+    assert "not in Table 2 (Table 1: 15.92)" in rows["base model"]
+    assert "PPO 28.66 and DPO 23.20 are in that table too, and posttrain runs neither" in text
+    assert [r["method"] for r in summary["tables"]["table2"]] == ["base model", "sft", "tuned", "grpo"]
+    assert "tuned" not in [r["method"] for r in summary["tables"]["offline"]]

@@ -24,6 +24,7 @@ SPLITS = {
     "in_domain": {"operands": (3, 3), "max_value": 99},
     "out_of_domain": {"operands": (4, 4), "max_value": 99},
 }
+DATA_SEED = 1234  # the default data seed of a recipe's synthetic section (config.SyntheticConfig.seed)
 # Test sets use seeds far from any training seed, so train and test draws are independent.
 TEST_SEED_OFFSET = 1_000_003
 

@@ -4,7 +4,8 @@ A benchmark is read from (first that applies):
   NAME:PATH      an explicit local file (.jsonl, .jsonl.gz or .json)
   --data-dir D   D/<file> (e.g. ../shared/benchmarks: nothing is copied into this repository)
   the Hub        when online (the ids below are the usual community copies; not tested offline)
-The synthetic task's test sets are built in (`synthetic`, `synthetic_ood`).
+The synthetic task's test sets are built in (`synthetic`, `synthetic_ood`), and its training
+problems (`synthetic_train`: the rows the mini recipes train on, for RFT sampling).
 """
 
 from __future__ import annotations
@@ -99,8 +100,13 @@ BENCHMARKS: dict[str, Benchmark] = {
                   lambda r: r["prompt"], lambda r: r["task_id"]),
         Benchmark("synthetic", "math", None, None, lambda r: r["problem"], lambda r: r["answer"]),
         Benchmark("synthetic_ood", "math", None, None, lambda r: r["problem"], lambda r: r["answer"]),
+        # the training problems of the mini recipes (in_domain, data seed 1234), for RFT sampling
+        Benchmark("synthetic_train", "math", None, None, lambda r: r["problem"], lambda r: r["answer"]),
     ]
 }
+
+
+SYNTHETIC_TRAIN_SIZE = 8192  # the mini recipes' in-domain training rows (--limit takes the first N)
 
 
 @dataclass
@@ -121,7 +127,10 @@ def load_benchmark(token: str, data_dir: str | None, limit: int | None) -> Loade
     if spec.filename is None:
         from posttrain.data import synthetic
 
-        rows = synthetic.test_rows("in_domain" if name == "synthetic" else "out_of_domain")
+        if name == "synthetic_train":
+            rows = synthetic.make_rows("in_domain", SYNTHETIC_TRAIN_SIZE, synthetic.DATA_SEED)
+        else:
+            rows = synthetic.test_rows("in_domain" if name == "synthetic" else "out_of_domain")
         return _finish(spec, rows, "built-in", _sha_of_rows(rows), limit)
     path = Path(explicit) if explicit else (Path(data_dir) / spec.filename if data_dir else None)
     if path is not None:

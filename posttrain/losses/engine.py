@@ -107,7 +107,10 @@ def _run(hidden_NH, weight_VH, plan: _Plan, need_weight_grad: bool):
     )
     loss_sum = torch.zeros((), dtype=acc_dtype, device=hidden_NH.device)
     dense = plan.objective.full_vocab(plan.params)
-    chunk = _chunk_size(plan.chunk_tokens, n_tokens, vocab, hidden_size, plan.params, dense)
+    # the support path's ids per position, from the objective itself (a first row of its inputs)
+    support_width = None if dense else plan.objective.targets(
+        plan.params, None, {k: v[:1] for k, v in plan.inputs.items()}, None).shape[1]
+    chunk = _chunk_size(plan.chunk_tokens, n_tokens, vocab, hidden_size, support_width)
     if dense:
         # The reused buffers (see module docstring): logits/gradient, and a few rows of scratch.
         logits_buf = torch.empty(chunk, vocab, dtype=acc_dtype, device=hidden_NH.device)
@@ -145,7 +148,7 @@ def head_entropy(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, *, chunk_toke
     entropy_N = torch.empty(n_tokens, dtype=acc_dtype, device=hidden_NH.device)
     if n_tokens == 0:
         return entropy_N
-    chunk = _chunk_size(chunk_tokens, n_tokens, vocab, hidden_size, None, True)
+    chunk = _chunk_size(chunk_tokens, n_tokens, vocab, hidden_size, None)
     logits_buf = torch.empty(chunk, vocab, dtype=acc_dtype, device=hidden_NH.device)
     scratch_buf = torch.empty(min(SCRATCH_ROWS, chunk), vocab, dtype=acc_dtype, device=hidden_NH.device)
     for start in range(0, n_tokens, chunk):
@@ -156,13 +159,15 @@ def head_entropy(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, *, chunk_toke
     return entropy_N
 
 
-def _chunk_size(requested, n_tokens, vocab, hidden_size, params, dense) -> int:
+def _chunk_size(requested, n_tokens, vocab, hidden_size, support_width: int | None) -> int:
+    """Tokens per chunk: `requested`, or as many as fit the buffer budget. support_width: ids per
+    position on the support path (None: the dense path)."""
     if requested:
         return max(1, min(requested, n_tokens))
-    if dense:
+    if support_width is None:
         per_token = vocab * 4  # one fp32 row of the logits/gradient buffer
     else:
-        per_token = 2 * getattr(params, "k", 64) * hidden_size * 4  # gathered rows + outer product
+        per_token = 2 * support_width * hidden_size * 4  # gathered rows + outer product
     largest = max(16, min(n_tokens, HEAD_BUFFER_BYTES // per_token))
     # Equal chunks: a small last chunk would run its matmuls at poor efficiency.
     n_chunks = -(-n_tokens // largest)

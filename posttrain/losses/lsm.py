@@ -32,8 +32,8 @@ from typing import Literal
 
 import torch
 
-from posttrain.config import PositiveFloat, PositiveInt
-from posttrain.losses.objective import STUDENT_TOPK, TEACHER_TOKEN, TEACHER_TOPK, Objective
+from posttrain.config.ranges import PositiveFloat, PositiveInt
+from posttrain.losses.objective import STUDENT_TOPK, TEACHER_TOKEN, TEACHER_TOPK, Objective, TokenSignals
 
 _MASKED = -1e30  # finite stand-in for −inf: exp gives 0 and differences stay finite (no NaN grads)
 
@@ -62,46 +62,46 @@ def full_vocab(params):
     return params.renormalize is not True
 
 
-def support_slots(support: str, signals: dict) -> dict[str, torch.Tensor]:
+def support_slots(support: str, signals: TokenSignals) -> dict[str, torch.Tensor]:
     """The support S_t as [B, T, J] slots: ids, the teacher's log-prob there, and which slots are
     real (a slot is off when its id is already an earlier slot, or not in the intersection).
     Reads only the scoring signals (distill.fetch_signals), so the diagnostics and the loss see
     the same support."""
     if support == "student":
-        ids = signals["student_topk_ids"]
-        return {"ids": ids, "teacher_logprob": signals["teacher_logprob_at_student_topk"],
+        ids = signals.student_topk_ids_BTK
+        return {"ids": ids, "teacher_logprob": signals.teacher_logprob_at_student_topk_BTK,
                 "valid": torch.ones_like(ids, dtype=torch.bool)}
-    t_ids, t_logq = signals["teacher_topk_ids"], signals["teacher_topk_logprob"]
+    t_ids, t_logq = signals.teacher_topk_ids_BTK, signals.teacher_topk_logprob_BTK
     if support == "teacher":
         return {"ids": t_ids, "teacher_logprob": t_logq, "valid": torch.ones_like(t_ids, dtype=torch.bool)}
-    s_ids = signals["student_topk_ids"]
+    s_ids = signals.student_topk_ids_BTK
     if support == "overlap":
         in_student = (t_ids.unsqueeze(-1) == s_ids.unsqueeze(-2)).any(-1)
         return {"ids": t_ids, "teacher_logprob": t_logq, "valid": in_student}
     # union: the teacher's K slots, then the student's K, each off when already among the teacher's
     s_in_teacher = (s_ids.unsqueeze(-1) == t_ids.unsqueeze(-2)).any(-1)
     return {"ids": torch.cat([t_ids, s_ids], dim=-1),
-            "teacher_logprob": torch.cat([t_logq, signals["teacher_logprob_at_student_topk"]], dim=-1),
+            "teacher_logprob": torch.cat([t_logq, signals.teacher_logprob_at_student_topk_BTK], dim=-1),
             "valid": torch.cat([torch.ones_like(t_ids, dtype=torch.bool), ~s_in_teacher], dim=-1)}
 
 
-def student_logprob_on_support(support: str, signals: dict) -> torch.Tensor:
+def student_logprob_on_support(support: str, signals: TokenSignals) -> torch.Tensor:
     """π_old's log-probs at the slots of support_slots (same order), for the diagnostics."""
     if support == "student":
-        return signals["student_topk_logprob"]
+        return signals.student_topk_logprob_BTK
     if support in ("teacher", "overlap"):
-        return signals["student_logprob_at_teacher_topk"]
-    return torch.cat([signals["student_logprob_at_teacher_topk"], signals["student_topk_logprob"]], dim=-1)
+        return signals.student_logprob_at_teacher_topk_BTK
+    return torch.cat([signals.student_logprob_at_teacher_topk_BTK, signals.student_topk_logprob_BTK], dim=-1)
 
 
-def prepare(params, batch):
-    slots = support_slots(params.support, batch)
+def prepare(params, batch, signals: TokenSignals):
+    slots = support_slots(params.support, signals)
     ids_BTJ, logq_BTJ, valid_BTJ = slots["ids"], slots["teacher_logprob"], slots["valid"]
     if params.add_sampled_token:
         sampled_BT1 = batch["target_ids"].unsqueeze(-1)
         already_in = ((ids_BTJ == sampled_BT1) & valid_BTJ).any(dim=-1, keepdim=True)
         ids_BTJ = torch.cat([ids_BTJ, sampled_BT1], dim=-1)
-        logq_BTJ = torch.cat([logq_BTJ, batch["teacher_token_logprob"].unsqueeze(-1)], dim=-1)
+        logq_BTJ = torch.cat([logq_BTJ, signals.teacher_token_logprob_BT.unsqueeze(-1)], dim=-1)
         valid_BTJ = torch.cat([valid_BTJ, ~already_in], dim=-1)
     return {"support_ids": ids_BTJ, "support_teacher_logprob": logq_BTJ, "support_valid": valid_BTJ}
 

@@ -1,5 +1,12 @@
 """What an objective is: a per-token loss on a few scored token ids, plus what it needs.
 
+Shape legend (every file of posttrain writes tensor shapes as these suffixes, uppercase only):
+  B  sequences (rollouts or examples) in a batch     T  positions (tokens) of a padded sequence
+  N  loss positions of a batch (the True cells of loss_mask_BT)
+  C  loss positions of one chunk of N                 V  vocabulary
+  H  hidden size                                      K  top-K / support ids per position
+  J  scored ids per position (1 for the target token, K for a support)
+
 Every objective in posttrain is a function of the student's scores at a small set of token ids
 per position (the "targets", [chunk, J]):
 
@@ -21,11 +28,36 @@ from typing import Any
 
 import torch
 
-# Names of the per-token signals an objective can ask the distill loop for.
-OLD_LOGPROB = "old_logprob"  # log π_old(y_t) of the sampled token (student, no grad)
+# The sources an objective can ask the on-policy loop for (its `needs`). The loop always has
+# π_old's sampled-token log-prob and entropy; it runs the teacher, the reference policy or the
+# grader only when one of these asks for it.
 TEACHER_TOKEN = "teacher_token_logprob"  # log q(y_t) of the sampled token
 TEACHER_TOPK = "teacher_topk"  # the teacher's top-k ids and log-probs (k = params.k)
 STUDENT_TOPK = "student_topk"  # π_old's top-k ids (k = params.k) and the teacher's log-probs there
+REFERENCE_TOKEN = "reference_logprob"  # log π_ref(y_t): the starting student, frozen (KL penalties)
+VERIFIABLE_REWARD = "verifiable_reward"  # 1/0 per rollout: the grader on its text vs the prompt's answer
+TEACHER_SOURCES = frozenset({TEACHER_TOKEN, TEACHER_TOPK, STUDENT_TOPK})
+
+
+@dataclass
+class TokenSignals:
+    """Everything the on-policy loop fetched for one rollout batch, without gradients: built in
+    one place (distill.fetch_signals) for every backend. Per-token fields are [B, T, ...] at the
+    loss positions (zero elsewhere); a field is None when no declared source produced it."""
+
+    old_logprob_BT: torch.Tensor  # log π_old(y_t)
+    entropy_BT: torch.Tensor  # H(π_old) at each position
+    group_B: torch.Tensor  # index of the prompt each rollout answers (rollouts of one prompt share it)
+    teacher_token_logprob_BT: torch.Tensor | None = None
+    teacher_topk_ids_BTK: torch.Tensor | None = None
+    teacher_topk_logprob_BTK: torch.Tensor | None = None
+    student_logprob_at_teacher_topk_BTK: torch.Tensor | None = None
+    student_topk_ids_BTK: torch.Tensor | None = None
+    student_topk_logprob_BTK: torch.Tensor | None = None
+    teacher_logprob_at_student_topk_BTK: torch.Tensor | None = None
+    exact_reverse_kl_BT: torch.Tensor | None = None  # Σ_v π_old(v)(log π_old − log q): local teacher only
+    reference_logprob_BT: torch.Tensor | None = None
+    verifiable_reward_B: torch.Tensor | None = None
 
 
 def given_target(params: Any, logits_CV: torch.Tensor | None, inputs: dict, scratch_CV) -> torch.Tensor:
@@ -55,11 +87,11 @@ class Objective:
     targets: Callable[..., torch.Tensor] = given_target
     # True: scores are full-vocabulary log-probs (needs the [C, V] logits); False: raw logits.
     full_vocab: Callable[[Any], bool] = always_full_vocab
-    # Per-token signals the distill loop must fetch (names above).
+    # Sources the on-policy loop must fetch (names above).
     needs: Callable[[Any], frozenset[str]] = no_needs
     # sample_inputs(params, n_tokens, generator, device) -> dict of per-token random inputs,
     # drawn once per engine call so that results do not depend on the chunk size.
     sample_inputs: Callable[..., dict[str, torch.Tensor]] | None = None
-    # prepare(params, batch) -> dict of extra [B, T, ...] inputs, once per rollout batch
-    # (on-policy objectives: rewards, advantages, supports).
+    # prepare(params, batch, signals: TokenSignals) -> dict of extra [B, T, ...] inputs, once per
+    # rollout batch (on-policy objectives: rewards, advantages, supports).
     prepare: Callable[..., dict[str, torch.Tensor]] | None = None

@@ -14,8 +14,8 @@ from typing import Annotated
 
 import torch
 
-from posttrain.config import Bounds, NonNegativeFloat, OpenFraction, PositiveFloat, Probability
-from posttrain.losses.objective import OLD_LOGPROB, TEACHER_TOKEN, Objective
+from posttrain.config.ranges import Bounds, NonNegativeFloat, OpenFraction, PositiveFloat, Probability
+from posttrain.losses.objective import TEACHER_TOKEN, Objective
 
 
 @dataclass
@@ -31,12 +31,12 @@ class Params:
 
 
 def needs(params):
-    return frozenset({OLD_LOGPROB, TEACHER_TOKEN})
+    return frozenset({TEACHER_TOKEN})
 
 
-def prepare(params, batch):
-    mask_BT = batch["loss_mask"].to(batch["old_logprob"].dtype)
-    reward_BT = batch["teacher_token_logprob"] - batch["old_logprob"]
+def prepare(params, batch, signals):
+    mask_BT = batch["loss_mask"].to(signals.old_logprob_BT.dtype)
+    reward_BT = signals.teacher_token_logprob_BT - signals.old_logprob_BT
     if params.clip_log_ratio is not None:
         reward_BT = reward_BT.clamp(-params.clip_log_ratio, params.clip_log_ratio)
     reward_BT = reward_BT * mask_BT

@@ -1,0 +1,250 @@
+"""The recipe schema: the dataclasses a recipe's YAML is validated against (posttrain/config/loader.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from posttrain.config.ranges import (
+    LossAggregation, NonNegativeFloat, NonNegativeInt, OpenFraction, PositiveFloat, PositiveInt, RunName, Share,
+)
+
+@dataclass
+class TinyModelConfig:
+    """A randomly initialised small model plus a BPE tokenizer trained on the synthetic task."""
+
+    arch: Literal["qwen2", "llama"] = "qwen2"
+    hidden_size: PositiveInt = 64
+    num_layers: PositiveInt = 2
+    num_heads: PositiveInt = 4
+    num_kv_heads: PositiveInt = 2
+    intermediate_size: PositiveInt = 256
+    vocab_size: PositiveInt = 384
+    max_position_embeddings: PositiveInt = 512
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None  # HF checkpoint directory or Hub id
+    tiny: TinyModelConfig | None = None  # build a tiny model instead of loading `path`
+    tokenizer: str | None = None  # defaults to `path`
+
+
+@dataclass
+class SyntheticConfig:
+    """The built-in step-by-step arithmetic task (see posttrain/data/synthetic.py)."""
+
+    split: Literal["pretrain", "in_domain", "out_of_domain"] = "in_domain"
+    num_examples: PositiveInt = 2000
+    seed: int = 1234  # the data seed; the run seed changes init, order and sampling only
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # "synthetic", a .jsonl/.json/.parquet path (or glob), or a Hub id
+    split: str = "train"
+    prompt_field: str = "problem"
+    response_field: str = "solution"
+    system_prompt: str | None = None
+    max_examples: PositiveInt | None = None  # keep the first N rows
+    # The response may be a list of chat messages (OpenR1-Math-220k's `messages`): the text of its
+    # last turn with this role is used.
+    response_role: str = "assistant"
+    max_length: PositiveInt = 1024  # prompt + response tokens; longer examples are cut at the end
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    # Conversational data (data/conversation.py): "messages" = response_field holds whole
+    # conversations, loss on the response_role turns; "prompt-completion" = TRL's pairs (plain
+    # strings, no template; or message lists through the template).
+    format: Literal["prompt-response", "messages", "prompt-completion"] = "prompt-response"
+    train_turns: Literal["all", "last"] = "all"  # which response_role turns of a conversation are trained
+
+
+@dataclass
+class ObjectiveConfig:
+    """`name` picks an objective from the registry; the other keys are that objective's params."""
+
+    name: str
+    params: Any
+
+    @classmethod
+    def _parse(cls, raw: Any, key: str, where) -> ObjectiveConfig:
+        from posttrain.config.loader import _build
+        from posttrain.losses import OBJECTIVES
+
+        if not isinstance(raw, dict):
+            where.fail(key, f"must be a mapping with at least 'name' (one of: {', '.join(OBJECTIVES)})")
+        name = raw.get("name")
+        if name is None:
+            where.fail(f"{key}.name", f"is required; allowed: {', '.join(OBJECTIVES)}")
+        if name not in OBJECTIVES:
+            where.fail(f"{key}.name", f"must be one of: {', '.join(OBJECTIVES)}; got {name!r}")
+        rest = {k: v for k, v in raw.items() if k != "name"}
+        params = _build(OBJECTIVES[name].Params, rest, key, where)
+        return cls(name=name, params=params)
+
+
+@dataclass
+class OptimConfig:
+    lr: PositiveFloat = 1e-5
+    betas: tuple[OpenFraction, OpenFraction] = (0.9, 0.999)
+    weight_decay: NonNegativeFloat = 0.0
+    grad_clip: NonNegativeFloat = 1.0  # max global grad norm; 0 disables clipping
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_ratio: OpenFraction = 0.0
+    # false: warmup step s (0-based) uses lr·(s+1)/W; true: lr·s/W, so the first update has lr 0
+    # (verl's get_cosine_schedule_with_warmup, the DFT authors' trainer).
+    warmup_starts_at_zero: bool = False
+
+
+@dataclass
+class LoraConfig:
+    rank: PositiveInt = 16
+    alpha: PositiveFloat = 32.0
+    dropout: OpenFraction = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class TrainLoopConfig:
+    epochs: PositiveInt = 1
+    max_steps: PositiveInt | None = None  # stop early after this many optimizer steps
+    batch_size: PositiveInt = 32  # examples per optimizer step, over all processes
+    micro_batch_size: PositiveInt = 8  # examples per forward/backward (per process)
+    micro_batch_tokens: PositiveInt | None = None  # if set: micro-batches by padded-token budget instead
+    loss_aggregation: LossAggregation = "token-mean"  # per-token losses -> the step's loss (losses/aggregation.py)
+    entropy_top_ratio: Share | None = None  # train only on this top share of highest-entropy tokens per response
+    # auto: bf16 autocast on CUDA, fp32 on CPU; bf16-pure: bf16 weights, gradients and optimizer state
+    precision: Literal["auto", "fp32", "bf16", "bf16-pure"] = "auto"
+    parallel: Literal["ddp", "fsdp2"] = "ddp"  # with several processes: replicate (DDP) or shard (FSDP2)
+    head_chunk_tokens: PositiveInt | None = None  # tokens per LM-head chunk; None: from a 160 MB buffer budget
+    gradient_checkpointing: bool = False
+    lora: LoraConfig | None = None  # None: full fine-tuning
+    save_every: NonNegativeInt = 0  # optimizer steps between checkpoints; 0: only the final one
+    keep_checkpoints: PositiveInt = 2
+    max_nonfinite_steps: PositiveInt = 3  # stop after this many updates in a row skipped for a NaN/inf loss or grad
+    token_probs_examples: NonNegativeInt = 0  # training examples scored before/after for token_probs.json; 0: off
+    packing: bool = False  # padding-free micro-batches of ≤ micro_batch_tokens (data/packing.py)
+
+
+@dataclass
+class TrainRecipe:
+    name: RunName
+    model: ModelConfig
+    objective: ObjectiveConfig
+    seed: int = 0
+    out_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    # Experiment trackers that get a copy of every metrics row (posttrain/trackers.py); none: []
+    report_to: list[Literal["none", "tensorboard", "wandb", "trackio"]] = field(default_factory=list)
+
+
+@dataclass
+class PromptsConfig:
+    source: str = "synthetic"
+    split: str = "train"
+    prompt_field: str = "problem"
+    system_prompt: str | None = None
+    # Field cleaning, then the template: "dapo-instructions" drops DAPO-Math-17k's "Answer:"
+    # instruction lines (as the LSM authors' data script does); the template is a name in
+    # posttrain/data/templates.py (e.g. "lsm-math") or a format string with {question}.
+    clean: Literal["none", "dapo-instructions"] = "none"
+    template: str | None = None
+    dedupe: bool = False  # keep only the first row of each distinct prompt field (DAPO-Math-17k repeats each ~100x)
+    max_examples: PositiveInt | None = None
+    max_prompt_length: PositiveInt = 512  # longer prompts are skipped
+    answer_field: str = "answer"  # the gold answer, for objectives graded on a verifiable reward (grpo)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class VllmConfig:
+    gpu_memory_utilization: Share = 0.5
+    tensor_parallel_size: PositiveInt = 1
+
+
+@dataclass
+class RolloutConfig:
+    backend: Literal["hf", "vllm"] = "hf"
+    prompts_per_step: PositiveInt = 16
+    samples_per_prompt: PositiveInt = 8
+    temperature: NonNegativeFloat = 1.0  # 0: greedy
+    top_p: Share = 1.0
+    top_k: NonNegativeInt = 0  # 0: no top-k cut
+    max_new_tokens: PositiveInt = 256
+    vllm: VllmConfig = field(default_factory=VllmConfig)
+
+
+@dataclass
+class ScoringConfig:
+    """How the teacher (and the student's π_old) score rollout tokens."""
+
+    backend: Literal["hf", "vllm"] = "hf"  # hf: local transformers, no grad; vllm: prompt_logprobs=K
+    chunk_tokens: PositiveInt = 1024  # positions per scoring chunk: only [chunk, V] logits exist at once
+    diagnostics_k: PositiveInt = 32  # top-K for the support/overlap metrics when the objective has no k
+    # true: π_old, the teacher and the trained π_θ all use logits / rollout.temperature (verl's
+    # compute_log_prob and update_policy do); false: temperature 1.
+    at_rollout_temperature: bool = False
+    gpu_memory_utilization: Share = 0.3  # vllm teacher only
+    grader_workers: PositiveInt = 2  # grading processes for a verifiable reward (grpo)
+
+
+@dataclass
+class DistillLoopConfig:
+    steps: PositiveInt = 100
+    mini_batch_size: PositiveInt = 64  # rollouts per optimizer step (PPO mini-batch), over all processes
+    ppo_epochs: PositiveInt = 1
+    micro_batch_size: PositiveInt = 8
+    loss_aggregation: LossAggregation = "token-mean"  # per-token losses -> the mini-batch's loss
+    entropy_top_ratio: Share | None = None  # train only on this top share of π_old's highest-entropy tokens per rollout
+    precision: Literal["auto", "fp32", "bf16", "bf16-pure"] = "auto"
+    parallel: Literal["ddp", "fsdp2"] = "ddp"
+    head_chunk_tokens: PositiveInt | None = None
+    gradient_checkpointing: bool = False
+    lora: LoraConfig | None = None
+    mask_first_tokens: list[str] = field(default_factory=list)  # LSM paper's special-token mask
+    save_every: NonNegativeInt = 0
+    keep_checkpoints: PositiveInt = 2
+    max_nonfinite_steps: PositiveInt = 3  # stop after this many updates in a row skipped for a NaN/inf loss or grad
+
+
+@dataclass
+class DistillRecipe:
+    name: RunName
+    student: ModelConfig
+    objective: ObjectiveConfig
+    teacher: ModelConfig | None = None  # required exactly when the objective uses a teacher signal (opd, lsm)
+    seed: int = 0
+    out_dir: str = "runs"
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: DistillLoopConfig = field(default_factory=DistillLoopConfig)
+    # Experiment trackers that get a copy of every metrics row (posttrain/trackers.py); none: []
+    report_to: list[Literal["none", "tensorboard", "wandb", "trackio"]] = field(default_factory=list)
+
+
+@dataclass
+class EvalRecipe:
+    model: str | None = None
+    benchmarks: list[str] = field(default_factory=lambda: ["math500"])
+    data_dir: str | None = None
+    prompt: Literal["chat", "qwen-boxed", "raw", "lsm-think"] = "chat"
+    extract: Literal["boxed", "after-think", "harness"] = "boxed"  # math answer extraction + grader: eval/protocols.py
+    samples: PositiveInt = 1
+    limit: PositiveInt | None = None
+    seed: int = 0
+    temperature: NonNegativeFloat = 1.0  # 0: greedy
+    top_p: Share = 1.0
+    top_k: NonNegativeInt = 0
+    max_new_tokens: PositiveInt = 1024
+    backend: Literal["hf", "vllm"] = "hf"
+    batch_size: PositiveInt = 32  # prompts per generation call
+    workers: PositiveInt = 2  # grading processes
+    out: str | None = None
+    # Experiment trackers that get a copy of the results (per benchmark) (posttrain/trackers.py); none: []
+    report_to: list[Literal["none", "tensorboard", "wandb", "trackio"]] = field(default_factory=list)

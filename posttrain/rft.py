@@ -1,0 +1,103 @@
+"""`posttrain rft-data`: rejection-sampling fine-tuning data (RFT, Yuan et al. 2023; the DFT
+paper's offline baseline) from an eval folder.
+
+RFT is a pipeline of existing commands, not a loop:
+  1. `posttrain eval --model BASE --benchmark synthetic_train --samples k --out D`  k samples per
+     training problem from the base model, graded (D/samples.jsonl)
+  2. `posttrain rft-data D --out data.jsonl`  keeps the correct ones (this module)
+  3. `posttrain train --recipe recipes/mini/rft.yaml data.source=data.jsonl`  SFT (or DFT) on them
+
+A kept sample is graded correct, ended by the model (a completion cut at max_new_tokens is not
+a demonstration of stopping), and distinct from the problem's other kept samples. Each line is
+{"prompt": the user message the model answered, "solution": the completion, "answer", "problem",
+"index", "sample", "rft_source": the eval folder (`posttrain report` finds RFT runs by it)}; `prompt` is what eval's `chat` preset put in the user turn, which is what
+`posttrain train` renders through the same chat template, so training sees the prompt the
+samples were drawn for.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from posttrain.errors import UserError
+from posttrain.eval.benchmarks import BENCHMARKS, load_benchmark
+from posttrain.eval.prompts import BOXED_INSTRUCTION
+from posttrain.progress import console
+from posttrain.runfolder import write_text_atomic
+
+
+def rft_data(eval_dir: Path, out: Path, max_per_problem: int | None = None) -> dict:
+    """Write the kept samples of `eval_dir` to `out` (JSONL); returns the counts."""
+    config = _eval_config(eval_dir)
+    records = _samples(eval_dir / "samples.jsonl")
+    rows_of = {}
+    kept, seen, counts = [], set(), {"samples": len(records), "correct": 0, "cut_off": 0, "duplicate": 0, "over_max": 0}
+    per_problem: dict[tuple[str, int], int] = {}
+    for record in sorted(records, key=lambda r: (r["benchmark"], r["index"], r["sample"])):
+        if not record.get("correct"):
+            continue
+        counts["correct"] += 1
+        key = (record["benchmark"], record["index"])
+        if record.get("finish_reason") != "stop":
+            counts["cut_off"] += 1
+            continue
+        if (key, record["completion"]) in seen:
+            counts["duplicate"] += 1
+            continue
+        if max_per_problem is not None and per_problem.get(key, 0) >= max_per_problem:
+            counts["over_max"] += 1
+            continue
+        seen.add((key, record["completion"]))
+        per_problem[key] = per_problem.get(key, 0) + 1
+        if record["benchmark"] not in rows_of:
+            rows_of[record["benchmark"]] = _benchmark_rows(record["benchmark"], config, eval_dir)
+        spec, rows = rows_of[record["benchmark"]]
+        question = spec.question(rows[record["index"]]).strip()
+        kept.append({"prompt": f"{question}\n{BOXED_INSTRUCTION}", "solution": record["completion"],
+                     "answer": record.get("gold"), "problem": question, "index": record["index"],
+                     "sample": record["sample"], "rft_source": str(eval_dir)})
+    if not kept:
+        raise UserError(f"{eval_dir / 'samples.jsonl'}: no correct sample that the model ended itself "
+                        f"({counts['correct']} correct, {counts['cut_off']} of them cut at max_new_tokens); nothing to train on")
+    write_text_atomic(out, "".join(json.dumps(row) + "\n" for row in kept))
+    counts.update(kept=len(kept), problems=len(per_problem))
+    console.print(f"rft-data: kept {len(kept)} of {counts['samples']} samples ({counts['correct']} correct; dropped "
+                  f"{counts['cut_off']} cut off, {counts['duplicate']} duplicates, {counts['over_max']} over the limit) "
+                  f"for {len(per_problem)} problems → {out}", highlight=False)
+    return counts
+
+
+def _eval_config(eval_dir: Path) -> dict:
+    path = eval_dir / "eval_config.json"
+    if not (eval_dir / "samples.jsonl").is_file() or not path.is_file():
+        raise UserError(f"{eval_dir}: not an eval folder (needs samples.jsonl and eval_config.json from `posttrain eval --out`)")
+    config = json.loads(path.read_text())
+    if config.get("prompt") != "chat":
+        raise UserError(f"{path}: the samples were drawn with --prompt {config.get('prompt')}; RFT data pairs them "
+                        "with the chat prompt that `posttrain train` renders, so sample with --prompt chat")
+    if config.get("completions"):
+        raise UserError(f"{path}: graded given completions ({config['completions']}), not the model's own samples")
+    return config
+
+
+def _samples(path: Path) -> list[dict]:
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(path.read_text(encoding="utf-8").splitlines()):
+                continue  # a torn last line of an interrupted eval: that sample was never graded
+            raise UserError(f"{path}: line {number} is not valid JSON") from None
+    return records
+
+
+def _benchmark_rows(name: str, config: dict, eval_dir: Path):
+    if name not in BENCHMARKS or BENCHMARKS[name].kind != "math":
+        raise UserError(f"{eval_dir / 'samples.jsonl'}: benchmark {name!r}: RFT data is made from math "
+                        "benchmarks (a graded boxed answer)")
+    loaded = load_benchmark(name, config.get("data_dir"), None)
+    return loaded.spec, loaded.rows
