@@ -32,7 +32,7 @@ def one_pass(policy, batches) -> float:
     started = time.perf_counter()
     tokens = sum(int(b["loss_mask"].sum()) for b in batches)
     for batch in batches:
-        (policy(batch, OBJECTIVES["sft"], OBJECTIVES["sft"].Params()) / tokens).backward()
+        (policy(batch) / tokens).backward()
     policy.zero_grad(set_to_none=True)
     return time.perf_counter() - started
 
@@ -48,7 +48,7 @@ def main() -> None:
     tokenizer = build_tiny_tokenizer(384)
     model = build_tiny_model(TinyModelConfig(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                                              intermediate_size=384), len(tokenizer), seed=0)
-    policy = PolicyLoss(model)
+    policy = PolicyLoss(model, OBJECTIVES["sft"], OBJECTIVES["sft"].Params())
     # the synthetic task's splits differ in length: a mix gives a realistic spread of lengths
     rows = [row for split in ("pretrain", "in_domain", "out_of_domain")
             for row in load_rows("synthetic", "train", SyntheticConfig(split=split, num_examples=args.examples // 3),

@@ -36,6 +36,7 @@ from posttrain.losses.objective import (
 )
 from posttrain.models import load_policy, same_vocabulary
 from posttrain.optim import build_scheduler
+from posttrain.policy import PolicyLoss
 from posttrain.progress import StepProgress, summary_table
 from posttrain.loop import (
     accumulate_gradients, apply_precision, count_nonfinite, open_logs, open_run, optimizer_step, save_final,
@@ -78,7 +79,9 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, recipe_path: str = "
 
     rollouts_per_step = recipe.rollout.prompts_per_step * recipe.rollout.samples_per_prompt
     updates_per_step = recipe.train.ppo_epochs * (rollouts_per_step // recipe.train.mini_batch_size)
-    policy, optimizer = wrap_for_training(student, recipe.optim, runtime)
+    policy, optimizer = wrap_for_training(PolicyLoss(student, objective, params, chunk_tokens=recipe.train.head_chunk_tokens,
+                                                     matmul_dtype=runtime.matmul_dtype,
+                                                     temperature=scoring_temperature(recipe)), recipe.optim, runtime)
     scheduler = build_scheduler(optimizer, recipe.optim, recipe.train.steps * updates_per_step)
     start_step = load_trainer_state(checkpoint, student, optimizer, scheduler, runtime) if checkpoint else 0
     backend = make_backend(recipe.rollout.backend, model=student, model_path=recipe.student.path, tokenizer=tokenizer,
@@ -252,15 +255,12 @@ def ppo_update(policy, optimizer, scheduler, runtime, recipe, batch, rows, stats
     """One optimizer step on the rollouts `rows` of this process's batch (its part of the PPO
     mini-batch); every token's loss carries its train.loss_aggregation weight over the mini-batch.
     Returns (loss, grad norm, skipped)."""
-    objective, params = OBJECTIVES[recipe.objective.name], recipe.objective.params
     groups = [torch.tensor(g, device=batch["input_ids"].device)
               for g in micro_batches(rows.tolist(), recipe.train.micro_batch_size, None)]
-    temperature = recipe.rollout.temperature if recipe.scoring.at_rollout_temperature else 1.0
 
     def forward(index: int, micro: dict) -> torch.Tensor:
         generator = torch.Generator(device=runtime.device).manual_seed(seed * 31 + index)
-        return policy(micro, objective, params, chunk_tokens=recipe.train.head_chunk_tokens, generator=generator,
-                      matmul_dtype=runtime.matmul_dtype, stats=stats, temperature=temperature)
+        return policy(micro, generator=generator, stats=stats)
 
     loss_total, _ = accumulate_gradients(policy, runtime, [_select_rows(batch, g) for g in groups],
                                          recipe.train.loss_aggregation, forward)
@@ -378,7 +378,7 @@ class Sources:
 
     @classmethod
     def open(cls, recipe: DistillRecipe, needs: frozenset[str], runtime: Runtime, tokenizer) -> Sources:
-        temperature = recipe.rollout.temperature if recipe.scoring.at_rollout_temperature else 1.0
+        temperature = scoring_temperature(recipe)
         params = recipe.objective.params
         sources = cls(needs=needs, k=getattr(params, "k", recipe.scoring.diagnostics_k),
                       support=getattr(params, "support", "teacher"),
@@ -401,6 +401,11 @@ class Sources:
     def __exit__(self, *exc) -> None:
         if self.grader is not None:
             self.grader.close()
+
+
+def scoring_temperature(recipe: DistillRecipe) -> float:
+    """The temperature π_old, the teacher and the trained π_θ are all scored at (scoring.at_rollout_temperature)."""
+    return recipe.rollout.temperature if recipe.scoring.at_rollout_temperature else 1.0
 
 
 def _frozen_dtype(recipe: DistillRecipe, runtime: Runtime) -> torch.dtype:

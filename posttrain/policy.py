@@ -2,7 +2,9 @@
 
 `PolicyLoss` is an nn.Module so that DDP (accelerate) or FSDP2 (torch's fully_shard, scale.py)
 wrap it as the root: the LM-head weight is then used inside the wrapped forward, where FSDP2 has
-unsharded it.
+unsharded it. The head engine's settings (objective, params, chunk size, matmul dtype, scoring
+temperature) are bound once, when a loop builds it; each call passes only what changes per
+micro-batch (the batch, the random generator, the stats to fill).
 """
 
 from __future__ import annotations
@@ -16,15 +18,20 @@ NOT_PER_TOKEN = ("input_ids", "attention_mask", "loss_mask", "position_ids")
 
 
 class PolicyLoss(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, objective, params, *, chunk_tokens: int | None = None,
+                 matmul_dtype: torch.dtype | None = None, temperature: float = 1.0):
         super().__init__()
         self.model = model
+        self.objective, self.params = objective, params
+        self.chunk_tokens = chunk_tokens  # tokens per LM-head chunk (None: from the engine's buffer budget)
+        self.matmul_dtype = matmul_dtype  # dtype of the head matmuls (None: the weight's)
+        self.temperature = temperature  # ≠ 1: the student is scored at logits / temperature
 
-    def forward(self, batch, objective, params, *, chunk_tokens=None, generator=None, matmul_dtype=None, stats=None,
-                temperature: float = 1.0):
+    def forward(self, batch, *, generator=None, stats=None):
         """Σ_t w_t ℓ_t over the batch's loss positions (B×T tensors; loss_mask picks positions,
         batch["loss_weight"] holds the aggregation weights w_t). temperature ≠ 1 scores the
         student at logits / temperature (dividing h divides h Wᵀ, and autograd carries the 1/T)."""
+        temperature = self.temperature
         decoder, weight_VH = decoder_and_head(self.model)
         # A packed batch (data/packing.py) has position ids restarting per example and no attention
         # mask: transformers then attends block-diagonally, one example at a time. It reads the
@@ -38,6 +45,6 @@ class PolicyLoss(torch.nn.Module):
         inputs = {k: v[mask_BT] for k, v in batch.items() if k not in NOT_PER_TOKEN}
         hidden_NH = hidden_BTH[mask_BT] if temperature == 1.0 else hidden_BTH[mask_BT] / temperature
         return head_loss(
-            hidden_NH, weight_VH, objective, params, inputs,
-            chunk_tokens=chunk_tokens, generator=generator, matmul_dtype=matmul_dtype, stats=stats,
+            hidden_NH, weight_VH, self.objective, self.params, inputs,
+            chunk_tokens=self.chunk_tokens, generator=generator, matmul_dtype=self.matmul_dtype, stats=stats,
         )

@@ -30,14 +30,13 @@ def prepare_model(model, loop_cfg, checkpoint: Path | None, seed: int):
         return get_peft_model(model, config)
 
 
-def wrap_for_training(model, optim_cfg, runtime):
-    """(policy, optimizer) for the run's processes: one process as is; several replicate the
-    model with DDP (accelerate), or, with train.parallel: fsdp2, shard it with torch's FSDP2.
-    The optimizer is built after sharding, on the sharded parameters."""
+def wrap_for_training(policy, optim_cfg, runtime):
+    """(policy, optimizer) for the run's processes, from a PolicyLoss: one process as is; several
+    replicate it with DDP (accelerate), or, with train.parallel: fsdp2, shard it with torch's
+    FSDP2. The optimizer is built after sharding, on the sharded parameters."""
     from posttrain.optim import build_optimizer
-    from posttrain.policy import PolicyLoss
 
-    policy = PolicyLoss(model)
+    model = policy.model
     if runtime.sharded:
         shard_fsdp2(policy, blocks_of(model), runtime)
         return policy, build_optimizer(model, optim_cfg)

@@ -23,6 +23,7 @@ from posttrain.losses import OBJECTIVES
 from posttrain.losses.aggregation import top_entropy_mask
 from posttrain.losses.engine import head_entropy
 from posttrain.optim import build_scheduler
+from posttrain.policy import PolicyLoss
 from posttrain.progress import StepProgress, summary_table
 from posttrain.loop import (
     accumulate_gradients, apply_precision, count_nonfinite, open_logs, open_run, optimizer_step, save_final,
@@ -67,7 +68,9 @@ def train(recipe: TrainRecipe, *, resume: bool = False, recipe_path: str = "reci
     if recipe.train.max_steps:
         total_steps = min(total_steps, recipe.train.max_steps)
 
-    policy, optimizer = wrap_for_training(model, recipe.optim, runtime)
+    policy, optimizer = wrap_for_training(PolicyLoss(model, objective, recipe.objective.params,
+                                                     chunk_tokens=recipe.train.head_chunk_tokens,
+                                                     matmul_dtype=runtime.matmul_dtype), recipe.optim, runtime)
     scheduler = build_scheduler(optimizer, recipe.optim, total_steps)
     start_step = load_trainer_state(checkpoint, model, optimizer, scheduler, runtime) if checkpoint else 0
 
@@ -136,8 +139,7 @@ def train_step(policy, optimizer, scheduler, runtime: Runtime, recipe: TrainReci
     def forward(index: int, batch: dict) -> torch.Tensor:
         batch = {k: v.to(runtime.device) for k, v in batch.items()}
         generator = torch.Generator(device=runtime.device).manual_seed(_micro_batch_seed(recipe.seed, step, runtime.rank, index))
-        return policy(batch, objective, recipe.objective.params, chunk_tokens=recipe.train.head_chunk_tokens,
-                      generator=generator, matmul_dtype=runtime.matmul_dtype, stats=stats)
+        return policy(batch, generator=generator, stats=stats)
 
     loss_total, counts = accumulate_gradients(policy, runtime, batches, recipe.train.loss_aggregation, forward)
     seen_tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
@@ -162,8 +164,8 @@ def _top_entropy_loss_mask(policy, batch, recipe: TrainRecipe, runtime: Runtime)
     on_device = {k: v.to(runtime.device) for k, v in batch.items()}
     with torch.no_grad(), runtime.accelerator.autocast(), gathered(policy):
         hidden_NH, weight_VH = hidden_at_loss_positions(model, on_device)
-        entropy_N = head_entropy(hidden_NH, weight_VH, chunk_tokens=recipe.train.head_chunk_tokens,
-                                 matmul_dtype=runtime.matmul_dtype)
+        loss = policy.module if hasattr(policy, "module") else policy
+        entropy_N = head_entropy(hidden_NH, weight_VH, chunk_tokens=loss.chunk_tokens, matmul_dtype=loss.matmul_dtype)
     entropy_BT = torch.zeros(batch["loss_mask"].shape, dtype=entropy_N.dtype)
     entropy_BT[batch["loss_mask"]] = entropy_N.cpu()
     return top_entropy_mask(entropy_BT, batch["loss_mask"], recipe.train.entropy_top_ratio)

@@ -69,7 +69,8 @@ def token_signals(batch: dict):
 
     suffixed = {"old_logprob": "old_logprob_BT", "teacher_token_logprob": "teacher_token_logprob_BT",
                 "teacher_topk_ids": "teacher_topk_ids_BTK", "teacher_topk_logprob": "teacher_topk_logprob_BTK",
-                "student_topk_ids": "student_topk_ids_BTK",
+                "student_topk_ids": "student_topk_ids_BTK", "student_topk_logprob": "student_topk_logprob_BTK",
+                "student_logprob_at_teacher_topk": "student_logprob_at_teacher_topk_BTK",
                 "teacher_logprob_at_student_topk": "teacher_logprob_at_student_topk_BTK",
                 "reference_logprob": "reference_logprob_BT"}
     fields = {field: batch[key] for key, field in suffixed.items() if key in batch}

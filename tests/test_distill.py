@@ -7,6 +7,7 @@ import torch
 
 from posttrain.config import DistillRecipe, TrainRecipe, from_dict
 from posttrain.distill import distill, first_occurrence_mask
+from posttrain.losses.objective import TokenSignals
 from posttrain.scoring import has_repetition_loop, score_tokens, support_diagnostics
 from tests.helpers import TINY, load_weights, run_cli, tiny_train_recipe, write_recipe
 
@@ -89,11 +90,12 @@ def test_score_tokens_matches_full_log_softmax():
 def test_support_diagnostics(support, student_mass, teacher_mass, size):
     # one position: teacher top-2 = {1: .4, 2: .3}, student top-2 = {2: .5, 5: .2}; π(1) = .1, q(5) = .1
     log = lambda *p: torch.tensor(p).log().reshape(1, 1, -1)  # noqa: E731
-    signals = {
-        "teacher_topk_ids": torch.tensor([[[1, 2]]]), "teacher_topk_logprob": log(0.4, 0.3),
-        "student_topk_ids": torch.tensor([[[2, 5]]]), "student_topk_logprob": log(0.5, 0.2),
-        "teacher_logprob_at_student_topk": log(0.3, 0.1), "student_logprob_at_teacher_topk": log(0.1, 0.5),
-    }
+    signals = TokenSignals(
+        old_logprob_BT=torch.zeros(1, 1), entropy_BT=torch.zeros(1, 1), group_B=torch.zeros(1),
+        teacher_topk_ids_BTK=torch.tensor([[[1, 2]]]), teacher_topk_logprob_BTK=log(0.4, 0.3),
+        student_topk_ids_BTK=torch.tensor([[[2, 5]]]), student_topk_logprob_BTK=log(0.5, 0.2),
+        teacher_logprob_at_student_topk_BTK=log(0.3, 0.1), student_logprob_at_teacher_topk_BTK=log(0.1, 0.5),
+    )
     diag = support_diagnostics(signals, support, torch.ones(1, 1, dtype=torch.bool))
     assert diag["student_mass"] == pytest.approx(student_mass) and diag["teacher_mass"] == pytest.approx(teacher_mass)
     assert diag["support_size"] == size and diag["topk_overlap"] == pytest.approx(0.5)

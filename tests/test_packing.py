@@ -37,11 +37,11 @@ def test_collate_packed_restarts_positions_and_keeps_targets():
 
 def loss_and_grads(model, batches, objective="sft"):
     model.zero_grad()
-    policy = PolicyLoss(model)
+    policy = PolicyLoss(model, OBJECTIVES[objective], OBJECTIVES[objective].Params())
     tokens = sum(int(b["loss_mask"].sum()) for b in batches)
     total = 0.0
     for batch in batches:
-        loss = policy(batch, OBJECTIVES[objective], OBJECTIVES[objective].Params()) / tokens
+        loss = policy(batch) / tokens
         loss.backward()
         total += loss.item()
     return total, {name: p.grad.clone() for name, p in model.named_parameters()}

@@ -16,9 +16,9 @@ from posttrain.config.ranges import (  # noqa: F401
     RunName, RunNameRule, Share,
 )
 from posttrain.config.schema import (  # noqa: F401
-    DataConfig, DistillLoopConfig, DistillRecipe, EvalRecipe, LoraConfig, ModelConfig, ObjectiveConfig, OptimConfig,
-    PromptsConfig, RolloutConfig, ScoringConfig, SyntheticConfig, TinyModelConfig, TrainLoopConfig, TrainRecipe,
-    VllmConfig,
+    DataConfig, DistillLoopConfig, DistillRecipe, EvalRecipe, LoopConfig, LoraConfig, ModelConfig, ObjectiveConfig,
+    OptimConfig, PromptsConfig, RolloutConfig, RowsConfig, SamplingConfig, ScoringConfig, SyntheticConfig,
+    TinyModelConfig, TrainLoopConfig, TrainRecipe, VllmConfig,
 )
 from posttrain.config.loader import (  # noqa: F401
     _Where, _apply_override, _build, _coerce, _describe, dump_yaml, from_dict, load_recipe, parse_yaml, read_utf8,

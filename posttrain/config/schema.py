@@ -40,18 +40,27 @@ class SyntheticConfig:
 
 
 @dataclass
-class DataConfig:
+class RowsConfig:
+    """Where the rows come from and which field holds the prompt: shared by a train recipe's
+    `data` (demonstrations) and an on-policy recipe's `prompts`."""
+
     source: str = "synthetic"  # "synthetic", a .jsonl/.json/.parquet path (or glob), or a Hub id
     split: str = "train"
     prompt_field: str = "problem"
-    response_field: str = "solution"
     system_prompt: str | None = None
     max_examples: PositiveInt | None = None  # keep the first N rows
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class DataConfig(RowsConfig):
+    """Demonstrations: a prompt and the response trained on."""
+
+    response_field: str = "solution"
     # The response may be a list of chat messages (OpenR1-Math-220k's `messages`): the text of its
     # last turn with this role is used.
     response_role: str = "assistant"
     max_length: PositiveInt = 1024  # prompt + response tokens; longer examples are cut at the end
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     # Conversational data (data/conversation.py): "messages" = response_field holds whole
     # conversations, loss on the response_role turns; "prompt-completion" = TRL's pairs (plain
     # strings, no template; or message lists through the template).
@@ -107,23 +116,31 @@ class LoraConfig:
 
 
 @dataclass
-class TrainLoopConfig:
-    epochs: PositiveInt = 1
-    max_steps: PositiveInt | None = None  # stop early after this many optimizer steps
-    batch_size: PositiveInt = 32  # examples per optimizer step, over all processes
-    micro_batch_size: PositiveInt = 8  # examples per forward/backward (per process)
-    micro_batch_tokens: PositiveInt | None = None  # if set: micro-batches by padded-token budget instead
+class LoopConfig:
+    """What both training loops share (a train recipe's and an on-policy recipe's `train`)."""
+
+    micro_batch_size: PositiveInt = 8  # examples (rollouts) per forward/backward (per process)
     loss_aggregation: LossAggregation = "token-mean"  # per-token losses -> the step's loss (losses/aggregation.py)
-    entropy_top_ratio: Share | None = None  # train only on this top share of highest-entropy tokens per response
+    # train only on this top share of highest-entropy tokens per response (offline: under the
+    # current weights, a no-grad pre-pass; on-policy: π_old's entropy from the scoring pass)
+    entropy_top_ratio: Share | None = None
     # auto: bf16 autocast on CUDA, fp32 on CPU; bf16-pure: bf16 weights, gradients and optimizer state
     precision: Literal["auto", "fp32", "bf16", "bf16-pure"] = "auto"
     parallel: Literal["ddp", "fsdp2"] = "ddp"  # with several processes: replicate (DDP) or shard (FSDP2)
     head_chunk_tokens: PositiveInt | None = None  # tokens per LM-head chunk; None: from a 160 MB buffer budget
     gradient_checkpointing: bool = False
     lora: LoraConfig | None = None  # None: full fine-tuning
-    save_every: NonNegativeInt = 0  # optimizer steps between checkpoints; 0: only the final one
+    save_every: NonNegativeInt = 0  # optimizer steps (on-policy: loop steps) between checkpoints; 0: only the final one
     keep_checkpoints: PositiveInt = 2
     max_nonfinite_steps: PositiveInt = 3  # stop after this many updates in a row skipped for a NaN/inf loss or grad
+
+
+@dataclass
+class TrainLoopConfig(LoopConfig):
+    epochs: PositiveInt = 1
+    max_steps: PositiveInt | None = None  # stop early after this many optimizer steps
+    batch_size: PositiveInt = 32  # examples per optimizer step, over all processes
+    micro_batch_tokens: PositiveInt | None = None  # if set: micro-batches by padded-token budget instead
     token_probs_examples: NonNegativeInt = 0  # training examples scored before/after for token_probs.json; 0: off
     packing: bool = False  # padding-free micro-batches of ≤ micro_batch_tokens (data/packing.py)
 
@@ -143,21 +160,17 @@ class TrainRecipe:
 
 
 @dataclass
-class PromptsConfig:
-    source: str = "synthetic"
-    split: str = "train"
-    prompt_field: str = "problem"
-    system_prompt: str | None = None
+class PromptsConfig(RowsConfig):
+    """The prompts the student answers on-policy (the rows' other fields: the gold answer)."""
+
     # Field cleaning, then the template: "dapo-instructions" drops DAPO-Math-17k's "Answer:"
     # instruction lines (as the LSM authors' data script does); the template is a name in
     # posttrain/data/templates.py (e.g. "lsm-math") or a format string with {question}.
     clean: Literal["none", "dapo-instructions"] = "none"
     template: str | None = None
     dedupe: bool = False  # keep only the first row of each distinct prompt field (DAPO-Math-17k repeats each ~100x)
-    max_examples: PositiveInt | None = None
     max_prompt_length: PositiveInt = 512  # longer prompts are skipped
     answer_field: str = "answer"  # the gold answer, for objectives graded on a verifiable reward (grpo)
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
 @dataclass
@@ -167,14 +180,20 @@ class VllmConfig:
 
 
 @dataclass
-class RolloutConfig:
-    backend: Literal["hf", "vllm"] = "hf"
-    prompts_per_step: PositiveInt = 16
-    samples_per_prompt: PositiveInt = 8
+class SamplingConfig:
+    """How a model samples: an on-policy recipe's `rollout`, and an eval recipe."""
+
     temperature: NonNegativeFloat = 1.0  # 0: greedy
     top_p: Share = 1.0
     top_k: NonNegativeInt = 0  # 0: no top-k cut
     max_new_tokens: PositiveInt = 256
+
+
+@dataclass
+class RolloutConfig(SamplingConfig):
+    backend: Literal["hf", "vllm"] = "hf"
+    prompts_per_step: PositiveInt = 16
+    samples_per_prompt: PositiveInt = 8
     vllm: VllmConfig = field(default_factory=VllmConfig)
 
 
@@ -193,22 +212,11 @@ class ScoringConfig:
 
 
 @dataclass
-class DistillLoopConfig:
+class DistillLoopConfig(LoopConfig):
     steps: PositiveInt = 100
     mini_batch_size: PositiveInt = 64  # rollouts per optimizer step (PPO mini-batch), over all processes
     ppo_epochs: PositiveInt = 1
-    micro_batch_size: PositiveInt = 8
-    loss_aggregation: LossAggregation = "token-mean"  # per-token losses -> the mini-batch's loss
-    entropy_top_ratio: Share | None = None  # train only on this top share of π_old's highest-entropy tokens per rollout
-    precision: Literal["auto", "fp32", "bf16", "bf16-pure"] = "auto"
-    parallel: Literal["ddp", "fsdp2"] = "ddp"
-    head_chunk_tokens: PositiveInt | None = None
-    gradient_checkpointing: bool = False
-    lora: LoraConfig | None = None
     mask_first_tokens: list[str] = field(default_factory=list)  # LSM paper's special-token mask
-    save_every: NonNegativeInt = 0
-    keep_checkpoints: PositiveInt = 2
-    max_nonfinite_steps: PositiveInt = 3  # stop after this many updates in a row skipped for a NaN/inf loss or grad
 
 
 @dataclass
@@ -229,7 +237,9 @@ class DistillRecipe:
 
 
 @dataclass
-class EvalRecipe:
+class EvalRecipe(SamplingConfig):
+    """`posttrain eval` (flags or an eval recipe); temperature, top_p, top_k from SamplingConfig."""
+
     model: str | None = None
     benchmarks: list[str] = field(default_factory=lambda: ["math500"])
     data_dir: str | None = None
@@ -238,10 +248,7 @@ class EvalRecipe:
     samples: PositiveInt = 1
     limit: PositiveInt | None = None
     seed: int = 0
-    temperature: NonNegativeFloat = 1.0  # 0: greedy
-    top_p: Share = 1.0
-    top_k: NonNegativeInt = 0
-    max_new_tokens: PositiveInt = 1024
+    max_new_tokens: PositiveInt = 1024  # longer than a rollout's default: reasoning answers
     backend: Literal["hf", "vllm"] = "hf"
     batch_size: PositiveInt = 32  # prompts per generation call
     workers: PositiveInt = 2  # grading processes
