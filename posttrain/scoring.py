@@ -25,9 +25,9 @@ def hidden_at_loss_positions(model, batch, temperature: float = 1.0) -> tuple[to
     return (hidden_NH if temperature == 1.0 else hidden_NH / temperature), weight_VH
 
 
-def _chunk_logprobs(hidden_cH, weight_VH, vocab: int, matmul_dtype) -> torch.Tensor:
+def _chunk_logprobs(hidden_CH, weight_VH, vocab: int, matmul_dtype) -> torch.Tensor:
     weight = weight_VH[:vocab] if matmul_dtype is None else weight_VH[:vocab].to(matmul_dtype)
-    return (hidden_cH.to(weight.dtype) @ weight.t()).float().log_softmax(dim=-1)
+    return (hidden_CH.to(weight.dtype) @ weight.t()).float().log_softmax(dim=-1)
 
 
 @torch.no_grad()
@@ -41,15 +41,15 @@ def score_tokens(model, batch: dict, *, k: int = 0, at_ids_BTJ: torch.Tensor | N
     out = {}
     for start in range(0, hidden_NH.shape[0], chunk_tokens):
         end = min(start + chunk_tokens, hidden_NH.shape[0])
-        logp_cV = _chunk_logprobs(hidden_NH[start:end], weight_VH, weight_VH.shape[0], matmul_dtype)
-        values = {"token_logprob": logp_cV.gather(1, targets_N[start:end, None]).squeeze(1)}
+        logp_CV = _chunk_logprobs(hidden_NH[start:end], weight_VH, weight_VH.shape[0], matmul_dtype)
+        values = {"token_logprob": logp_CV.gather(1, targets_N[start:end, None]).squeeze(1)}
         if entropy:
-            values["entropy"] = -(logp_cV.exp() * logp_cV).sum(dim=-1)
+            values["entropy"] = -(logp_CV.exp() * logp_CV).sum(dim=-1)
         if k:
-            top = logp_cV.topk(k, dim=-1)
+            top = logp_CV.topk(k, dim=-1)
             values["topk_logprob"], values["topk_ids"] = top.values, top.indices
         if at_ids_NJ is not None:
-            values["at_logprob"] = logp_cV.gather(1, at_ids_NJ[start:end])
+            values["at_logprob"] = logp_CV.gather(1, at_ids_NJ[start:end])
         _store(out, values, start, hidden_NH.shape[0])
     return {key: _unmask(value, mask_BT) for key, value in out.items()}
 
@@ -61,28 +61,28 @@ def score_pair(student, teacher, batch: dict, *, k: int, chunk_tokens: int = 102
     log-probs of the sampled token, both top-K supports with each model's log-probs on the
     other's, the student's entropy, and the exact per-position reverse KL Σ_v π(v)(log π − log q).
     (Padded vocabulary rows beyond the smaller head are ignored; they are never real tokens.)"""
-    hidden_s, weight_s = hidden_at_loss_positions(student, batch, temperature)
-    hidden_t, weight_t = hidden_at_loss_positions(teacher, batch, temperature)
-    vocab = min(weight_s.shape[0], weight_t.shape[0])
+    hidden_student_NH, weight_student_VH = hidden_at_loss_positions(student, batch, temperature)
+    hidden_teacher_NH, weight_teacher_VH = hidden_at_loss_positions(teacher, batch, temperature)
+    vocab = min(weight_student_VH.shape[0], weight_teacher_VH.shape[0])
     mask_BT = batch["loss_mask"]
     targets_N = batch["target_ids"][mask_BT]
     out = {}
-    for start in range(0, hidden_s.shape[0], chunk_tokens):
-        end = min(start + chunk_tokens, hidden_s.shape[0])
-        logp_s = _chunk_logprobs(hidden_s[start:end], weight_s, vocab, matmul_dtype)
-        logp_t = _chunk_logprobs(hidden_t[start:end], weight_t.to(weight_s.device), vocab, matmul_dtype)
-        top_s, top_t = logp_s.topk(k, dim=-1), logp_t.topk(k, dim=-1)
-        p_s = logp_s.exp()
+    for start in range(0, hidden_student_NH.shape[0], chunk_tokens):
+        end = min(start + chunk_tokens, hidden_student_NH.shape[0])
+        logp_student_CV = _chunk_logprobs(hidden_student_NH[start:end], weight_student_VH, vocab, matmul_dtype)
+        logp_teacher_CV = _chunk_logprobs(hidden_teacher_NH[start:end], weight_teacher_VH.to(weight_student_VH.device), vocab, matmul_dtype)
+        top_student, top_teacher = logp_student_CV.topk(k, dim=-1), logp_teacher_CV.topk(k, dim=-1)
+        p_student_CV = logp_student_CV.exp()
         _store(out, {
-            "old_logprob": logp_s.gather(1, targets_N[start:end, None]).squeeze(1),
-            "teacher_token_logprob": logp_t.gather(1, targets_N[start:end, None]).squeeze(1),
-            "student_topk_ids": top_s.indices, "student_topk_logprob": top_s.values,
-            "teacher_topk_ids": top_t.indices, "teacher_topk_logprob": top_t.values,
-            "teacher_logprob_at_student_topk": logp_t.gather(1, top_s.indices),
-            "student_logprob_at_teacher_topk": logp_s.gather(1, top_t.indices),
-            "student_entropy": -(p_s * logp_s).sum(dim=-1),
-            "exact_reverse_kl": (p_s * (logp_s - logp_t)).sum(dim=-1),
-        }, start, hidden_s.shape[0])
+            "old_logprob": logp_student_CV.gather(1, targets_N[start:end, None]).squeeze(1),
+            "teacher_token_logprob": logp_teacher_CV.gather(1, targets_N[start:end, None]).squeeze(1),
+            "student_topk_ids": top_student.indices, "student_topk_logprob": top_student.values,
+            "teacher_topk_ids": top_teacher.indices, "teacher_topk_logprob": top_teacher.values,
+            "teacher_logprob_at_student_topk": logp_teacher_CV.gather(1, top_student.indices),
+            "student_logprob_at_teacher_topk": logp_student_CV.gather(1, top_teacher.indices),
+            "student_entropy": -(p_student_CV * logp_student_CV).sum(dim=-1),
+            "exact_reverse_kl": (p_student_CV * (logp_student_CV - logp_teacher_CV)).sum(dim=-1),
+        }, start, hidden_student_NH.shape[0])
     return {key: _unmask(value, mask_BT) for key, value in out.items()}
 
 

@@ -122,7 +122,6 @@ def train_step(policy, optimizer, scheduler, runtime: Runtime, recipe: TrainReci
     Each micro-batch's tokens carry their aggregation weights (train.loss_aggregation), computed
     from the sizes of the whole global batch, so the step's loss is the recipe's aggregate
     whatever the split."""
-    objective = OBJECTIVES[recipe.objective.name]
     started = time.time()
     response_tokens = sum(ex.loss_tokens for ex in step_examples)  # every rank sees the whole batch
     local = step_examples[runtime.rank :: runtime.world_size]

@@ -2,10 +2,8 @@
 and `posttrain eval` end to end on a tiny model with the real benchmark files."""
 
 import json
-import os
 import re
 from itertools import combinations
-from pathlib import Path
 
 import pytest
 
@@ -13,7 +11,7 @@ from posttrain.eval.benchmarks import last_boxed, load_benchmark, strip_think
 from posttrain.eval.math_grader import MathGrader, extract_answer
 from posttrain.eval.metrics import pass_at_k, summarize
 from posttrain.eval.prompts import QWEN_BOXED, prompt_ids, prompt_text
-from tests.helpers import BENCHMARKS, REPO, run_cli, tiny_train_recipe, write_recipe
+from tests.helpers import BENCHMARKS, run_cli, tiny_train_recipe
 
 DATA = BENCHMARKS
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/benchmarks is not beside the checkout")

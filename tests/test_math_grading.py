@@ -1,17 +1,15 @@
 """Math grading: every gold answer of every shipped benchmark parses to what it means, correct
 answers in other surface forms are accepted and wrong ones rejected."""
 
-import os
 import re
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 import sympy
 
 from posttrain.eval.benchmarks import BENCHMARKS, last_boxed, load_benchmark
 from posttrain.eval.math_grader import MathGrader, clean_answer, extract_answer, parse_answer, verify_pair
-from tests.helpers import BENCHMARKS as BENCHMARK_DIR, REPO
+from tests.helpers import BENCHMARKS as BENCHMARK_DIR
 
 DATA = BENCHMARK_DIR
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/benchmarks is not beside the checkout")

@@ -4,7 +4,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from posttrain.config import TinyModelConfig
 from posttrain.data.sft import Example

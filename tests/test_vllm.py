@@ -7,7 +7,6 @@ One engine serves all in-process tests (module fixture); each CLI test starts it
 
 import copy
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from posttrain.generation import SamplingSpec, make_backend  # noqa: E402
 from posttrain.generation.hf import warp_logits  # noqa: E402
 from posttrain.models import build_tiny_model, build_tiny_tokenizer  # noqa: E402
 from posttrain.scoring import score_tokens  # noqa: E402
-from tests.helpers import BENCHMARKS, REPO, TINY, run_cli, tiny_train_recipe, write_recipe  # noqa: E402
+from tests.helpers import BENCHMARKS, TINY, run_cli, tiny_train_recipe, write_recipe  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 

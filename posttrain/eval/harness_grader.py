@@ -144,26 +144,26 @@ def to_number(s: str) -> float | None:
 
 def harness_equal(gold: str, answer: str) -> bool:
     """Is `answer` equivalent to `gold` under the harness-style rules (module docstring)?"""
-    gold_n, answer_n = normalize(gold), normalize(answer)
-    if not answer_n:
+    gold_norm, answer_norm = normalize(gold), normalize(answer)
+    if not answer_norm:
         return False
-    if gold_n.lower() == answer_n.lower():
+    if gold_norm.lower() == answer_norm.lower():
         return True
-    gold_number, answer_number = to_number(gold_n), to_number(answer_n)
+    gold_number, answer_number = to_number(gold_norm), to_number(answer_norm)
     if gold_number is not None and answer_number is not None:
         # The harness also accepts the gold as a percentage either way (50 vs 0.5).
         return any(math.isclose(answer_number, g, rel_tol=REL_TOL) for g in (gold_number, gold_number / 100, gold_number * 100))
-    if _strip_brackets(gold_n).lower() == _strip_brackets(answer_n).lower():
+    if _strip_brackets(gold_norm).lower() == _strip_brackets(answer_norm).lower():
         return True
-    gold_parts, answer_parts = _top_level_parts(gold_n), _top_level_parts(answer_n)
+    gold_parts, answer_parts = _top_level_parts(gold_norm), _top_level_parts(answer_norm)
     if len(gold_parts) > 1 or len(answer_parts) > 1:
         return len(gold_parts) == len(answer_parts) and all(harness_equal(g, a) for g, a in zip(gold_parts, answer_parts))
-    if gold_n.count("=") == 1 and answer_n.count("=") == 1:
-        gold_lhs, gold_rhs = gold_n.split("=")
-        answer_lhs, answer_rhs = answer_n.split("=")
+    if gold_norm.count("=") == 1 and answer_norm.count("=") == 1:
+        gold_lhs, gold_rhs = gold_norm.split("=")
+        answer_lhs, answer_rhs = answer_norm.split("=")
         gold_diff, answer_diff = f"({gold_lhs})-({gold_rhs})", f"({answer_lhs})-({answer_rhs})"
         return _symbolic_equal(gold_diff, answer_diff) or _symbolic_equal(gold_diff, f"-({answer_diff})")
-    return _symbolic_equal(gold_n, answer_n)
+    return _symbolic_equal(gold_norm, answer_norm)
 
 
 def _strip_brackets(s: str) -> str:

@@ -117,17 +117,17 @@ def _run(hidden_NH, weight_VH, plan: _Plan, need_weight_grad: bool):
         scratch_buf = torch.empty(min(SCRATCH_ROWS, chunk), vocab, dtype=acc_dtype, device=hidden_NH.device)
     for start in range(0, n_tokens, chunk):
         end = min(start + chunk, n_tokens)
-        h_cH = hidden_NH[start:end].detach()
-        inputs_c = {k: v[start:end] for k, v in plan.inputs.items()}
+        h_CH = hidden_NH[start:end].detach()
+        inputs_C = {k: v[start:end] for k, v in plan.inputs.items()}
         if dense:
-            loss_c, stats_c = _dense_chunk(
-                h_cH, weight_mm, plan, inputs_c, logits_buf[: end - start], scratch_buf,
+            loss_C, stats_C = _dense_chunk(
+                h_CH, weight_mm, plan, inputs_C, logits_buf[: end - start], scratch_buf,
                 grad_hidden[start:end], grad_weight,
             )
         else:
-            loss_c, stats_c = _support_chunk(h_cH, weight_mm, plan, inputs_c, grad_hidden[start:end], grad_weight)
-        loss_sum += loss_c.sum()
-        for key, value in stats_c.items():
+            loss_C, stats_C = _support_chunk(h_CH, weight_mm, plan, inputs_C, grad_hidden[start:end], grad_weight)
+        loss_sum += loss_C.sum()
+        for key, value in stats_C.items():
             plan.stats[key] = plan.stats.get(key, 0.0) + value.double().sum()
     plan.stats["tokens"] = plan.stats.get("tokens", 0.0) + torch.tensor(float(n_tokens), dtype=torch.float64)
     grad_hidden = grad_hidden.to(hidden_NH.dtype)
@@ -153,9 +153,9 @@ def head_entropy(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, *, chunk_toke
     scratch_buf = torch.empty(min(SCRATCH_ROWS, chunk), vocab, dtype=acc_dtype, device=hidden_NH.device)
     for start in range(0, n_tokens, chunk):
         end = min(start + chunk, n_tokens)
-        z_cV = logits_buf[: end - start]
-        _matmul_into(z_cV, hidden_NH[start:end].detach().to(weight_mm.dtype), weight_mm.t())
-        entropy_N[start:end] = _softmax_stats(z_cV, scratch_buf)[1]
+        z_CV = logits_buf[: end - start]
+        _matmul_into(z_CV, hidden_NH[start:end].detach().to(weight_mm.dtype), weight_mm.t())
+        entropy_N[start:end] = _softmax_stats(z_CV, scratch_buf)[1]
     return entropy_N
 
 
@@ -174,72 +174,72 @@ def _chunk_size(requested, n_tokens, vocab, hidden_size, support_width: int | No
     return -(-n_tokens // n_chunks)
 
 
-def _dense_chunk(h_cH, weight_mm, plan, inputs_c, z_cV, scratch_rV, grad_hidden_cH, grad_weight):
+def _dense_chunk(h_CH, weight_mm, plan, inputs_C, z_CV, scratch_RV, grad_hidden_CH, grad_weight):
     objective, params = plan.objective, plan.params
-    h_mm = h_cH.to(weight_mm.dtype)
-    _matmul_into(z_cV, h_mm, weight_mm.t())
-    targets_cJ = objective.targets(params, z_cV, inputs_c, scratch_rV)
-    lse_c1, entropy_c = _softmax_stats(z_cV, scratch_rV)
+    h_mm = h_CH.to(weight_mm.dtype)
+    _matmul_into(z_CV, h_mm, weight_mm.t())
+    targets_CJ = objective.targets(params, z_CV, inputs_C, scratch_RV)
+    lse_C1, entropy_C = _softmax_stats(z_CV, scratch_RV)
 
-    logp_cJ = z_cV.gather(1, targets_cJ) - lse_c1
-    loss_c, stats_c, d_cJ = _loss_and_score_grad(objective, params, logp_cJ, targets_cJ, inputs_c)
+    logp_CJ = z_CV.gather(1, targets_CJ) - lse_C1
+    loss_C, stats_C, d_CJ = _loss_and_score_grad(objective, params, logp_CJ, targets_CJ, inputs_C)
 
     # g = ∂ℓ/∂z = scatter(d) − (Σ_j d_j) p with p = exp(z − lse), in place over the logits, a
     # block of rows at a time so that the three passes run on data still in cache
-    scale_c1 = -d_cJ.sum(dim=1, keepdim=True)
-    rows = scratch_rV.shape[0]
-    for r0 in range(0, z_cV.shape[0], rows):
-        z_cV[r0 : r0 + rows].sub_(lse_c1[r0 : r0 + rows]).exp_().mul_(scale_c1[r0 : r0 + rows])
-    z_cV.scatter_add_(1, targets_cJ, d_cJ)
-    _fold_gradient(z_cV, h_cH, h_mm, weight_mm, grad_hidden_cH, grad_weight)
-    return loss_c, {"entropy": entropy_c, **stats_c}
+    scale_C1 = -d_CJ.sum(dim=1, keepdim=True)
+    rows = scratch_RV.shape[0]
+    for r0 in range(0, z_CV.shape[0], rows):
+        z_CV[r0 : r0 + rows].sub_(lse_C1[r0 : r0 + rows]).exp_().mul_(scale_C1[r0 : r0 + rows])
+    z_CV.scatter_add_(1, targets_CJ, d_CJ)
+    _fold_gradient(z_CV, h_CH, h_mm, weight_mm, grad_hidden_CH, grad_weight)
+    return loss_C, {"entropy": entropy_C, **stats_C}
 
 
-def _softmax_stats(z_cV, scratch_rV):
+def _softmax_stats(z_CV, scratch_RV):
     """Row log-sum-exp and entropy of softmax(z), a few rows at a time through the scratch.
 
     entropy = lse − Σ_v p_v z_v; the dot is a batched matmul, so nothing of size [c, V] is made.
     """
-    lse_c1 = z_cV.new_empty(z_cV.shape[0], 1)
-    entropy_c = z_cV.new_empty(z_cV.shape[0])
-    rows = scratch_rV.shape[0]
-    for r0 in range(0, z_cV.shape[0], rows):
-        block_rV = z_cV[r0 : r0 + rows]  # max, exp, sum and dot on rows still in cache
-        max_r1 = block_rV.amax(dim=1, keepdim=True)
-        exp_rV = torch.sub(block_rV, max_r1, out=scratch_rV[: block_rV.shape[0]]).exp_()
-        sum_exp_r1 = exp_rV.sum(dim=1, keepdim=True)
-        p_dot_z_r1 = torch.bmm(exp_rV.unsqueeze(1), block_rV.unsqueeze(2)).view(-1, 1) / sum_exp_r1
-        lse_c1[r0 : r0 + rows] = max_r1 + sum_exp_r1.log()
-        entropy_c[r0 : r0 + rows] = (lse_c1[r0 : r0 + rows] - p_dot_z_r1).squeeze(1)
-    return lse_c1, entropy_c
+    lse_C1 = z_CV.new_empty(z_CV.shape[0], 1)
+    entropy_C = z_CV.new_empty(z_CV.shape[0])
+    rows = scratch_RV.shape[0]
+    for r0 in range(0, z_CV.shape[0], rows):
+        block_RV = z_CV[r0 : r0 + rows]  # max, exp, sum and dot on rows still in cache
+        max_R1 = block_RV.amax(dim=1, keepdim=True)
+        exp_RV = torch.sub(block_RV, max_R1, out=scratch_RV[: block_RV.shape[0]]).exp_()
+        sum_exp_R1 = exp_RV.sum(dim=1, keepdim=True)
+        p_dot_z_R1 = torch.bmm(exp_RV.unsqueeze(1), block_RV.unsqueeze(2)).view(-1, 1) / sum_exp_R1
+        lse_C1[r0 : r0 + rows] = max_R1 + sum_exp_R1.log()
+        entropy_C[r0 : r0 + rows] = (lse_C1[r0 : r0 + rows] - p_dot_z_R1).squeeze(1)
+    return lse_C1, entropy_C
 
 
-def _support_chunk(h_cH, weight_mm, plan, inputs_c, grad_hidden_cH, grad_weight):
+def _support_chunk(h_CH, weight_mm, plan, inputs_C, grad_hidden_CH, grad_weight):
     objective, params = plan.objective, plan.params
-    ids_cK = objective.targets(params, None, inputs_c, None)
-    h_mm = h_cH.to(weight_mm.dtype)
-    rows_cKH = weight_mm[ids_cK]
-    z_cK = torch.bmm(rows_cKH, h_mm.unsqueeze(2)).squeeze(2).to(grad_hidden_cH.dtype)
-    loss_c, stats_c, d_cK = _loss_and_score_grad(objective, params, z_cK, ids_cK, inputs_c)
-    grad_h = torch.bmm(d_cK.unsqueeze(1).to(rows_cKH.dtype), rows_cKH).squeeze(1)
-    grad_hidden_cH.copy_(grad_h)
+    ids_CK = objective.targets(params, None, inputs_C, None)
+    h_mm = h_CH.to(weight_mm.dtype)
+    rows_CKH = weight_mm[ids_CK]
+    z_CK = torch.bmm(rows_CKH, h_mm.unsqueeze(2)).squeeze(2).to(grad_hidden_CH.dtype)
+    loss_C, stats_C, d_CK = _loss_and_score_grad(objective, params, z_CK, ids_CK, inputs_C)
+    grad_h = torch.bmm(d_CK.unsqueeze(1).to(rows_CKH.dtype), rows_CKH).squeeze(1)
+    grad_hidden_CH.copy_(grad_h)
     if grad_weight is not None:
-        outer_cKH = d_cK.unsqueeze(2) * h_cH.to(grad_weight.dtype).unsqueeze(1)
-        grad_weight.index_add_(0, ids_cK.reshape(-1), outer_cKH.reshape(-1, h_cH.shape[1]))
-    return loss_c, stats_c
+        outer_CKH = d_CK.unsqueeze(2) * h_CH.to(grad_weight.dtype).unsqueeze(1)
+        grad_weight.index_add_(0, ids_CK.reshape(-1), outer_CKH.reshape(-1, h_CH.shape[1]))
+    return loss_C, stats_C
 
 
-def _loss_and_score_grad(objective, params, scores_cJ, targets_cJ, inputs_c):
+def _loss_and_score_grad(objective, params, scores_CJ, targets_CJ, inputs_C):
     """The objective's loss on the small score tensor, times each token's aggregation weight
     (LOSS_WEIGHT, when given: the one place every objective is aggregated), and ∂/∂scores by
     autograd. Stats stay unweighted."""
     with torch.enable_grad():
-        scores = scores_cJ.detach().requires_grad_(True)
-        loss_c, stats_c = objective.token_loss(params, scores, targets_cJ, inputs_c)
-        if LOSS_WEIGHT in inputs_c:
-            loss_c = loss_c * inputs_c[LOSS_WEIGHT].to(loss_c.dtype)
-        (d_cJ,) = torch.autograd.grad(loss_c.sum(), scores)
-    return loss_c.detach(), {k: v.detach() for k, v in stats_c.items()}, d_cJ
+        scores = scores_CJ.detach().requires_grad_(True)
+        loss_C, stats_C = objective.token_loss(params, scores, targets_CJ, inputs_C)
+        if LOSS_WEIGHT in inputs_C:
+            loss_C = loss_C * inputs_C[LOSS_WEIGHT].to(loss_C.dtype)
+        (d_CJ,) = torch.autograd.grad(loss_C.sum(), scores)
+    return loss_C.detach(), {k: v.detach() for k, v in stats_C.items()}, d_CJ
 
 
 def _matmul_into(out_fp32, a, b):
@@ -261,34 +261,34 @@ def _mm_wide(a, b, dtype):
     return torch.mm(a, b).to(dtype)
 
 
-def _fold_gradient(g_cV, h_cH, h_mm, weight_mm, grad_hidden_cH, grad_weight):
+def _fold_gradient(g_CV, h_CH, h_mm, weight_mm, grad_hidden_CH, grad_weight):
     """grad_hidden = g @ W and grad_weight += gᵀ @ h for one chunk."""
-    if g_cV.dtype == weight_mm.dtype:
-        torch.mm(g_cV, weight_mm, out=grad_hidden_cH)
+    if g_CV.dtype == weight_mm.dtype:
+        torch.mm(g_CV, weight_mm, out=grad_hidden_CH)
         if grad_weight is not None:
-            grad_weight.addmm_(g_cV.t(), h_cH.to(g_cV.dtype))
+            grad_weight.addmm_(g_CV.t(), h_CH.to(g_CV.dtype))
         return
-    g_mm = g_cV.to(weight_mm.dtype)
-    grad_hidden_cH.copy_(_mm_wide(g_mm, weight_mm, grad_hidden_cH.dtype))
+    g_mm = g_CV.to(weight_mm.dtype)
+    grad_hidden_CH.copy_(_mm_wide(g_mm, weight_mm, grad_hidden_CH.dtype))
     if grad_weight is not None:
         grad_weight.add_(_mm_wide(g_mm.t(), h_mm, grad_weight.dtype))
 
 
-def inverse_cdf_draws(z_cV, temperature: float, uniforms_cK, scratch_rV) -> torch.Tensor:
+def inverse_cdf_draws(z_CV, temperature: float, uniforms_CK, scratch_RV) -> torch.Tensor:
     """K i.i.d. draws per row from softmax(z / temperature), by inverse CDF.
 
     Uses K uniforms per row (never V): for each block of rows, the tempered probabilities go
     into the scratch buffer, become a CDF by an in-place cumulative sum, and a binary search
     finds each draw. z is left untouched.
     """
-    draws_cK = torch.empty(uniforms_cK.shape, dtype=torch.long, device=z_cV.device)
-    rows = scratch_rV.shape[0]
-    for r0 in range(0, z_cV.shape[0], rows):
-        block_rV = z_cV[r0 : r0 + rows]
-        cdf_rV = scratch_rV[: block_rV.shape[0]]
-        torch.sub(block_rV, block_rV.amax(dim=1, keepdim=True), out=cdf_rV).mul_(1.0 / temperature).exp_()
-        torch.cumsum(cdf_rV, dim=1, out=cdf_rV)
-        thresholds_rK = uniforms_cK[r0 : r0 + rows].to(cdf_rV.dtype) * cdf_rV[:, -1:]
+    draws_CK = torch.empty(uniforms_CK.shape, dtype=torch.long, device=z_CV.device)
+    rows = scratch_RV.shape[0]
+    for r0 in range(0, z_CV.shape[0], rows):
+        block_RV = z_CV[r0 : r0 + rows]
+        cdf_RV = scratch_RV[: block_RV.shape[0]]
+        torch.sub(block_RV, block_RV.amax(dim=1, keepdim=True), out=cdf_RV).mul_(1.0 / temperature).exp_()
+        torch.cumsum(cdf_RV, dim=1, out=cdf_RV)
+        thresholds_RK = uniforms_CK[r0 : r0 + rows].to(cdf_RV.dtype) * cdf_RV[:, -1:]
         # right=True: a zero-probability token (an empty CDF step) can never be drawn
-        torch.searchsorted(cdf_rV, thresholds_rK, right=True, out=draws_cK[r0 : r0 + rows])
-    return draws_cK.clamp_(max=z_cV.shape[1] - 1)
+        torch.searchsorted(cdf_RV, thresholds_RK, right=True, out=draws_CK[r0 : r0 + rows])
+    return draws_CK.clamp_(max=z_CV.shape[1] - 1)

@@ -6,6 +6,7 @@ Shape legend (every file of posttrain writes tensor shapes as these suffixes, up
   C  loss positions of one chunk of N                 V  vocabulary
   H  hidden size                                      K  top-K / support ids per position
   J  scored ids per position (1 for the target token, K for a support)
+  R  rows of the engine's small scratch block (≤ 16 positions at a time)
 
 Every objective in posttrain is a function of the student's scores at a small set of token ids
 per position (the "targets", [chunk, J]):
