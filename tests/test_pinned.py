@@ -14,7 +14,8 @@ import pytest
 from tests.helpers import TINY, run_cli, tiny_train_recipe, write_recipe
 
 KEYS = ("loss", "grad_norm", "entropy", "reward_mean", "reverse_kl", "response_length", "trained_token_frac",
-        "topk_overlap", "train_clip_frac", "train_reward", "train_teacher_mass")
+        "topk_overlap", "train_clip_frac", "train_reward", "train_teacher_mass", "verifiable_reward_mean",
+        "zero_advantage_group_frac", "train_kl_reference")
 
 # objective -> per logged step, {metric: value}
 PINNED = {
@@ -44,6 +45,10 @@ PINNED = {
     'lsm-entropy': [
         {'loss': 0.009520920692011714, 'grad_norm': 0.14976976066827774, 'entropy': 5.690817832946777, 'reward_mean': -0.7215430736541748, 'reverse_kl': 0.7151333093643188, 'response_length': 16.0, 'trained_token_frac': 0.5, 'topk_overlap': 0.1767578125, 'train_teacher_mass': 0.32059322530403733},
         {'loss': 0.0021456644171848893, 'grad_norm': 0.11940068379044533, 'entropy': 5.558934446241035, 'reward_mean': -0.3424034118652344, 'reverse_kl': 0.45106568883677, 'response_length': 15.25, 'trained_token_frac': 0.5, 'topk_overlap': 0.3637295067310333, 'train_teacher_mass': 0.32081284923631637},
+    ],
+    'grpo-kl': [
+        {'loss': 0.0006834268569946289, 'grad_norm': 0.0944879215207095, 'entropy': 5.690817832946777, 'response_length': 16.0, 'trained_token_frac': 1.0, 'train_clip_frac': 0.0, 'verifiable_reward_mean': 0.0, 'zero_advantage_group_frac': 1.0, 'train_kl_reference': 0.0013668537139892578},
+        {'loss': 0.02763983397744596, 'grad_norm': 0.20824675261974335, 'entropy': 5.519532250576332, 'response_length': 15.25, 'trained_token_frac': 1.0, 'train_clip_frac': 0.0, 'verifiable_reward_mean': 0.0, 'zero_advantage_group_frac': 1.0, 'train_kl_reference': 0.05596612515996714},
     ],
 }
 
@@ -95,6 +100,10 @@ CASES = {
     "opd": lambda tmp, m: _online(tmp, m, {"name": "opd"}),
     "lsm": lambda tmp, m: _online(tmp, m, {"name": "lsm", "k": 8}),
     "lsm-entropy": lambda tmp, m: _online(tmp, m, {"name": "lsm", "k": 8}, train={"entropy_top_ratio": 0.5}),
+    # the tiny student solves nothing (reward 0, advantage 0): the KL term to the start policy is
+    # what moves, from 0 on the first update to > 0 on the second of each step
+    "grpo-kl": lambda tmp, m: _online(tmp, m, {"name": "grpo", "kl_coef": 0.5}, command="rl", teacher=False,
+                                      prompts={"answer_field": "answer"}),
 }
 
 
