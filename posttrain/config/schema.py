@@ -157,6 +157,7 @@ class PromptsConfig:
     max_examples: PositiveInt | None = None
     max_prompt_length: PositiveInt = 512  # longer prompts are skipped
     answer_field: str = "answer"  # the gold answer, for objectives graded on a verifiable reward (grpo)
+    reward: Literal["math", "code"] = "math"  # math: grader vs answer_field; code: the rows' test, entry_point (sandbox)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
