@@ -19,6 +19,7 @@ Per step the data flows one way, top to bottom:
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -546,6 +547,11 @@ def _code_problems(rows: list[dict], prompt_field: str) -> list[dict]:
                 raise UserError(f"recipe key 'prompts.reward': code runs each row's tests, and row {index} has no "
                                 f"text field {key!r} (HumanEval rows: prompt, test, entry_point; or use "
                                 f"prompts.reward: math); fields: {', '.join(row)}")
+        # a field that is not the stub (task_id, a docstring) would fail every test: reward 0, silently
+        if not re.search(rf"^\s*def\s+{re.escape(row['entry_point'])}\s*\(", row[prompt_field], flags=re.MULTILINE):
+            raise UserError(f"recipe key 'prompts.prompt_field': row {index}'s {prompt_field!r} does not define its "
+                            f"entry_point {row['entry_point']!r} (def {row['entry_point']}(...)); it must be the "
+                            "function stub the completion completes (HumanEval: prompt)")
     return [{"prompt": row[prompt_field], "test": row["test"], "entry_point": row["entry_point"]} for row in rows]
 
 

@@ -214,6 +214,8 @@ def test_code_reward_refuses_rows_and_settings_it_cannot_grade(tmp_path):
     entry_point_missing = tmp_path / "no_entry.jsonl"
     entry_point_missing.write_text(json.dumps({"prompt": "def f():\n", "test": "def check(c):\n    pass\n"}) + "\n")
     assert "row 0 has no text field 'entry_point'" in refusal(_code_recipe(tmp_path, entry_point_missing), "load")
+    not_the_stub = _code_recipe(tmp_path, code_rows, prompt_field="test")  # a text field, but not the function stub
+    assert "key 'prompts.prompt_field': row 0's 'test' does not define its entry_point 'f'" in refusal(not_the_stub, "load")
     # code rows under the default math reward: the gold answer is missing, and the error says which key to set
     math_on_code = _code_recipe(tmp_path, code_rows)
     del math_on_code["prompts"]["reward"]
