@@ -138,7 +138,7 @@ def _code_recipe(tmp_path, source, **prompts):
 
 
 @needs_humaneval
-def test_code_reward_is_the_sandboxed_tests_on_the_prompt_eval_asks(tmp_path):
+def test_code_reward_is_the_sandboxed_tests_on_the_prompt_eval_asks(tmp_path, monkeypatch, capsys):
     from posttrain.distill import Sources, _load_prompts, _tokenized_prompts
     from posttrain.eval.prompts import prompt_ids
     from posttrain.models import build_tiny_tokenizer
@@ -170,6 +170,12 @@ def test_code_reward_is_the_sandboxed_tests_on_the_prompt_eval_asks(tmp_path):
         rewards = sources.verifiable_rewards([c[0] for c in cases], [c[1] for c in cases])
     assert rewards == [c[2] for c in cases]
     assert sources.sandbox.uid_lock is None  # closed with the sources
+    # without bubblewrap the sandbox is weak, and the loop says so once, as `posttrain eval` does
+    monkeypatch.setattr("posttrain.eval.code_sandbox.shutil.which", lambda name: None)
+    capsys.readouterr()
+    with Sources.open(recipe, needs, runtime, tokenizer) as weak:
+        assert weak.sandbox.isolation.startswith("weak")
+    assert capsys.readouterr().err.count("warning: code sandbox is weak") == 1
 
 
 @needs_humaneval
