@@ -66,11 +66,13 @@ def rft_data(
     eval_dir: Path = typer.Argument(..., help="An eval folder (posttrain eval --out) of k samples per training problem."),
     out: Path = typer.Option(..., "--out", help="The JSONL to write: the correct samples, for `posttrain train`."),
     max_per_problem: int = typer.Option(None, "--max-per-problem", min=1, help="Keep at most this many per problem."),
+    given_completions: bool = typer.Option(False, "--given-completions", help="The eval graded --completions: use "
+                                           "them as the base model's own samples under the chat prompt."),
 ) -> None:
     """Rejection-sampling fine-tuning data: the correct, model-ended, distinct samples of an eval."""
     from posttrain.rft import rft_data as run
 
-    run(eval_dir, out, max_per_problem)
+    run(eval_dir, out, max_per_problem, given_completions)
 
 
 @contextmanager

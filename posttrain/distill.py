@@ -1,14 +1,16 @@
 """The on-policy loop (`posttrain rl`, alias `posttrain distill`): OPD and LSM distillation, GRPO.
 
 Per step the data flows one way, top to bottom:
-  1. prompts (with their data rows: the gold answer) → rollouts from the current student
-     (generation backend), samples_per_prompt per prompt; the rollouts of one prompt are a group
+  1. prompts (with their data rows: the gold answer, or a code problem's tests) → rollouts from
+     the current student (generation backend), samples_per_prompt per prompt; the rollouts of one
+     prompt are a group
   2. the special-token mask (LSM paper): the first occurrence of each listed token per response
      is not trained on
   3. the sources the objective declares (objective.needs), no grad, into one TokenSignals: always
      π_old (the student before this step's updates: sampled-token log-prob, entropy); the teacher
      (sampled-token log-prob, top-K supports) only when a teacher signal is declared; the frozen
-     reference policy for a KL penalty; the grader (a worker pool) on each completion's text
+     reference policy for a KL penalty; the grader on each completion's text (the math grader's
+     worker pool on its boxed answer, or the code sandbox on the problem's tests: prompts.reward)
   4. objective.prepare(batch, signals): rewards / advantages / supports, once for the whole batch
   5. PPO epochs × mini-batches; each mini-batch is one optimizer step, its per-token losses
      aggregated over the whole mini-batch (all processes) as train.loss_aggregation says
@@ -17,6 +19,7 @@ Per step the data flows one way, top to bottom:
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,7 @@ from posttrain.config import DistillRecipe
 from posttrain.data.templates import clean_dapo_instructions, resolve_template
 from posttrain.data.sft import Example, collate, epoch_order, load_rows, micro_batches, render_prompt
 from posttrain.errors import UserError
+from posttrain.eval.prompts import code_request
 from posttrain.generation import SamplingSpec, make_backend
 from posttrain.losses import OBJECTIVES
 from posttrain import preflight
@@ -37,7 +41,7 @@ from posttrain.losses.objective import (
 from posttrain.models import load_policy, same_vocabulary
 from posttrain.optim import build_scheduler
 from posttrain.policy import PolicyLoss
-from posttrain.progress import StepProgress, summary_table
+from posttrain.progress import StepProgress, console, summary_table
 from posttrain.loop import (
     accumulate_gradients, apply_precision, count_nonfinite, open_logs, open_run, optimizer_step, save_final,
 )
@@ -61,11 +65,11 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, recipe_path: str = "
     check_installed(recipe.report_to, recipe_path)  # trackers.py: a missing tracker package, before anything runs
     runtime = make_runtime(recipe.train.precision, recipe.train.parallel)
     _check_sizes(recipe, runtime, recipe_path)
-    prompts, golds = _load_prompts(recipe, needs)  # data errors come before the model loads
+    prompts, references = _load_prompts(recipe, needs)  # data errors come before the model loads
     run_dir, checkpoint, student, tokenizer = open_run(recipe, "student", runtime, resume, allow_changed_recipe, recipe_path)
     apply_precision(student, recipe.train.precision)
     prompts = _tokenized_prompts(recipe, prompts, tokenizer)
-    sources = Sources.open(recipe, needs, runtime, tokenizer)
+    sources = Sources.open(recipe, needs, runtime, tokenizer, show=runtime.is_main)
     if sources.teacher is not None:
         _check_k(recipe, student, recipe_path)
     check_memory(training_memory(
@@ -100,7 +104,7 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, recipe_path: str = "
         for step in range(start_step, recipe.train.steps):
             chosen = _prompts_for_step(prompts, recipe, runtime, step)
             row, texts = distill_step(policy, optimizer, scheduler, backend, sources, runtime, recipe, step,
-                                      [prompts[i] for i in chosen], [golds[i] for i in chosen], tokenizer, mask_ids)
+                                      [prompts[i] for i in chosen], [references[i] for i in chosen], tokenizer, mask_ids)
             backend.update_weights(student)
             row["step"] = step + 1
             skipped = row.pop("skipped")
@@ -138,7 +142,7 @@ def _summary_rows(row: dict, recipe: DistillRecipe, start_step: int, started: fl
 
 
 def distill_step(policy, optimizer, scheduler, backend, sources: Sources, runtime: Runtime, recipe: DistillRecipe,
-                 step: int, prompt_ids: list[list[int]], golds: list[str | None], tokenizer,
+                 step: int, prompt_ids: list[list[int]], references: list, tokenizer,
                  mask_ids: list[int]) -> tuple[dict, list[str]]:
     objective, params = OBJECTIVES[recipe.objective.name], recipe.objective.params
     lr = scheduler.get_last_lr()[0]
@@ -160,8 +164,8 @@ def distill_step(policy, optimizer, scheduler, backend, sources: Sources, runtim
     clock = time.time()
     batch = {k: v.to(runtime.device) for k, v in collate(rollouts, tokenizer.pad_token_id).items()}
     batch["loss_mask"] &= ~first_occurrence_mask(batch["target_ids"], batch["loss_mask"], mask_ids)
-    rollout_golds = [golds[int(g)] for g in group_B]
-    signals, diagnostics = fetch_signals(sources, policy, batch, group_B, [c.text for c in flat], rollout_golds)
+    rollout_references = [references[int(g)] for g in group_B]
+    signals, diagnostics = fetch_signals(sources, policy, batch, group_B, [c.text for c in flat], rollout_references)
     batch["old_logprob"] = signals.old_logprob_BT  # every on-policy loss reads π_old (ratios, rewards)
     gap_sum = rollout_logprob_gap_sum(flat, rollouts, batch, spec)
     if objective.prepare is not None:
@@ -268,7 +272,7 @@ def ppo_update(policy, optimizer, scheduler, runtime, recipe, batch, rows, stats
     return runtime.sum_across_ranks({"l": loss_total})["l"], grad_norm, skipped
 
 
-def fetch_signals(sources: Sources, policy, batch, group_B, texts: list[str], golds: list[str | None]):
+def fetch_signals(sources: Sources, policy, batch, group_B, texts: list[str], references: list):
     """The one place a rollout batch's TokenSignals are built, for every backend: π_old always,
     then each source the objective declared. Returns (signals, support diagnostics).
 
@@ -306,9 +310,9 @@ def fetch_signals(sources: Sources, policy, batch, group_B, texts: list[str], go
     if sources.reference is not None:
         with gathered(sources.reference):
             signals.reference_logprob_BT = score_tokens(sources.reference, batch, k=0, **score)["token_logprob"]
-    if sources.grader is not None:
-        verdicts = sources.grader.grade(golds, texts)
-        signals.verifiable_reward_B = torch.tensor([float(v["correct"]) for v in verdicts], device=batch["loss_mask"].device)
+    if VERIFIABLE_REWARD in sources.needs:
+        signals.verifiable_reward_B = torch.tensor(sources.verifiable_rewards(references, texts),
+                                                   device=batch["loss_mask"].device)
     return signals, _support_diagnostics(sources, signals, batch["loss_mask"])
 
 
@@ -374,10 +378,12 @@ class Sources:
     support: str  # whose top-K the support diagnostics measure (LSM's `support`; else the teacher's)
     teacher: Teacher | None = None
     reference: torch.nn.Module | None = None  # the starting student, frozen (KL to a reference)
-    grader: object | None = None  # eval.math_grader.MathGrader: a worker pool
+    grader: object | None = None  # eval.math_grader.MathGrader (a worker pool): prompts.reward math
+    sandbox: object | None = None  # eval.code_sandbox.CodeSandbox: prompts.reward code
 
     @classmethod
-    def open(cls, recipe: DistillRecipe, needs: frozenset[str], runtime: Runtime, tokenizer) -> Sources:
+    def open(cls, recipe: DistillRecipe, needs: frozenset[str], runtime: Runtime, tokenizer,
+             show: bool = True) -> Sources:
         temperature = scoring_temperature(recipe)
         params = recipe.objective.params
         sources = cls(needs=needs, k=getattr(params, "k", recipe.scoring.diagnostics_k),
@@ -389,11 +395,25 @@ class Sources:
         if REFERENCE_TOKEN in needs:
             model, _ = load_policy(recipe.student, "student", recipe.seed, "cpu", dtype=_frozen_dtype(recipe, runtime))
             sources.reference = place_teacher(model.eval().requires_grad_(False), runtime)
-        if VERIFIABLE_REWARD in needs:
+        if VERIFIABLE_REWARD in needs and recipe.prompts.reward == "code":
+            from posttrain.eval.code_sandbox import CodeSandbox
+
+            sources.sandbox = CodeSandbox(workers=recipe.scoring.grader_workers)
+            if show and sources.sandbox.warning():  # as `posttrain eval` says it: a weak sandbox, up front
+                console.print(sources.sandbox.warning(), highlight=False)
+        elif VERIFIABLE_REWARD in needs:
             from posttrain.eval.math_grader import MathGrader
 
             sources.grader = MathGrader(workers=recipe.scoring.grader_workers)
         return sources
+
+    def verifiable_rewards(self, references: list, texts: list[str]) -> list[float]:
+        """1/0 per completion: the math grader's verdict on its boxed answer against the gold
+        answer (reference: a string), or whether it passed the problem's tests in the code sandbox
+        (reference: {prompt, test, entry_point}), graded exactly as `posttrain eval` grades."""
+        if self.sandbox is not None:
+            return [float(v["passed"]) for v in self.sandbox.grade(references, texts)]
+        return [float(v["correct"]) for v in self.grader.grade(references, texts)]
 
     def __enter__(self) -> Sources:
         return self
@@ -401,6 +421,8 @@ class Sources:
     def __exit__(self, *exc) -> None:
         if self.grader is not None:
             self.grader.close()
+        if self.sandbox is not None:
+            self.sandbox.close()
 
 
 def scoring_temperature(recipe: DistillRecipe) -> float:
@@ -450,6 +472,21 @@ def _check_sources(recipe: DistillRecipe, needs: frozenset[str], recipe_path: st
     if not needs & TEACHER_SOURCES and recipe.scoring.backend == "vllm":
         raise UserError(f"{recipe_path}: key 'scoring.backend': vllm scoring serves a teacher, and {name} has "
                         "none; use scoring.backend: hf")
+    _check_code_reward(recipe, needs, recipe_path)
+
+
+def _check_code_reward(recipe: DistillRecipe, needs: frozenset[str], recipe_path: str) -> None:
+    """prompts.reward code: an objective that is graded, and prompts rendered as eval renders HumanEval."""
+    cfg = recipe.prompts
+    if cfg.reward != "code":
+        return
+    if VERIFIABLE_REWARD not in needs:
+        raise UserError(f"{recipe_path}: key 'prompts.reward': code grades completions for a verifiable reward, and "
+                        f"{recipe.objective.name} has none; remove prompts.reward")
+    for key, value, unset in (("template", cfg.template, None), ("clean", cfg.clean, "none")):
+        if value != unset:
+            raise UserError(f"{recipe_path}: key 'prompts.{key}': code prompts are the function stub in a python "
+                            "block, as `posttrain eval --prompt chat` asks HumanEval; remove it")
 
 
 def first_occurrence_mask(target_ids_BT, loss_mask_BT, token_ids: list[int]) -> torch.Tensor:
@@ -483,23 +520,44 @@ def _single_token_ids(tokenizer, tokens: list[str], recipe_path) -> list[int]:
     return ids
 
 
-def _load_prompts(recipe: DistillRecipe, needs: frozenset[str]) -> tuple[list, list[str | None]]:
-    """The prompt fields of the data rows, and each row's gold answer (prompts.answer_field) when
-    the objective needs a verifiable reward (else None)."""
+def _load_prompts(recipe: DistillRecipe, needs: frozenset[str]) -> tuple[list, list]:
+    """The prompt fields of the data rows, and each row's reference for the grader when the
+    objective needs a verifiable reward (else None): its gold answer (prompts.answer_field), or
+    with prompts.reward code the problem {prompt: the prompt field, test, entry_point}."""
     cfg = recipe.prompts
     rows = load_rows(cfg.source, cfg.split, cfg.synthetic, cfg.max_examples, "prompts.source",
                      dedupe_field=cfg.prompt_field if cfg.dedupe else None)
     if rows and cfg.prompt_field not in rows[0]:
         raise UserError(f"recipe key 'prompts.prompt_field': the data has no field {cfg.prompt_field!r}; "
                         f"fields: {', '.join(rows[0])}")
-    golds = [None] * len(rows)
-    if VERIFIABLE_REWARD in needs:
-        missing = next((i for i, row in enumerate(rows) if row.get(cfg.answer_field) in (None, "")), None)
-        if missing is not None:
-            raise UserError(f"recipe key 'prompts.answer_field': row {missing} has no {cfg.answer_field!r} (the gold "
-                            f"answer the grader compares with); fields: {', '.join(rows[missing])}")
-        golds = [str(row[cfg.answer_field]) for row in rows]
-    return [row[cfg.prompt_field] for row in rows], golds
+    prompt_fields = [row[cfg.prompt_field] for row in rows]
+    if VERIFIABLE_REWARD not in needs:
+        return prompt_fields, [None] * len(rows)
+    if cfg.reward == "code":
+        return prompt_fields, _code_problems(rows, cfg.prompt_field)
+    missing = next((i for i, row in enumerate(rows) if row.get(cfg.answer_field) in (None, "")), None)
+    if missing is not None:
+        code_hint = " (code problems? set prompts.reward: code)" if {"test", "entry_point"} <= set(rows[missing]) else ""
+        raise UserError(f"recipe key 'prompts.answer_field': row {missing} has no {cfg.answer_field!r} (the gold "
+                        f"answer the grader compares with){code_hint}; fields: {', '.join(rows[missing])}")
+    return prompt_fields, [str(row[cfg.answer_field]) for row in rows]
+
+
+def _code_problems(rows: list[dict], prompt_field: str) -> list[dict]:
+    """HumanEval-style problems for the sandbox: the prompt field is the function stub the
+    completion's code continues or replaces, `test` the checker's code, `entry_point` its name."""
+    for index, row in enumerate(rows):
+        for key in (prompt_field, "test", "entry_point"):
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise UserError(f"recipe key 'prompts.reward': code runs each row's tests, and row {index} has no "
+                                f"text field {key!r} (HumanEval rows: prompt, test, entry_point; or use "
+                                f"prompts.reward: math); fields: {', '.join(row)}")
+        # a field that is not the stub (task_id, a docstring) would fail every test: reward 0, silently
+        if not re.search(rf"^\s*def\s+{re.escape(row['entry_point'])}\s*\(", row[prompt_field], flags=re.MULTILINE):
+            raise UserError(f"recipe key 'prompts.prompt_field': row {index}'s {prompt_field!r} does not define its "
+                            f"entry_point {row['entry_point']!r} (def {row['entry_point']}(...)); it must be the "
+                            "function stub the completion completes (HumanEval: prompt)")
+    return [{"prompt": row[prompt_field], "test": row["test"], "entry_point": row["entry_point"]} for row in rows]
 
 
 def _tokenized_prompts(recipe: DistillRecipe, prompt_fields: list, tokenizer) -> list[list[int] | None]:
@@ -512,8 +570,11 @@ def _tokenized_prompts(recipe: DistillRecipe, prompt_fields: list, tokenizer) ->
             template = resolve_template(cfg.template)
         except ValueError as err:
             raise UserError(f"recipe key 'prompts.template' {err}") from None
-    prompts = [render_prompt(tokenizer, prompt_of(field, cfg.clean, template, index), cfg.system_prompt)
-               for index, field in enumerate(prompt_fields)]
+    if cfg.reward == "code":  # the user turn `posttrain eval --prompt chat` writes for HumanEval
+        prompts = [render_prompt(tokenizer, code_request(field), cfg.system_prompt) for field in prompt_fields]
+    else:
+        prompts = [render_prompt(tokenizer, prompt_of(field, cfg.clean, template, index), cfg.system_prompt)
+                   for index, field in enumerate(prompt_fields)]
     prompts = [p if len(p) <= cfg.max_prompt_length else None for p in prompts]
     fitting = sum(p is not None for p in prompts)
     if fitting < recipe.rollout.prompts_per_step:

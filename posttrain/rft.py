@@ -13,6 +13,10 @@ a demonstration of stopping), and distinct from the problem's other kept samples
 "index", "sample", "rft_source": the eval folder (`posttrain report` finds RFT runs by it)}; `prompt` is what eval's `chat` preset put in the user turn, which is what
 `posttrain train` renders through the same chat template, so training sees the prompt the
 samples were drawn for.
+
+Samples drawn elsewhere (e.g. by a vLLM server, from the same base model under the chat prompt)
+can be graded with `posttrain eval --completions FILE` and used with `--given-completions`; each
+line of FILE then says how the sample ended ("finish_reason": "stop" or "length").
 """
 
 from __future__ import annotations
@@ -27,9 +31,9 @@ from posttrain.progress import console
 from posttrain.runfolder import write_text_atomic
 
 
-def rft_data(eval_dir: Path, out: Path, max_per_problem: int | None = None) -> dict:
+def rft_data(eval_dir: Path, out: Path, max_per_problem: int | None = None, given_completions: bool = False) -> dict:
     """Write the kept samples of `eval_dir` to `out` (JSONL); returns the counts."""
-    config = _eval_config(eval_dir)
+    config = _eval_config(eval_dir, given_completions)
     records = _samples(eval_dir / "samples.jsonl")
     rows_of = {}
     kept, seen, counts = [], set(), {"samples": len(records), "correct": 0, "cut_off": 0, "duplicate": 0, "over_max": 0}
@@ -39,6 +43,11 @@ def rft_data(eval_dir: Path, out: Path, max_per_problem: int | None = None) -> d
             continue
         counts["correct"] += 1
         key = (record["benchmark"], record["index"])
+        if record.get("finish_reason") not in ("stop", "length"):  # absent, or a typo: neither kept nor "cut off"
+            source = f"the completions file {config['completions']}" if config.get("completions") else "samples.jsonl"
+            raise UserError(f"{eval_dir / 'samples.jsonl'}: {record['benchmark']} index {record['index']} sample "
+                            f"{record['sample']} has finish_reason {record.get('finish_reason')!r}; RFT keeps only samples "
+                            f"the model ended itself, so each needs 'stop' or 'length' (give it per line of {source})")
         if record.get("finish_reason") != "stop":
             counts["cut_off"] += 1
             continue
@@ -68,7 +77,7 @@ def rft_data(eval_dir: Path, out: Path, max_per_problem: int | None = None) -> d
     return counts
 
 
-def _eval_config(eval_dir: Path) -> dict:
+def _eval_config(eval_dir: Path, given_completions: bool) -> dict:
     path = eval_dir / "eval_config.json"
     if not (eval_dir / "samples.jsonl").is_file() or not path.is_file():
         raise UserError(f"{eval_dir}: not an eval folder (needs samples.jsonl and eval_config.json from `posttrain eval --out`)")
@@ -76,8 +85,9 @@ def _eval_config(eval_dir: Path) -> dict:
     if config.get("prompt") != "chat":
         raise UserError(f"{path}: the samples were drawn with --prompt {config.get('prompt')}; RFT data pairs them "
                         "with the chat prompt that `posttrain train` renders, so sample with --prompt chat")
-    if config.get("completions"):
-        raise UserError(f"{path}: graded given completions ({config['completions']}), not the model's own samples")
+    if config.get("completions") and not given_completions:
+        raise UserError(f"{path}: graded given completions ({config['completions']}), not the model's own samples; "
+                        "if they are the base model's samples under the chat prompt, pass --given-completions")
     return config
 
 

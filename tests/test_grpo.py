@@ -1,11 +1,17 @@
-"""GRPO: group advantages, the clipped loss and its KL term exactly; the loop end to end (CLI)."""
+"""GRPO: group advantages, the clipped loss and its KL term exactly; the loop end to end (CLI),
+with the math grader's reward and with HumanEval's tests in the code sandbox (prompts.reward code)."""
 
+import gzip
 import json
+from types import SimpleNamespace
 
+import pytest
 import torch
 
+from posttrain.config import DistillRecipe, from_dict
+from posttrain.errors import UserError
 from posttrain.losses import OBJECTIVES, grpo
-from tests.helpers import run_cli, token_signals, write_recipe
+from tests.helpers import BENCHMARKS, TINY, run_cli, token_signals, write_recipe
 from tests.test_distill import models  # noqa: F401  (a module fixture: a tiny student that can answer)
 
 
@@ -101,3 +107,122 @@ def test_grpo_refuses_a_teacher_and_opd_requires_one(tmp_path, models):
     proc = run_cli("rl", "--recipe", str(write_recipe(tmp_path, recipe)), check=False)
     assert proc.returncode == 2 and "prompts.answer_field" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "runs" / "g").exists()  # refused before a run folder was made
+
+
+# --- code prompts: HumanEval's tests in the sandbox are the reward (prompts.reward: code) ---------
+
+HUMANEVAL = BENCHMARKS / "humaneval.jsonl.gz"
+needs_humaneval = pytest.mark.skipif(not HUMANEVAL.is_file(), reason="../shared/benchmarks/humaneval.jsonl.gz is absent")
+SHORT_PROBLEMS = ("HumanEval/34", "HumanEval/45", "HumanEval/23")  # unique, triangle_area, strlen: the shortest
+
+
+def _humaneval_prompts(tmp_path):
+    """The three problems as a prompts file, exactly as the benchmark holds them."""
+    rows = [json.loads(line) for line in gzip.open(HUMANEVAL, "rt")]
+    rows = [next(r for r in rows if r["task_id"] == task) for task in SHORT_PROBLEMS]
+    path = tmp_path / "humaneval3.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path, rows
+
+
+def _code_recipe(tmp_path, source, **prompts):
+    return {
+        "name": "c", "out_dir": str(tmp_path / "runs"), "student": {"tiny": dict(TINY)},
+        "prompts": {"source": str(source), "prompt_field": "prompt", "reward": "code", "max_prompt_length": 2048,
+                    **prompts},
+        "rollout": {"prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 16},
+        "scoring": {"grader_workers": 1}, "objective": {"name": "grpo"},
+        "optim": {"lr": 1e-3, "schedule": "constant"},
+        "train": {"steps": 2, "mini_batch_size": 4, "micro_batch_size": 4},
+    }
+
+
+@needs_humaneval
+def test_code_reward_is_the_sandboxed_tests_on_the_prompt_eval_asks(tmp_path, monkeypatch, capsys):
+    from posttrain.distill import Sources, _load_prompts, _tokenized_prompts
+    from posttrain.eval.prompts import prompt_ids
+    from posttrain.models import build_tiny_tokenizer
+
+    source, rows = _humaneval_prompts(tmp_path)
+    recipe = from_dict(DistillRecipe, _code_recipe(tmp_path, source), "test")
+    needs = OBJECTIVES["grpo"].needs(recipe.objective.params)
+    prompt_fields, references = _load_prompts(recipe, needs)
+    assert references == [{"prompt": r["prompt"], "test": r["test"], "entry_point": r["entry_point"]} for r in rows]
+    # the model is asked what `posttrain eval --prompt chat` asks it for HumanEval, token for token
+    tokenizer = build_tiny_tokenizer(TINY["vocab_size"])
+    loop_prompts = _tokenized_prompts(recipe, prompt_fields, tokenizer)
+    assert loop_prompts == [prompt_ids("chat", "code", r["prompt"], tokenizer) for r in rows]
+
+    unique, area, strlen = references
+    cases = [  # (problem, completion, reward)
+        (unique, "    return sorted(list(set(l)))\n", 1.0),  # continues the stub (the original harness)
+        (area, "Sure:\n```python\ndef triangle_area(a, h):\n    return a * h / 2\n```\nDone.", 1.0),  # a chat answer
+        (strlen, "```python\ndef strlen(string):\n    return len(string) + 1\n```", 0.0),  # wrong
+        (unique, "    return l\n", 0.0),  # wrong: neither sorted nor unique
+        (area, "```python\nimport sys\nsys.exit(0)\n```", 0.0),  # forged: exits "successfully" before any test
+        (strlen, "```python\ndef strlen(string):\n    print('{\"passed\": true, \"error\": null}')\n"
+                 "    raise SystemExit(0)\n```", 0.0),  # forged: prints a verdict, then exits 0
+        (unique, "", 0.0),  # nothing: the stub alone returns None
+    ]
+    runtime = SimpleNamespace(matmul_dtype=None)  # only the scoring settings read it (no teacher, no reference)
+    with Sources.open(recipe, needs, runtime, tokenizer) as sources:
+        assert sources.grader is None and sources.sandbox is not None
+        rewards = sources.verifiable_rewards([c[0] for c in cases], [c[1] for c in cases])
+    assert rewards == [c[2] for c in cases]
+    assert sources.sandbox.uid_lock is None  # closed with the sources
+    # without bubblewrap the sandbox is weak, and the loop says so once, as `posttrain eval` does
+    monkeypatch.setattr("posttrain.eval.code_sandbox.shutil.which", lambda name: None)
+    capsys.readouterr()
+    with Sources.open(recipe, needs, runtime, tokenizer) as weak:
+        assert weak.sandbox.isolation.startswith("weak")
+    assert capsys.readouterr().err.count("warning: code sandbox is weak") == 1
+
+
+@needs_humaneval
+def test_grpo_on_humaneval_prompts_runs_end_to_end(tmp_path):
+    source, _ = _humaneval_prompts(tmp_path)
+    proc = run_cli("rl", "--recipe", str(write_recipe(tmp_path, _code_recipe(tmp_path, source))))
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "c" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2]
+    for row in rows:  # an untrained tiny model passes no test: every group's rewards are 0
+        assert row["verifiable_reward_mean"] == 0.0 and row["verifiable_reward_std"] == 0.0
+        assert row["zero_advantage_group_frac"] == 1.0 and row["skipped_updates"] == 0
+        assert row["rollouts_per_s"] > 0 and "train_clip_frac" in row
+    logged = [json.loads(line) for line in (tmp_path / "runs" / "c" / "rollouts.jsonl").read_text().splitlines()]
+    assert len(logged) == 2 and all(len(entry["responses"]) == 2 for entry in logged)
+    assert "verifiable reward mean / std" in " ".join(proc.stderr.split())
+
+
+def test_code_reward_refuses_rows_and_settings_it_cannot_grade(tmp_path):
+    # math rows under reward: code, through the CLI: one line naming the key, before a run folder exists
+    recipe = _code_recipe(tmp_path, "synthetic")
+    recipe["prompts"]["synthetic"] = {"split": "in_domain", "num_examples": 8}
+    proc = run_cli("rl", "--recipe", str(write_recipe(tmp_path, recipe)), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "key 'prompts.reward': code runs each row's tests, and row 0 has no text field 'test'" in " ".join(proc.stderr.split())
+    assert not (tmp_path / "runs" / "c").exists()
+
+    from posttrain.distill import _check_sources, _load_prompts
+
+    def refusal(recipe_dict, step):
+        recipe = from_dict(DistillRecipe, recipe_dict, "r.yaml")
+        needs = OBJECTIVES[recipe.objective.name].needs(recipe.objective.params)
+        with pytest.raises(UserError) as err:
+            _check_sources(recipe, needs, "r.yaml") if step == "check" else _load_prompts(recipe, needs)
+        return str(err.value)
+
+    code_rows = tmp_path / "code.jsonl"
+    code_rows.write_text(json.dumps({"prompt": "def f():\n", "test": "def check(c):\n    pass\n", "entry_point": "f"}) + "\n")
+    assert "key 'prompts.template': code prompts are the function stub" in refusal(
+        _code_recipe(tmp_path, code_rows, template="lsm-math"), "check")
+    opd = {**_code_recipe(tmp_path, code_rows), "objective": {"name": "opd"}, "teacher": {"tiny": dict(TINY)}}
+    assert "key 'prompts.reward': code grades completions for a verifiable reward, and opd has none" in refusal(opd, "check")
+    entry_point_missing = tmp_path / "no_entry.jsonl"
+    entry_point_missing.write_text(json.dumps({"prompt": "def f():\n", "test": "def check(c):\n    pass\n"}) + "\n")
+    assert "row 0 has no text field 'entry_point'" in refusal(_code_recipe(tmp_path, entry_point_missing), "load")
+    not_the_stub = _code_recipe(tmp_path, code_rows, prompt_field="test")  # a text field, but not the function stub
+    assert "key 'prompts.prompt_field': row 0's 'test' does not define its entry_point 'f'" in refusal(not_the_stub, "load")
+    # code rows under the default math reward: the gold answer is missing, and the error says which key to set
+    math_on_code = _code_recipe(tmp_path, code_rows)
+    del math_on_code["prompts"]["reward"]
+    assert "(code problems? set prompts.reward: code)" in refusal(math_on_code, "load")

@@ -1,12 +1,13 @@
 """RFT: `posttrain eval` samples the training problems, `posttrain rft-data` keeps the correct
-ones, `posttrain train` fine-tunes on them. (The whole pipeline runs in `make reproduce-smoke`:
-the test fixtures' tiny models answer too few synthetic_train problems under the chat prompt.)"""
+ones, `posttrain train` fine-tunes on them. End to end through the CLI on hand-written samples
+graded by `posttrain eval --completions` (the test fixtures' tiny models solve too few
+synthetic_train problems to sample from; the sampling step itself runs in `make reproduce-smoke`)."""
 
 import json
 
 from posttrain.data.synthetic import DATA_SEED, make_rows
 from posttrain.eval.prompts import BOXED_INSTRUCTION
-from tests.helpers import run_cli
+from tests.helpers import run_cli, tiny_train_recipe, write_recipe
 
 
 def _eval_folder(tmp_path, records, prompt="chat"):
@@ -46,3 +47,73 @@ def test_rft_data_refuses_what_it_cannot_pair(tmp_path):
     proc = run_cli("rft-data", str(tmp_path), "--out", str(tmp_path / "o.jsonl"), check=False)
     assert proc.returncode == 2 and "not an eval folder" in proc.stderr
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def _line(index, completion, finish_reason="stop"):
+    return {"index": index, "completion": completion, "finish_reason": finish_reason}
+
+
+def test_rft_pipeline_eval_then_rft_data_then_train(tmp_path):
+    golds = [row["answer"] for row in make_rows("in_domain", 8, DATA_SEED)]
+    wrong = [str(int(g) + 1) for g in golds]
+    lines = [  # per index, the lines in order are samples 0, 1, 2, ...
+        _line(0, f"So it is \\boxed{{{golds[0]}}}."),  # 0/0 kept
+        _line(0, f"So it is \\boxed{{{golds[0]}}}."),  # 0/1 correct, a duplicate of 0/0
+        _line(0, f"\\boxed{{{wrong[0]}}}"),  # 0/2 wrong
+        _line(0, f"First add, then subtract: \\boxed{{{golds[0]}}}"),  # 0/3 kept
+        _line(1, f"\\boxed{{{golds[1]}}} and on and on", "length"),  # 1/0 correct but cut at max_new_tokens
+        _line(1, "no answer"),  # 1/1 wrong
+        _line(2, f"a \\boxed{{{golds[2]}}}"),  # 2/0 kept
+        _line(2, f"b \\boxed{{{golds[2]}}}"),  # 2/1 kept
+        _line(2, f"c \\boxed{{{golds[2]}}}"),  # 2/2 correct, over --max-per-problem 2
+        _line(4, f"\\boxed{{{wrong[4]}}}"),  # 4/0 wrong (problems 3, 5..7: no samples, coverage partial)
+    ]
+    completions = tmp_path / "samples.jsonl"
+    completions.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    graded = tmp_path / "graded"
+    proc = run_cli("eval", "--benchmark", "synthetic_train", "--limit", "8", "--completions", str(completions),
+                   "--out", str(graded), "--workers", "1")
+    assert "on 4/8 problems (partial)" in " ".join(proc.stderr.split() + proc.stdout.split())
+    samples = [json.loads(line) for line in (graded / "samples.jsonl").read_text().splitlines()]
+    assert sum(s["correct"] for s in samples) == 7 and len(samples) == 10
+
+    data = tmp_path / "rft.jsonl"
+    args = ("rft-data", str(graded), "--out", str(data), "--max-per-problem", "2")
+    refused = run_cli(*args, check=False)  # given completions are refused unless vouched for
+    assert refused.returncode == 2 and "--given-completions" in refused.stderr and not data.exists()
+    proc = run_cli(*args, "--given-completions")
+    assert "kept 4 of 10 samples (7 correct; dropped 1 cut off, 1 duplicates, 1 over the limit) for 2 problems" \
+        in " ".join(proc.stderr.split())
+    kept = [json.loads(line) for line in data.read_text().splitlines()]
+    assert [(r["index"], r["sample"]) for r in kept] == [(0, 0), (0, 3), (2, 0), (2, 1)]
+    assert [r["solution"] for r in kept] == [lines[0]["completion"], lines[3]["completion"], lines[6]["completion"],
+                                             lines[7]["completion"]]
+    train_rows = make_rows("in_domain", 8, DATA_SEED)
+    assert [r["prompt"] for r in kept] == [train_rows[i]["prompt"] for i in (0, 0, 2, 2)]  # the chat prompt's user turn
+
+    # SFT on exactly those rows: 2 steps of 2 examples is one epoch over the 4
+    recipe = tiny_train_recipe(tmp_path, name="rft", data={"source": str(data), "prompt_field": "prompt",
+                                                           "response_field": "solution", "max_length": 512},
+                               train={"epochs": 1, "batch_size": 2, "micro_batch_size": 2})
+    del recipe["data"]["synthetic"]
+    proc = run_cli("train", "--recipe", str(write_recipe(tmp_path, recipe)))
+    assert "examples │ 4 (0 truncated, 0 dropped)" in " ".join(proc.stderr.split())
+    metrics = [json.loads(line) for line in (tmp_path / "runs" / "rft" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "runs" / "rft" / "final")
+    expected = sum(len(tokenizer(r["solution"], add_special_tokens=False)["input_ids"]) + 1 for r in kept)  # + EOS
+    assert sum(row["response_tokens"] for row in metrics) == expected
+
+
+def test_rft_data_needs_to_know_how_each_correct_sample_ended(tmp_path):
+    gold = make_rows("in_domain", 1, DATA_SEED)[0]["answer"]
+    completions = tmp_path / "c.jsonl"
+    completions.write_text(json.dumps({"index": 0, "completion": f"\\boxed{{{gold}}}"}) + "\n")  # no finish_reason
+    run_cli("eval", "--benchmark", "synthetic_train", "--limit", "1", "--completions", str(completions),
+            "--out", str(tmp_path / "g"), "--workers", "1")
+    proc = run_cli("rft-data", str(tmp_path / "g"), "--out", str(tmp_path / "o.jsonl"), "--given-completions", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and not (tmp_path / "o.jsonl").exists()
+    assert "has finish_reason None; RFT keeps only samples the model ended itself, so each needs 'stop' or 'length' " \
+           f"(give it per line of the completions file {completions})" in " ".join(proc.stderr.split())

@@ -171,6 +171,7 @@ class PromptsConfig(RowsConfig):
     dedupe: bool = False  # keep only the first row of each distinct prompt field (DAPO-Math-17k repeats each ~100x)
     max_prompt_length: PositiveInt = 512  # longer prompts are skipped
     answer_field: str = "answer"  # the gold answer, for objectives graded on a verifiable reward (grpo)
+    reward: Literal["math", "code"] = "math"  # math: grader vs answer_field; code: the rows' test, entry_point (sandbox)
 
 
 @dataclass

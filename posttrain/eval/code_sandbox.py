@@ -121,6 +121,19 @@ class CodeSandbox:
 
     # --- grading ---------------------------------------------------------------------------------
 
+    def grade(self, problems: list[dict], completions: list[str]) -> list[dict]:
+        """{"passed", "error"} per completion of a HumanEval-style problem (its `prompt`, `test`,
+        `entry_point`): the one path from completion text to verdict that `posttrain eval` and the
+        rl loop's code reward share."""
+        return self.run_many([assemble_program(p["prompt"], c, p["test"], p["entry_point"])
+                              for p, c in zip(problems, completions)])
+
+    def close(self) -> None:
+        """Release the block of sample uids (as root) for other sandboxes on this machine."""
+        if self.uid_lock is not None:
+            self.uid_lock.close()
+            self.uid_lock = None
+
     def run_many(self, programs: list[dict]) -> list[dict]:
         with ThreadPoolExecutor(self.workers) as pool:
             return list(pool.map(self.run, programs))

@@ -36,7 +36,7 @@ def prompt_text(preset: str, kind: str, question: str, tokenizer) -> str:
     if kind == "code":
         if preset == "raw":
             return question
-        user = f"{CODE_INSTRUCTION}```python\n{question}```"
+        user = code_request(question)
     else:
         if preset == "qwen-boxed":
             return QWEN_BOXED.replace("{input}", question.strip())
@@ -47,6 +47,12 @@ def prompt_text(preset: str, kind: str, question: str, tokenizer) -> str:
         return ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
                 f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
     return _chat(tokenizer, user, preset)
+
+
+def code_request(question: str) -> str:
+    """The user turn asking for a HumanEval function (chat and qwen-boxed presets; the rl loop's
+    code prompts, so that a code reward is earned on the prompt `posttrain eval` asks)."""
+    return f"{CODE_INSTRUCTION}```python\n{question}```"
 
 
 def _chat(tokenizer, user: str, preset: str) -> str:

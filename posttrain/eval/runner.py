@@ -25,7 +25,7 @@ from rich.table import Table
 from posttrain.config import EvalRecipe, from_dict, load_recipe
 from posttrain.errors import UserError
 from posttrain.eval.benchmarks import LoadedBenchmark, jsonl_lines, load_benchmark
-from posttrain.eval.code_sandbox import CodeSandbox, assemble_program
+from posttrain.eval.code_sandbox import CodeSandbox
 from posttrain.eval.protocols import cross_check as run_cross_check
 from posttrain.eval.protocols import make_math_grader
 from posttrain.eval.metrics import summarize
@@ -119,6 +119,8 @@ def _evaluate_locked(cfg: EvalRecipe, out: Path, completions: Path | None, bench
     finally:
         if math_grader:
             math_grader.close()
+        if sandbox:
+            sandbox.close()
     # Macro average over benchmarks, when they share the same avg@k.
     avg_keys = {next((k for k in r["metrics"] if k.startswith("avg@")), None) for r in results["benchmarks"].values()}
     complete = all(r["coverage"]["complete"] for r in results["benchmarks"].values())
@@ -228,9 +230,8 @@ def _grade_and_append(bench, records, math_grader, sandbox, out, done) -> float:
         for record, gold, verdict in zip(records, golds, math_grader.grade(golds, [r["completion"] for r in records])):
             record.update(gold=gold, extracted=verdict["extracted"], correct=verdict["correct"], error=verdict["error"])
     else:
-        programs = [assemble_program(bench.rows[r["index"]]["prompt"], r["completion"], bench.rows[r["index"]]["test"],
-                                     bench.rows[r["index"]]["entry_point"]) for r in records]
-        for record, gold, verdict in zip(records, golds, sandbox.run_many(programs)):
+        verdicts = sandbox.grade([bench.rows[r["index"]] for r in records], [r["completion"] for r in records])
+        for record, gold, verdict in zip(records, golds, verdicts):
             record.update(gold=gold, extracted=None, correct=verdict["passed"], error=verdict["error"])
     seconds = time.time() - clock
     with open(out / "samples.jsonl", "a") as f:
