@@ -531,6 +531,10 @@ def _load_prompts(recipe: DistillRecipe, needs: frozenset[str]) -> tuple[list, l
         raise UserError(f"recipe key 'prompts.prompt_field': the data has no field {cfg.prompt_field!r}; "
                         f"fields: {', '.join(rows[0])}")
     prompt_fields = [row[cfg.prompt_field] for row in rows]
+    empty = next((i for i, field in enumerate(prompt_fields) if field in (None, "", [])), None)
+    if empty is not None:  # str(None) would otherwise become the prompt "None"
+        raise UserError(f"recipe key 'prompts.prompt_field': row {empty} has an empty {cfg.prompt_field!r} "
+                        f"({prompt_fields[empty]!r}); every prompt row needs the question text (or a message list)")
     if VERIFIABLE_REWARD not in needs:
         return prompt_fields, [None] * len(rows)
     if cfg.reward == "code":

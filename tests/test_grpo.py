@@ -226,3 +226,14 @@ def test_code_reward_refuses_rows_and_settings_it_cannot_grade(tmp_path):
     math_on_code = _code_recipe(tmp_path, code_rows)
     del math_on_code["prompts"]["reward"]
     assert "(code problems? set prompts.reward: code)" in refusal(math_on_code, "load")
+
+
+def test_an_empty_prompt_row_is_refused_not_sent_as_the_text_none(tmp_path):
+    from posttrain.distill import _load_prompts
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "1+1?", "answer": "2"}) + "\n" + json.dumps({"prompt": None, "answer": "3"}) + "\n")
+    recipe = from_dict(DistillRecipe, {"name": "g", "student": {"tiny": dict(TINY)}, "objective": {"name": "grpo"},
+                                       "prompts": {"source": str(rows), "prompt_field": "prompt"}}, "r.yaml")
+    with pytest.raises(UserError, match="row 1 has an empty 'prompt' \\(None\\)"):
+        _load_prompts(recipe, OBJECTIVES["grpo"].needs(recipe.objective.params))
