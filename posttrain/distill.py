@@ -165,7 +165,10 @@ def distill_step(policy, optimizer, scheduler, backend, sources: Sources, runtim
     batch = {k: v.to(runtime.device) for k, v in collate(rollouts, tokenizer.pad_token_id).items()}
     batch["loss_mask"] &= ~first_occurrence_mask(batch["target_ids"], batch["loss_mask"], mask_ids)
     rollout_references = [references[int(g)] for g in group_B]
-    signals, diagnostics = fetch_signals(sources, policy, batch, group_B, [c.text for c in flat], rollout_references)
+    # π_old (and the teacher, the reference) under the autocast the update's forward runs in, so
+    # that the first update of a step has ratio 1 exactly
+    with runtime.accelerator.autocast():
+        signals, diagnostics = fetch_signals(sources, policy, batch, group_B, [c.text for c in flat], rollout_references)
     batch["old_logprob"] = signals.old_logprob_BT  # every on-policy loss reads π_old (ratios, rewards)
     gap_sum = rollout_logprob_gap_sum(flat, rollouts, batch, spec)
     if objective.prepare is not None:
@@ -393,7 +396,9 @@ class Sources:
         if needs & TEACHER_SOURCES:
             sources.teacher = Teacher(recipe, runtime, tokenizer)
         if REFERENCE_TOKEN in needs:
-            model, _ = load_policy(recipe.student, "student", recipe.seed, "cpu", dtype=_frozen_dtype(recipe, runtime))
+            # the trained student's weight dtype (fp32 unless bf16-pure), so the KL starts at 0
+            dtype = torch.bfloat16 if recipe.train.precision == "bf16-pure" else torch.float32
+            model, _ = load_policy(recipe.student, "student", recipe.seed, "cpu", dtype=dtype)
             sources.reference = place_teacher(model.eval().requires_grad_(False), runtime)
         if VERIFIABLE_REWARD in needs and recipe.prompts.reward == "code":
             from posttrain.eval.code_sandbox import CodeSandbox
@@ -473,6 +478,13 @@ def _check_sources(recipe: DistillRecipe, needs: frozenset[str], recipe_path: st
         raise UserError(f"{recipe_path}: key 'scoring.backend': vllm scoring serves a teacher, and {name} has "
                         "none; use scoring.backend: hf")
     _check_code_reward(recipe, needs, recipe_path)
+    if VERIFIABLE_REWARD in needs:  # grpo: each rollout's advantage is relative to its prompt's other rollouts
+        if recipe.rollout.samples_per_prompt < 2:
+            raise UserError(f"{recipe_path}: key 'rollout.samples_per_prompt': {name} compares each rollout with the "
+                            "other rollouts of its prompt; with 1 every advantage is 0 and nothing trains; use ≥ 2")
+        if recipe.rollout.temperature == 0:
+            raise UserError(f"{recipe_path}: key 'rollout.temperature': greedy rollouts of one prompt are identical, "
+                            f"so every {name} advantage is 0; sample at temperature > 0")
 
 
 def _check_code_reward(recipe: DistillRecipe, needs: frozenset[str], recipe_path: str) -> None:

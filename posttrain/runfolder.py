@@ -340,12 +340,17 @@ def recipe_changes(run_dir: Path, recipe) -> dict[str, tuple]:
     changes = {}
     for key in sorted((set(before) | set(after)) - LOCATION_KEYS):
         old, new = before.get(key, ABSENT), after.get(key, ABSENT)
+        if new is ABSENT and RETIRED_KEYS.get(key, ABSENT) == old:
+            continue  # a key posttrain no longer has, recorded at the only value it ever acted like
         if old != new and not (old is ABSENT and _is_default(recipe, key, new)):
             changes[key] = (old, new)
     return changes
 
 
 ABSENT = "(absent)"
+# Keys removed from the schema, with the value that made them a no-op: a run recorded with them
+# there resumes without --allow-changed-recipe (train.log_every: metrics were always per step).
+RETIRED_KEYS = {"train.log_every": 1}
 # Where the run folder is, not what the run computes: a moved or renamed run folder resumes.
 LOCATION_KEYS = {"out_dir", "name"}
 

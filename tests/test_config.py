@@ -1,8 +1,9 @@
 """Recipe validation: every user mistake is one clear line naming the file, the key and what is allowed."""
 
 import pytest
+import yaml
 
-from posttrain.config import DistillRecipe, EvalRecipe, TrainRecipe, load_recipe
+from posttrain.config import DistillRecipe, EvalRecipe, TrainRecipe, from_dict, load_recipe
 from posttrain.errors import UserError
 from tests.helpers import run_cli, tiny_train_recipe, write_recipe
 
@@ -164,3 +165,17 @@ def test_errors_found_while_loading_name_the_recipe_file(tmp_path, change, expec
 def test_cli_missing_recipe_file(tmp_path):
     proc = run_cli("train", "--recipe", str(tmp_path / "missing.yaml"), check=False)
     assert proc.returncode == 2 and "recipe file not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_retired_key_recorded_at_its_no_op_value_is_not_a_change(tmp_path):
+    from posttrain.config import dump_yaml
+    from posttrain.runfolder import recipe_changes
+
+    recipe = from_dict(TrainRecipe, {"name": "r", "model": {"tiny": {}}, "objective": {"name": "sft"}}, "r.yaml")
+    recorded = yaml.safe_load(dump_yaml(recipe))
+    recorded["train"]["log_every"] = 1  # written by a posttrain that still had the key
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(recorded))
+    assert recipe_changes(tmp_path, recipe) == {}
+    recorded["train"]["log_every"] = 5  # it never acted like that: say so
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(recorded))
+    assert recipe_changes(tmp_path, recipe) == {"train.log_every": (5, "(absent)")}

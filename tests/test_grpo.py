@@ -237,3 +237,25 @@ def test_an_empty_prompt_row_is_refused_not_sent_as_the_text_none(tmp_path):
                                        "prompts": {"source": str(rows), "prompt_field": "prompt"}}, "r.yaml")
     with pytest.raises(UserError, match="row 1 has an empty 'prompt' \\(None\\)"):
         _load_prompts(recipe, OBJECTIVES["grpo"].needs(recipe.objective.params))
+
+
+def test_the_first_update_is_on_policy_under_bf16_autocast(tmp_path, models):
+    # π_old is scored under the autocast the update runs in, and the reference keeps the student's
+    # fp32 weights: with one update per step the ratio is 1 and the KL to the start policy is 0
+    recipe = _grpo_recipe(tmp_path, models[0], kl_coef=0.5)
+    recipe["train"].update({"steps": 1, "mini_batch_size": 16, "micro_batch_size": 16, "precision": "bf16"})
+    run_cli("rl", "--recipe", str(write_recipe(tmp_path, recipe)))
+    [row] = [json.loads(line) for line in (tmp_path / "runs" / "g" / "metrics.jsonl").read_text().splitlines()]
+    assert row["train_ratio"] == pytest.approx(1.0, abs=1e-6) and row["train_clip_frac"] == 0.0, row
+    assert row["train_kl_reference"] == pytest.approx(0.0, abs=1e-6), row
+
+
+def test_grpo_refuses_groups_that_cannot_have_an_advantage(tmp_path):
+    from posttrain.distill import _check_sources
+
+    for rollout, key in (({"samples_per_prompt": 1}, "rollout.samples_per_prompt"),
+                         ({"temperature": 0.0}, "rollout.temperature")):
+        recipe = from_dict(DistillRecipe, {"name": "g", "student": {"tiny": dict(TINY)}, "objective": {"name": "grpo"},
+                                           "rollout": rollout}, "r.yaml")
+        with pytest.raises(UserError, match=f"key '{key}'"):
+            _check_sources(recipe, OBJECTIVES["grpo"].needs(recipe.objective.params), "r.yaml")
