@@ -102,12 +102,34 @@ def _samples(path: Path) -> list[dict]:
             if number == len(path.read_text(encoding="utf-8").splitlines()):
                 continue  # a torn last line of an interrupted eval: that sample was never graded
             raise UserError(f"{path}: line {number} is not valid JSON") from None
-    return records
+    # a resumed eval may have re-drawn a sample: the last record of each id is the graded one, as eval reads it
+    return list({(r["benchmark"], r["index"], r["sample"]): r for r in records}.values())
+
+
+# Benchmarks that are training problems; every other built-in benchmark is a test set that
+# `posttrain eval` scores, and RFT data drawn from it would train on the answers it is scored on.
+TRAINING_SETS = {"synthetic_train"}
 
 
 def _benchmark_rows(name: str, config: dict, eval_dir: Path):
+    """The rows the eval sampled, re-read from where the eval read them (results.json's source,
+    checked against its sha256): a training set, or a user's own file given as NAME:PATH."""
     if name not in BENCHMARKS or BENCHMARKS[name].kind != "math":
         raise UserError(f"{eval_dir / 'samples.jsonl'}: benchmark {name!r}: RFT data is made from math "
                         "benchmarks (a graded boxed answer)")
-    loaded = load_benchmark(name, config.get("data_dir"), None)
+    results_path = eval_dir / "results.json"
+    if not results_path.is_file():
+        raise UserError(f"{eval_dir}: no results.json: the eval did not finish; run the same `posttrain eval` again "
+                        "(it resumes), then rft-data")
+    recorded = json.loads(results_path.read_text()).get("benchmarks", {}).get(name, {})
+    source, spec = recorded.get("source"), BENCHMARKS[name]
+    own_file = source not in (None, "built-in") and not source.startswith("hub:") and Path(source).name != spec.filename
+    if name not in TRAINING_SETS and not own_file:
+        raise UserError(f"{eval_dir}: benchmark {name!r} ({source}) is a test set that `posttrain eval` scores; RFT "
+                        f"data must come from training problems: sample {', '.join(sorted(TRAINING_SETS))}, or your "
+                        f"own training file as {name}:PATH")
+    loaded = load_benchmark(f"{name}:{source}" if own_file else name, config.get("data_dir"), None)
+    if recorded.get("sha256") and loaded.sha256 != recorded["sha256"]:
+        raise UserError(f"{loaded.source}: changed since the eval sampled it (sha256 differs from {results_path}); "
+                        "the sample indices would point at other problems")
     return loaded.spec, loaded.rows

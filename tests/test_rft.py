@@ -6,16 +6,21 @@ synthetic_train problems to sample from; the sampling step itself runs in `make 
 import json
 
 from posttrain.data.synthetic import DATA_SEED, make_rows
+from posttrain.eval.benchmarks import load_benchmark
 from posttrain.eval.prompts import BOXED_INSTRUCTION
 from tests.helpers import run_cli, tiny_train_recipe, write_recipe
 
 
-def _eval_folder(tmp_path, records, prompt="chat"):
+def _eval_folder(tmp_path, records, prompt="chat", benchmark="synthetic_train", finished=True):
     folder = tmp_path / "samples"
-    folder.mkdir()
+    folder.mkdir(parents=True)
     (folder / "eval_config.json").write_text(json.dumps({"prompt": prompt, "completions": None}))
-    base = {"benchmark": "synthetic_train", "prompt": "<rendered>", "gold": "1", "tokens": 3}
+    base = {"benchmark": benchmark, "prompt": "<rendered>", "gold": "1", "tokens": 3}
     (folder / "samples.jsonl").write_text("".join(json.dumps({**base, **r}) + "\n" for r in records))
+    if finished:  # what a finished eval records of the rows it read
+        loaded = load_benchmark(benchmark, None, None)
+        (folder / "results.json").write_text(json.dumps(
+            {"benchmarks": {benchmark: {"source": loaded.source, "sha256": loaded.sha256}}}))
     return folder
 
 
@@ -47,6 +52,22 @@ def test_rft_data_refuses_what_it_cannot_pair(tmp_path):
     proc = run_cli("rft-data", str(tmp_path), "--out", str(tmp_path / "o.jsonl"), check=False)
     assert proc.returncode == 2 and "not an eval folder" in proc.stderr
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_rft_data_refuses_test_sets_and_unfinished_evals_and_keeps_the_last_draw(tmp_path):
+    record = {"index": 0, "sample": 0, "completion": "x \\boxed{1}", "correct": True, "finish_reason": "stop"}
+    # the problems `posttrain eval` scores (here the mini in-domain test set) are never training data
+    folder = _eval_folder(tmp_path / "a", [record], benchmark="synthetic")
+    proc = run_cli("rft-data", str(folder), "--out", str(tmp_path / "o.jsonl"), check=False)
+    assert proc.returncode == 2 and "benchmark 'synthetic' (built-in) is a test set" in " ".join(proc.stderr.split())
+    folder = _eval_folder(tmp_path / "b", [record], finished=False)
+    proc = run_cli("rft-data", str(folder), "--out", str(tmp_path / "o.jsonl"), check=False)
+    assert proc.returncode == 2 and "the eval did not finish" in proc.stderr
+    assert not (tmp_path / "o.jsonl").exists()
+    # a resumed eval re-drew sample 0 of problem 0: only its last (graded) record counts
+    folder = _eval_folder(tmp_path / "c", [record, {**record, "completion": "y \\boxed{2}", "correct": False}])
+    proc = run_cli("rft-data", str(folder), "--out", str(tmp_path / "o.jsonl"), check=False)
+    assert proc.returncode == 2 and "no correct sample" in proc.stderr
 
 
 def _line(index, completion, finish_reason="stop"):
