@@ -249,12 +249,12 @@ def _distill_extras(group):
 def phase_totals(run: Run) -> dict[str, float]:
     """Seconds and tokens per phase, summed over the run's logged steps (metrics.jsonl).
 
-    distill: generate / score / train seconds (time_*), generated tokens (response_tokens) and
+    distill and rl (the on-policy loop): generate / score / train seconds (time_*), generated tokens (response_tokens) and
     trained tokens (response_tokens × trained_token_frac). train: train seconds (step_seconds),
     input tokens (tokens_per_s × step_seconds) and trained (loss) tokens (response_tokens)."""
     rows = run.metrics
     total = lambda key: sum(float(r.get(key, 0.0)) for r in rows)  # noqa: E731
-    if run.command == "distill":
+    if run.command in ("distill", "rl"):
         return {"generate_s": total("time_generate"), "score_s": total("time_score"), "train_s": total("time_train"),
                 "generated_tokens": total("response_tokens"),
                 "trained_tokens": sum(float(r.get("response_tokens", 0.0)) * float(r.get("trained_token_frac", 1.0))
@@ -285,7 +285,7 @@ def _compute_table(runs: list[Run], benchmarks: list[str], by_final: dict, summa
     for run in sorted((r for r in runs if r.metrics), key=lambda r: r.name):
         phases = phase_totals(run)
         seconds = phases["generate_s"] + phases["score_s"] + phases["train_s"]
-        start = _source_run(run, "student" if run.command == "distill" else "model", by_final)
+        start = _source_run(run, "student" if run.command in ("distill", "rl") else "model", by_final)
         average, start_average = _average(run, benchmarks), _average(start, benchmarks)
         gain = ((average - start_average) / seconds * 1000
                 if average is not None and start_average is not None and seconds > 0 else None)

@@ -66,6 +66,9 @@ def test_compute_table_sums_phases_and_prices_the_gain(tmp_path):
     _metrics(opd, [{"time_generate": 3.0, "time_score": 1.0, "time_train": 1.0, "response_tokens": 100,
                     "trained_token_frac": 0.5}] * 4)
     _eval_synthetic(opd, 45.0)
+    grpo = _run(runs, "grpo", "rl", {"student": {"path": str(base / "final")}, "objective": {"name": "grpo"}, "train": {}})
+    _metrics(grpo, [{"time_generate": 1.0, "time_score": 0.5, "time_train": 0.5, "response_tokens": 10}] * 5)
+    _eval_synthetic(grpo, 25.0)
     summary = report([runs], tmp_path / "out", with_papers=False)
     compute = summary["compute"]
     assert compute["sft"] == {"generate_s": 0.0, "score_s": 0.0, "train_s": 4.0, "generated_tokens": 0.0,
@@ -73,6 +76,7 @@ def test_compute_table_sums_phases_and_prices_the_gain(tmp_path):
                               "start_average": 20.0, "gain_per_1000s": 2500.0}
     assert compute["opd"]["total_s"] == 20.0 and compute["opd"]["trained_tokens"] == 200.0
     assert compute["opd"]["gain_per_1000s"] == 1250.0  # (45 − 20) / 20 s × 1000
+    assert compute["grpo"]["total_s"] == 10.0 and compute["grpo"]["gain_per_1000s"] == 500.0  # rl: no teacher, same phases
     assert compute["base"]["gain_per_1000s"] is None  # started from a model that is not a run here
     table = (tmp_path / "out" / "tables.md").read_text()
     assert "| opd | distill | 12.0 | 4.0 | 4.0 | 20.0 | 400 | 200 | 45.0 | 20.0 | 1250.00 |" in table
