@@ -153,15 +153,33 @@ def _table2(offline, rft, rl, by_final, benchmarks, with_papers, summary) -> str
 
 def _is_rft(run: Run) -> bool:
     """A train run on `posttrain rft-data` output (its rows name the eval folder they came from)."""
+    return _rft_source(run) is not None
+
+
+def _rft_source(run: Run) -> Path | None:
+    """The eval folder an RFT run's data was drawn from (`rft_source` in its data rows), else None."""
     source = Path((run.config.get("data") or {}).get("source", ""))
     if source.suffix != ".jsonl" or not source.is_file():
-        return False
+        return None
     with open(source, encoding="utf-8") as f:
         first = f.readline()
     try:
-        return "rft_source" in json.loads(first)
+        row = json.loads(first)
     except json.JSONDecodeError:
-        return False
+        return None
+    return Path(row["rft_source"]) if isinstance(row, dict) and "rft_source" in row else None
+
+
+def _sampling_phases(eval_dir: Path | None) -> dict[str, float]:
+    """Generate / grade seconds and generated tokens of the eval that drew an RFT run's data
+    (its results.json), so that RFT's row pays for its samples; zeros when not found."""
+    results = eval_dir / "results.json" if eval_dir is not None else None
+    if results is None or not results.is_file():
+        return {"generate_s": 0.0, "score_s": 0.0, "generated_tokens": 0.0}
+    benchmarks = json.loads(results.read_text()).get("benchmarks", {}).values()
+    total = lambda key: sum(float(b.get(key) or 0.0) for b in benchmarks)  # noqa: E731
+    return {"generate_s": total("generation_seconds"), "score_s": total("grading_seconds"),
+            "generated_tokens": total("tokens_generated")}
 
 
 def _resolve(path: Path) -> Path:
@@ -259,7 +277,8 @@ def phase_totals(run: Run) -> dict[str, float]:
                 "generated_tokens": total("response_tokens"),
                 "trained_tokens": sum(float(r.get("response_tokens", 0.0)) * float(r.get("trained_token_frac", 1.0))
                                       for r in rows)}
-    return {"generate_s": 0.0, "score_s": 0.0, "train_s": total("step_seconds"), "generated_tokens": 0.0,
+    # an RFT run also pays for the sampling that made its data (shared by its seeds: counted in each)
+    return {**_sampling_phases(_rft_source(run)), "train_s": total("step_seconds"),
             "input_tokens": sum(float(r.get("tokens_per_s", 0.0)) * float(r.get("step_seconds", 0.0)) for r in rows),
             "trained_tokens": total("response_tokens")}
 
@@ -277,7 +296,8 @@ def _compute_table(runs: list[Run], benchmarks: list[str], by_final: dict, summa
     accuracy, points) per 1000 s of the run's own wall time, not a point on a learning curve."""
     lines = ["### Compute per run (sums over the logged steps of metrics.jsonl)", "",
              "Gain per 1000 s = (average accuracy − that of the model the run started from) / total seconds × 1000: "
-             "accuracy bought per unit of this run's wall time (the starting model's own training not counted). "
+             "accuracy bought per unit of this run's wall time (the starting model's own training not counted; an RFT "
+             "run's row includes the sampling of its data, shared by its seeds). "
              "Wall times compare only runs made on the same machine under the same load.", "",
              "| run | command | generate s | score s | train s | total s | generated tokens | trained tokens | "
              "average | start average | gain per 1000 s |", "|" + "---|" * 11]

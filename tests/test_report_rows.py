@@ -99,7 +99,11 @@ def test_table2_rows_base_sft_dft_otr_rft_grpo_with_seeds(tmp_path):
     _eval(base, 20.0, 10.0)
     model = {"path": str(base / "final")}
     rft_data = tmp_path / "rft.jsonl"
-    rft_data.write_text(json.dumps({"prompt": "p", "solution": "s", "rft_source": "x"}) + "\n")
+    sampled = tmp_path / "rft-samples"  # the eval that drew the RFT data: its cost is part of the RFT rows
+    sampled.mkdir()
+    (sampled / "results.json").write_text(json.dumps({"benchmarks": {"synthetic_train": {
+        "generation_seconds": 30.0, "grading_seconds": 2.0, "tokens_generated": 5000}}}))
+    rft_data.write_text(json.dumps({"prompt": "p", "solution": "s", "rft_source": str(sampled)}) + "\n")
     plain_data = tmp_path / "plain.jsonl"
     plain_data.write_text(json.dumps({"prompt": "p", "solution": "s"}) + "\n")
     for seed, (a, b) in enumerate([(30.0, 12.0), (34.0, 14.0)]):
@@ -109,10 +113,13 @@ def test_table2_rows_base_sft_dft_otr_rft_grpo_with_seeds(tmp_path):
                                                         "data": {"source": str(rft_data)}, "train": {}}), a + 1, b)
         _eval(_run(runs, f"grpo-seed{seed}", "rl", {"student": model, "teacher": None,
                                                     "objective": {"name": "grpo"}, "train": {}}), a + 2, b)
+    for name in ("tuned-seed0", "sft-seed0"):
+        _metrics(runs / name, [{"step_seconds": 1.0, "tokens_per_s": 10.0, "response_tokens": 5}])
     _run(runs, "otr-beta0", "train", {"model": model, "objective": {"name": "otr", "beta": 0.0}, "train": {}})
     summary = report([runs], tmp_path / "out")
     text = (tmp_path / "out" / "tables.md").read_text()
     table2 = text[text.index("shaped like DFT Table 2"):]
+    table2 = table2[: table2.index("\n### ")]  # up to the next table (compute)
     rows = {line.split("|")[1].strip(): line for line in table2.splitlines() if line.startswith("| ")}
     assert list(rows)[1:] == ["base model", "sft", "tuned", "grpo"]  # after the header; otr-beta0 is not a Table 2 row
     assert "| 2 | 33.0 ± 2.8 | 13.0 ± 1.4 |" in rows["tuned"] and "| 23.97 |" in rows["tuned"]  # RFT by its data
@@ -121,3 +128,5 @@ def test_table2_rows_base_sft_dft_otr_rft_grpo_with_seeds(tmp_path):
     assert "PPO 28.66 and DPO 23.20 are in that table too, and posttrain runs neither" in text
     assert [r["method"] for r in summary["tables"]["table2"]] == ["base model", "sft", "tuned", "grpo"]
     assert "tuned" not in [r["method"] for r in summary["tables"]["offline"]]
+    assert (summary["compute"]["tuned-seed0"]["generate_s"], summary["compute"]["tuned-seed0"]["score_s"]) == (30.0, 2.0)
+    assert summary["compute"]["sft-seed0"]["generate_s"] == 0.0
