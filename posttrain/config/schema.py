@@ -9,6 +9,9 @@ from posttrain.config.ranges import (
     LossAggregation, NonNegativeFloat, NonNegativeInt, OpenFraction, PositiveFloat, PositiveInt, RunName, Share,
 )
 
+Tracker = Literal["none", "tensorboard", "wandb", "trackio"]  # report_to: who gets a copy of the metrics (trackers.py)
+
+
 @dataclass
 class TinyModelConfig:
     """A randomly initialised small model plus a BPE tokenizer trained on the synthetic task."""
@@ -156,7 +159,7 @@ class TrainRecipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     # Experiment trackers that get a copy of every metrics row (posttrain/trackers.py); none: []
-    report_to: list[Literal["none", "tensorboard", "wandb", "trackio"]] = field(default_factory=list)
+    report_to: list[Tracker] = field(default_factory=list)
 
 
 @dataclass
@@ -234,7 +237,7 @@ class DistillRecipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: DistillLoopConfig = field(default_factory=DistillLoopConfig)
     # Experiment trackers that get a copy of every metrics row (posttrain/trackers.py); none: []
-    report_to: list[Literal["none", "tensorboard", "wandb", "trackio"]] = field(default_factory=list)
+    report_to: list[Tracker] = field(default_factory=list)
 
 
 @dataclass
@@ -255,4 +258,4 @@ class EvalRecipe(SamplingConfig):
     workers: PositiveInt = 2  # grading processes
     out: str | None = None
     # Experiment trackers that get a copy of the results (per benchmark) (posttrain/trackers.py); none: []
-    report_to: list[Literal["none", "tensorboard", "wandb", "trackio"]] = field(default_factory=list)
+    report_to: list[Tracker] = field(default_factory=list)
