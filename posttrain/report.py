@@ -138,8 +138,12 @@ def report(paths: list[Path], out: Path, with_papers: bool = True) -> dict:
 def _table2(offline, rft, rl, by_final, benchmarks, with_papers, summary) -> str:
     """Base, SFT, DFT, OTR (the offline runs' default variants), RFT and GRPO from one base model,
     shaped like DFT Table 2 (the paper's PPO and DPO rows are not run here)."""
-    first = (rft + rl + offline)[0]
-    base = _source_run(first, "student" if first.command == "rl" else "model", by_final)
+    start_of = lambda run: _source_run(run, "student" if run.command == "rl" else "model", by_final)  # noqa: E731
+    starts = [start_of(r) for r in rft + rl + offline]
+    base = max(starts, key=lambda run: sum(other is run for other in starts))  # the model most runs started from
+    # one base model: runs started from another model are left out of this table (named below it)
+    others = [r.name for r in rft + rl + offline if start_of(r) is not base]
+    offline, rft, rl = ([r for r in group if start_of(r) is base] for group in (offline, rft, rl))
     rows = [("base model", [base], table2_paper_row("base"))] if base is not None else []
     for variant, group in _variants(offline):
         objective = group[0].config["objective"]
@@ -147,8 +151,11 @@ def _table2(offline, rft, rl, by_final, benchmarks, with_papers, summary) -> str
             rows.append((variant, group, table2_paper_row(objective["name"])))
     rows += [(variant, group, table2_paper_row("rft")) for variant, group in _variants(rft)]
     rows += [(variant, group, table2_paper_row(group[0].config["objective"]["name"])) for variant, group in _variants(rl)]
-    return _table("Offline and online RL baselines from one base model (shaped like DFT Table 2; PPO and DPO not run)",
-                  rows, benchmarks, "paper: Qwen2.5-Math-1.5B average", with_papers, summary, "table2")
+    table = _table("Offline and online RL baselines from one base model (shaped like DFT Table 2; PPO and DPO not run)",
+                   rows, benchmarks, "paper: Qwen2.5-Math-1.5B average", with_papers, summary, "table2")
+    if others:
+        table += f"\n\nNot in this table (started from another model than {base.name if base else 'the base'}): {', '.join(others)}"
+    return table
 
 
 def _is_rft(run: Run) -> bool:
@@ -157,7 +164,11 @@ def _is_rft(run: Run) -> bool:
 
 
 def _rft_source(run: Run) -> Path | None:
-    """The eval folder an RFT run's data was drawn from (`rft_source` in its data rows), else None."""
+    """The eval folder an RFT run's data was drawn from, else None: as the run recorded it
+    (rft_source.json, written by `posttrain train`), or from its data rows (`rft_source`)."""
+    recorded = run.path / "rft_source.json"
+    if recorded.is_file():
+        return Path(json.loads(recorded.read_text())["rft_source"])
     source = Path((run.config.get("data") or {}).get("source", ""))
     if source.suffix != ".jsonl" or not source.is_file():
         return None

@@ -50,6 +50,7 @@ def train(recipe: TrainRecipe, *, resume: bool = False, recipe_path: str = "reci
     runtime = make_runtime(recipe.train.precision, recipe.train.parallel)
     run_dir, checkpoint, model, tokenizer = open_run(recipe, "model", runtime, resume, allow_changed_recipe, recipe_path)
     apply_precision(model, recipe.train.precision)
+    _record_rft_source(run_dir, rows, runtime)
     check_memory(training_memory(
         model, tokens_per_micro_batch=recipe.train.micro_batch_tokens or recipe.train.micro_batch_size * recipe.data.max_length,
         bf16=runtime.matmul_dtype is not None, gradient_checkpointing=recipe.train.gradient_checkpointing,
@@ -187,6 +188,15 @@ def token_probability_histogram(policy, model, examples, tokenizer, runtime: Run
         counts += torch.histc(log10, bins=len(counts), min=LOG10_EDGES[0], max=LOG10_EDGES[-1])
     model.train(was_training)
     return counts.tolist()
+
+
+def _record_rft_source(run_dir: Path, rows: list[dict], runtime: Runtime) -> None:
+    """rft_source.json: the eval folder an RFT run's data (`posttrain rft-data` rows) was sampled
+    in, kept in the run folder so that `posttrain report` knows the run is RFT even after the
+    data file moves."""
+    sources = {row.get("rft_source") for row in rows}
+    if runtime.is_main and len(sources) == 1 and None not in sources:
+        write_text_atomic(run_dir / "rft_source.json", json.dumps({"rft_source": sources.pop()}))
 
 
 def _write_token_probs(run_dir: Path, runtime: Runtime, key: str, counts: list[float], examples: int) -> None:

@@ -113,6 +113,9 @@ def test_table2_rows_base_sft_dft_otr_rft_grpo_with_seeds(tmp_path):
                                                         "data": {"source": str(rft_data)}, "train": {}}), a + 1, b)
         _eval(_run(runs, f"grpo-seed{seed}", "rl", {"student": model, "teacher": None,
                                                     "objective": {"name": "grpo"}, "train": {}}), a + 2, b)
+    other_base = _run(runs, "other-base", "train", {"model": {"tiny": {}}, "objective": {"name": "sft"}, "train": {}})
+    _eval(_run(runs, "grpo-other-seed0", "rl", {"student": {"path": str(other_base / "final")}, "teacher": None,
+                                                "objective": {"name": "grpo"}, "train": {}}), 99.0, 99.0)
     for name in ("tuned-seed0", "sft-seed0"):
         _metrics(runs / name, [{"step_seconds": 1.0, "tokens_per_s": 10.0, "response_tokens": 5}])
     _run(runs, "otr-beta0", "train", {"model": model, "objective": {"name": "otr", "beta": 0.0}, "train": {}})
@@ -127,6 +130,7 @@ def test_table2_rows_base_sft_dft_otr_rft_grpo_with_seeds(tmp_path):
     assert "not in Table 2 (Table 1: 15.92)" in rows["base model"]
     assert "PPO 28.66 and DPO 23.20 are in that table too, and posttrain runs neither" in text
     assert [r["method"] for r in summary["tables"]["table2"]] == ["base model", "sft", "tuned", "grpo"]
+    assert "Not in this table (started from another model than base): grpo-other-seed0" in text
     assert "tuned" not in [r["method"] for r in summary["tables"]["offline"]]
     assert (summary["compute"]["tuned-seed0"]["generate_s"], summary["compute"]["tuned-seed0"]["score_s"]) == (30.0, 2.0)
     assert summary["compute"]["sft-seed0"]["generate_s"] == 0.0

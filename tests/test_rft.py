@@ -126,6 +126,12 @@ def test_rft_pipeline_eval_then_rft_data_then_train(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "runs" / "rft" / "final")
     expected = sum(len(tokenizer(r["solution"], add_special_tokens=False)["input_ids"]) + 1 for r in kept)  # + EOS
     assert sum(row["response_tokens"] for row in metrics) == expected
+    # the run keeps where its data was sampled, so the report finds it as RFT after the data file moves
+    assert json.loads((tmp_path / "runs" / "rft" / "rft_source.json").read_text()) == {"rft_source": str(graded)}
+    from posttrain.report import Run, _rft_source
+
+    data.unlink()
+    assert _rft_source(Run(tmp_path / "runs" / "rft", "train", {"data": {"source": str(data)}})) == graded
 
 
 def test_rft_data_needs_to_know_how_each_correct_sample_ended(tmp_path):
