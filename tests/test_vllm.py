@@ -232,3 +232,26 @@ def test_distill_with_vllm_rollouts_syncs_weights_and_lowers_the_reverse_kl(tmp_
     first = sum(r["reverse_kl"] for r in rows[:3]) / 3
     last = sum(r["reverse_kl"] for r in rows[-3:]) / 3
     assert last < 0.8 * first, (first, last)
+
+
+def test_grpo_with_vllm_rollouts_grades_the_engines_texts(tmp_path, distill_models):
+    """`posttrain rl` without a teacher, rollouts from vLLM: the grader sees the engine's completion
+    texts (rewards logged per step) and π_old matches the engine's log-probs."""
+    _, student = distill_models
+    recipe = {
+        "name": "grpo", "out_dir": str(tmp_path / "runs"), "student": {"path": str(student)},
+        "prompts": {"source": "synthetic", "prompt_field": "prompt", "answer_field": "answer",
+                    "synthetic": {"split": "in_domain", "num_examples": 64}},
+        "rollout": {"backend": "vllm", "prompts_per_step": 4, "samples_per_prompt": 4, "max_new_tokens": 24},
+        "scoring": {"grader_workers": 1},
+        "objective": {"name": "grpo"}, "optim": {"lr": 2e-3, "schedule": "constant"},
+        "train": {"steps": 2, "mini_batch_size": 16, "micro_batch_size": 16},
+    }
+    run_cli("rl", "--recipe", str(write_recipe(tmp_path, recipe)), timeout=900)
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    for row in rows:
+        assert 0.0 <= row["verifiable_reward_mean"] <= 1.0 and "zero_advantage_group_frac" in row
+        assert row["rollout_logprob_gap"] < 1e-4, row
+    logged = [json.loads(line) for line in (tmp_path / "runs" / "grpo" / "rollouts.jsonl").read_text().splitlines()]
+    assert all(len(entry["responses"]) == 2 and all(entry["responses"]) for entry in logged)
