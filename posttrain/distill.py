@@ -70,6 +70,11 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, recipe_path: str = "
     apply_precision(student, recipe.train.precision)
     prompts = _tokenized_prompts(recipe, prompts, tokenizer)
     sources = Sources.open(recipe, needs, runtime, tokenizer, show=runtime.is_main)
+    try:
+        sources.check_references(references, recipe_path)
+    except UserError:
+        sources.__exit__(None, None, None)  # the grader's worker pool
+        raise
     if sources.teacher is not None:
         _check_k(recipe, student, recipe_path)
     check_memory(training_memory(
@@ -412,6 +417,26 @@ class Sources:
             sources.grader = MathGrader(workers=recipe.scoring.grader_workers)
         return sources
 
+    def check_references(self, references: list, recipe_path: str) -> None:
+        """Before the first step, every distinct gold answer parsed once: a gold the grader cannot
+        parse would give its prompt reward 0 in every rollout, silently (refused); one that parses
+        only as text matches only the same text (warned: GSM8K's "... #### 2" is such a gold)."""
+        if self.grader is None:
+            return
+        kinds = self.grader.gold_kinds(references)
+        for kind in ("none", "text"):
+            golds = [gold for gold in references if kinds[gold] == kind]
+            if not golds:
+                continue
+            example = f"{len(set(golds))} gold answer(s) {'the math grader cannot parse' if kind == 'none' else 'that parse only as text'}, " \
+                      f"e.g. {golds[0]!r} (row {references.index(golds[0])})"
+            if kind == "none":
+                raise UserError(f"{recipe_path}: key 'prompts.answer_field': {example}; every rollout of such a prompt "
+                                "would get reward 0. Give the final answer only")
+            console.print(f"warning: {recipe_path}: key 'prompts.answer_field': {example}; a rollout matches them "
+                          "only by the same text. If they are answers with extra words (GSM8K's '#### 2'), give the "
+                          "final answer only", highlight=False)
+
     def verifiable_rewards(self, references: list, texts: list[str]) -> list[float]:
         """1/0 per completion: the math grader's verdict on its boxed answer against the gold
         answer (reference: a string), or whether it passed the problem's tests in the code sandbox
@@ -543,20 +568,36 @@ def _load_prompts(recipe: DistillRecipe, needs: frozenset[str]) -> tuple[list, l
         raise UserError(f"recipe key 'prompts.prompt_field': the data has no field {cfg.prompt_field!r}; "
                         f"fields: {', '.join(rows[0])}")
     prompt_fields = [row[cfg.prompt_field] for row in rows]
-    empty = next((i for i, field in enumerate(prompt_fields) if field in (None, "", [])), None)
-    if empty is not None:  # str(None) would otherwise become the prompt "None"
-        raise UserError(f"recipe key 'prompts.prompt_field': row {empty} has an empty {cfg.prompt_field!r} "
-                        f"({prompt_fields[empty]!r}); every prompt row needs the question text (or a message list)")
+    bad = next((i for i, field in enumerate(prompt_fields) if not _is_prompt(field)), None)
+    if bad is not None:  # str(None) or str(42) would otherwise become the prompt text
+        raise UserError(f"recipe key 'prompts.prompt_field': row {bad}'s {cfg.prompt_field!r} is "
+                        f"{prompt_fields[bad]!r}; a prompt is non-empty text, or a list of chat messages "
+                        "{role, content} with text values")
     if VERIFIABLE_REWARD not in needs:
         return prompt_fields, [None] * len(rows)
     if cfg.reward == "code":
         return prompt_fields, _code_problems(rows, cfg.prompt_field)
-    missing = next((i for i, row in enumerate(rows) if row.get(cfg.answer_field) in (None, "")), None)
+    missing = next((i for i, row in enumerate(rows) if not _is_gold(row.get(cfg.answer_field))), None)
     if missing is not None:
         code_hint = " (code problems? set prompts.reward: code)" if {"test", "entry_point"} <= set(rows[missing]) else ""
-        raise UserError(f"recipe key 'prompts.answer_field': row {missing} has no {cfg.answer_field!r} (the gold "
-                        f"answer the grader compares with){code_hint}; fields: {', '.join(rows[missing])}")
-    return prompt_fields, [str(row[cfg.answer_field]) for row in rows]
+        raise UserError(f"recipe key 'prompts.answer_field': row {missing} has {cfg.answer_field!r} = "
+                        f"{rows[missing].get(cfg.answer_field)!r}, not a gold answer (text or a number) the grader can "
+                        f"compare with{code_hint}; fields: {', '.join(k for k, v in rows[missing].items() if v is not None)}")
+    return prompt_fields, [str(row[cfg.answer_field]).strip() for row in rows]
+
+
+def _is_prompt(field) -> bool:
+    if isinstance(field, str):
+        return bool(field.strip())
+    return isinstance(field, list) and bool(field) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in field)
+
+
+def _is_gold(value) -> bool:
+    """Text or a number; a bool, a list or a mapping would reach the grader as Python's str()."""
+    if isinstance(value, str):
+        return bool(value.strip())
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _code_problems(rows: list[dict], prompt_field: str) -> list[dict]:
@@ -568,6 +609,14 @@ def _code_problems(rows: list[dict], prompt_field: str) -> list[dict]:
                 raise UserError(f"recipe key 'prompts.reward': code runs each row's tests, and row {index} has no "
                                 f"text field {key!r} (HumanEval rows: prompt, test, entry_point; or use "
                                 f"prompts.reward: math); fields: {', '.join(row)}")
+        try:  # a test that does not compile, or defines no check(), fails every sample: reward 0, silently
+            compile(row["test"], f"row {index} test", "exec")
+        except SyntaxError as err:
+            raise UserError(f"recipe key 'prompts.reward': row {index}'s test does not compile ({err.msg}, line "
+                            f"{err.lineno})") from None
+        if not re.search(r"^def\s+check\s*\(", row["test"], flags=re.MULTILINE):
+            raise UserError(f"recipe key 'prompts.reward': row {index}'s test defines no check(candidate) "
+                            "(HumanEval's form: the sandbox calls check(entry_point))")
         # a field that is not the stub (task_id, a docstring) would fail every test: reward 0, silently
         if not re.search(rf"^\s*def\s+{re.escape(row['entry_point'])}\s*\(", row[prompt_field], flags=re.MULTILINE):
             raise UserError(f"recipe key 'prompts.prompt_field': row {index}'s {prompt_field!r} does not define its "

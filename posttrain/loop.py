@@ -35,6 +35,8 @@ def open_run(recipe, model_key: str, runtime: Runtime, resume: bool, allow_chang
         raise UserError("--allow-changed-recipe only applies together with --resume")
     if resume:
         check_same_recipe(run_dir, recipe, allow_changed_recipe, recipe_path)
+        if runtime.is_main and not (run_dir / "config.yaml").exists():  # make's DAG resumes runs that never started
+            console.print(f"--resume: {run_dir} has no run yet; starting it", highlight=False)
     if runtime.is_main:
         prepare_run_dir(recipe.out_dir, recipe.name, resume)
         console.print(f"{recipe.name}: {runtime.describe()}", highlight=False)

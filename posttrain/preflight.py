@@ -249,9 +249,10 @@ def check_only(recipe, recipe_path: str) -> None:
     student, tokenizer = load_policy(recipe.student, "student", recipe.seed, runtime.device)
     needs = OBJECTIVES[recipe.objective.name].needs(recipe.objective.params)
     _check_sources(recipe, needs, recipe_path)
-    prompt_fields, _ = _load_prompts(recipe, needs)
+    prompt_fields, references = _load_prompts(recipe, needs)
     prompts = _tokenized_prompts(recipe, prompt_fields, tokenizer)
     with Sources.open(recipe, needs, runtime, tokenizer) as sources:
+        sources.check_references(references, recipe_path)
         findings, info = run_checks(recipe, student, tokenizer, sources.teacher, prompts, models_too=True)
     for line in info:
         console.print(escape(f"pre-flight: {line}"), highlight=False, soft_wrap=True)

@@ -22,7 +22,7 @@ import yaml
 from posttrain.errors import UserError
 from posttrain.paper_numbers import SOURCES, distill_paper_row, offline_paper_row, table2_paper_row
 from posttrain.progress import console
-from posttrain.runfolder import read_jsonl
+from posttrain.runfolder import read_json_object, read_jsonl
 
 BENCHMARK_LABELS = {"synthetic": "in-domain", "synthetic_ood": "out-of-domain"}
 OBJECTIVE_ORDER = ["sft", "dft", "otr", "opd", "lsm", "grpo"]
@@ -77,9 +77,9 @@ def load_runs(paths: list[Path]) -> list[Run]:
         if (folder / "metrics.jsonl").exists():
             run.metrics = read_jsonl(folder / "metrics.jsonl")
         if (folder / "eval" / "results.json").exists():
-            run.results = json.loads((folder / "eval" / "results.json").read_text())
+            run.results = read_json_object(folder / "eval" / "results.json")
         if (folder / "token_probs.json").exists():
-            run.token_probs = json.loads((folder / "token_probs.json").read_text())
+            run.token_probs = read_json_object(folder / "token_probs.json")
         runs.append(run)
     if not runs:
         raise UserError(f"report: no run folders (with config.yaml) under {', '.join(map(str, paths))}")
@@ -168,7 +168,10 @@ def _rft_source(run: Run) -> Path | None:
     (rft_source.json, written by `posttrain train`), or from its data rows (`rft_source`)."""
     recorded = run.path / "rft_source.json"
     if recorded.is_file():
-        return Path(json.loads(recorded.read_text())["rft_source"])
+        source = read_json_object(recorded).get("rft_source")
+        if not isinstance(source, str):
+            raise UserError(f"{recorded}: has no 'rft_source' path")
+        return Path(source)
     source = Path((run.config.get("data") or {}).get("source", ""))
     if source.suffix != ".jsonl" or not source.is_file():
         return None
@@ -187,7 +190,7 @@ def _sampling_phases(eval_dir: Path | None) -> dict[str, float]:
     results = eval_dir / "results.json" if eval_dir is not None else None
     if results is None or not results.is_file():
         return {"generate_s": 0.0, "score_s": 0.0, "generated_tokens": 0.0}
-    benchmarks = json.loads(results.read_text()).get("benchmarks", {}).values()
+    benchmarks = read_json_object(results).get("benchmarks", {}).values()
     total = lambda key: sum(float(b.get(key) or 0.0) for b in benchmarks)  # noqa: E731
     return {"generate_s": total("generation_seconds"), "score_s": total("grading_seconds"),
             "generated_tokens": total("tokens_generated")}

@@ -28,18 +28,19 @@ from posttrain.errors import UserError
 from posttrain.eval.benchmarks import BENCHMARKS, load_benchmark
 from posttrain.eval.prompts import BOXED_INSTRUCTION
 from posttrain.progress import console
-from posttrain.runfolder import write_text_atomic
+from posttrain.runfolder import read_json_object, read_jsonl, write_text_atomic
 
 
 def rft_data(eval_dir: Path, out: Path, max_per_problem: int | None = None, given_completions: bool = False) -> dict:
     """Write the kept samples of `eval_dir` to `out` (JSONL); returns the counts."""
     config = _eval_config(eval_dir, given_completions)
+    _check_out(out, eval_dir)
     records = _samples(eval_dir / "samples.jsonl")
     rows_of = {}
     kept, seen, counts = [], set(), {"samples": len(records), "correct": 0, "cut_off": 0, "duplicate": 0, "over_max": 0}
     per_problem: dict[tuple[str, int], int] = {}
     for record in sorted(records, key=lambda r: (r["benchmark"], r["index"], r["sample"])):
-        if not record.get("correct"):
+        if record["correct"] is not True:
             continue
         counts["correct"] += 1
         key = (record["benchmark"], record["index"])
@@ -62,6 +63,9 @@ def rft_data(eval_dir: Path, out: Path, max_per_problem: int | None = None, give
         if record["benchmark"] not in rows_of:
             rows_of[record["benchmark"]] = _benchmark_rows(record["benchmark"], config, eval_dir)
         spec, rows = rows_of[record["benchmark"]]
+        if record["index"] >= len(rows):
+            raise UserError(f"{eval_dir / 'samples.jsonl'}: {record['benchmark']} index {record['index']} is past the "
+                            f"benchmark's {len(rows)} problems; the samples do not belong to these problems")
         question = spec.question(rows[record["index"]]).strip()
         kept.append({"prompt": f"{question}\n{BOXED_INSTRUCTION}", "solution": record["completion"],
                      "answer": record.get("gold"), "problem": question, "index": record["index"],
@@ -81,7 +85,7 @@ def _eval_config(eval_dir: Path, given_completions: bool) -> dict:
     path = eval_dir / "eval_config.json"
     if not (eval_dir / "samples.jsonl").is_file() or not path.is_file():
         raise UserError(f"{eval_dir}: not an eval folder (needs samples.jsonl and eval_config.json from `posttrain eval --out`)")
-    config = json.loads(path.read_text())
+    config = read_json_object(path)
     if config.get("prompt") != "chat":
         raise UserError(f"{path}: the samples were drawn with --prompt {config.get('prompt')}; RFT data pairs them "
                         "with the chat prompt that `posttrain train` renders, so sample with --prompt chat")
@@ -91,18 +95,34 @@ def _eval_config(eval_dir: Path, given_completions: bool) -> dict:
     return config
 
 
+def _check_out(out: Path, eval_dir: Path) -> None:
+    """--out: a new or regular file in an existing folder, never inside the eval folder it reads."""
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: the folder {out.parent} does not exist")
+    if out.exists() and not out.is_file():
+        raise UserError(f"--out {out}: exists and is not a regular file")
+    if out.resolve().is_relative_to(eval_dir.resolve()):
+        raise UserError(f"--out {out}: inside the eval folder {eval_dir}, whose files it would overwrite; write it elsewhere")
+
+
+# what a sample record must hold for RFT, and the type of each
+SAMPLE_FIELDS = {"benchmark": str, "index": int, "sample": int, "completion": str}
+
+
 def _samples(path: Path) -> list[dict]:
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number == len(path.read_text(encoding="utf-8").splitlines()):
-                continue  # a torn last line of an interrupted eval: that sample was never graded
-            raise UserError(f"{path}: line {number} is not valid JSON") from None
-    # a resumed eval may have re-drawn a sample: the last record of each id is the graded one, as eval reads it
+    """The eval's sample records (a torn last line skipped), each checked for the fields RFT reads;
+    a resumed eval may have re-drawn a sample: the last record of each id is the graded one, as
+    eval reads it."""
+    records = read_jsonl(path)
+    for number, record in enumerate(records, 1):
+        for key, kind in SAMPLE_FIELDS.items():
+            value = record.get(key)
+            if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
+                raise UserError(f"{path}: record {number} has {key}={value!r}; an eval sample record has "
+                                f"{', '.join(SAMPLE_FIELDS)} (index and sample integers ≥ 0), as `posttrain eval` writes")
+        if not isinstance(record.get("correct"), bool):
+            raise UserError(f"{path}: record {number} has correct={record.get('correct')!r}; it must be true or false "
+                            "(a graded sample, as `posttrain eval` writes)")
     return list({(r["benchmark"], r["index"], r["sample"]): r for r in records}.values())
 
 
@@ -121,7 +141,7 @@ def _benchmark_rows(name: str, config: dict, eval_dir: Path):
     if not results_path.is_file():
         raise UserError(f"{eval_dir}: no results.json: the eval did not finish; run the same `posttrain eval` again "
                         "(it resumes), then rft-data")
-    recorded = json.loads(results_path.read_text()).get("benchmarks", {}).get(name, {})
+    recorded = read_json_object(results_path).get("benchmarks", {}).get(name, {})
     source, spec = recorded.get("source"), BENCHMARKS[name]
     own_file = source not in (None, "built-in") and not source.startswith("hub:") and Path(source).name != spec.filename
     if name not in TRAINING_SETS and not own_file:

@@ -94,15 +94,43 @@ class MetricsLog:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """Rows of a JSONL file, skipping a torn last line (the process may have been killed)."""
+    """Rows of a JSONL file posttrain wrote, each a JSON object. A torn last line (the process was
+    killed while appending it) is skipped; any other damage is an error naming the line, never a
+    row silently dropped (metrics, samples and reports read these files)."""
+    lines = _utf8_text(path).splitlines()
     rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
                 continue
+            raise UserError(f"{path}: line {number} is not valid JSON (the file is damaged: posttrain appends "
+                            "whole lines)") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}: line {number} is not a JSON object")
+        rows.append(row)
     return rows
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file that holds one object (results.json, eval_config.json, ...); damage is one line."""
+    try:
+        value = json.loads(_utf8_text(path))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+def _utf8_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text (not a file posttrain wrote, or damaged)") from None
 
 
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, runtime, keep: int) -> Path:

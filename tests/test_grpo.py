@@ -259,3 +259,39 @@ def test_grpo_refuses_groups_that_cannot_have_an_advantage(tmp_path):
                                            "rollout": rollout}, "r.yaml")
         with pytest.raises(UserError, match=f"key '{key}'"):
             _check_sources(recipe, OBJECTIVES["grpo"].needs(recipe.objective.params), "r.yaml")
+
+
+def test_rl_refuses_prompts_and_answers_the_grader_would_silently_score_zero(tmp_path):
+    from posttrain.distill import Sources, _load_prompts
+    from posttrain.runtime import make_runtime
+
+    def loaded(rows, **prompts):
+        data = tmp_path / f"rows{len(list(tmp_path.iterdir()))}.jsonl"
+        data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        recipe = from_dict(DistillRecipe, {"name": "g", "student": {"tiny": dict(TINY)}, "objective": {"name": "grpo"},
+                                           "prompts": {"source": str(data), "prompt_field": "prompt", **prompts},
+                                           "scoring": {"grader_workers": 1}}, "r.yaml")
+        return recipe, _load_prompts(recipe, OBJECTIVES["grpo"].needs(recipe.objective.params))
+
+    def refusal(rows, **prompts):
+        with pytest.raises(UserError) as err:
+            loaded(rows, **prompts)
+        return str(err.value)
+
+    assert "row 1's 'prompt' is 42" in refusal([{"prompt": "1+1?", "answer": "2"}, {"prompt": 42, "answer": "2"}])
+    assert "list of chat messages" in refusal([{"prompt": [{"role": "user"}], "answer": "2"}])
+    for answer in (True, [2], {"v": 2}, "  "):
+        assert "not a gold answer (text or a number)" in refusal([{"prompt": "1+1?", "answer": answer}])
+    code = {"prompt": "def f():\n", "entry_point": "f"}
+    assert "test does not compile" in refusal([{**code, "test": "def check(c:\n"}], reward="code")
+    assert "defines no check(candidate)" in refusal([{**code, "test": "assert True\n"}], reward="code")
+    # a gold the math grader cannot parse is refused before the first step, naming the row; one
+    # that parses only as text (GSM8K's "#### 2" form) is warned about
+    recipe, (_, golds) = loaded([{"prompt": "1+1?", "answer": "2"}, {"prompt": "how many?", "answer": "$$"},
+                                 {"prompt": "and?", "answer": "1+1=2\n#### 2"}])
+    needs = OBJECTIVES["grpo"].needs(recipe.objective.params)
+    with Sources.open(recipe, needs, make_runtime("fp32", "ddp"), None) as sources:
+        with pytest.raises(UserError, match="1 gold answer\\(s\\) the math grader cannot parse, e.g. '\\$\\$' \\(row 1\\)"):
+            sources.check_references(golds, "r.yaml")
+        assert sources.grader.gold_kinds(golds) == {"2": "math", "$$": "none", "1+1=2\n#### 2": "text"}
+        sources.check_references([golds[0], golds[2]], "r.yaml")  # warns about the text-only gold, runs on

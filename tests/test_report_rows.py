@@ -134,3 +134,28 @@ def test_table2_rows_base_sft_dft_otr_rft_grpo_with_seeds(tmp_path):
     assert "tuned" not in [r["method"] for r in summary["tables"]["offline"]]
     assert (summary["compute"]["tuned-seed0"]["generate_s"], summary["compute"]["tuned-seed0"]["score_s"]) == (30.0, 2.0)
     assert summary["compute"]["sft-seed0"]["generate_s"] == 0.0
+
+
+def test_a_damaged_metrics_line_is_an_error_not_a_dropped_step(tmp_path):
+    import pytest
+
+    from posttrain.errors import UserError
+    from posttrain.runfolder import read_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')  # killed while appending the last line
+    assert read_jsonl(path) == [{"step": 1}, {"step": 2}]
+    path.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')  # damaged in the middle
+    with pytest.raises(UserError, match="line 2 is not valid JSON"):
+        read_jsonl(path)
+    path.write_text('[1, 2]\n{"step": 2}\n')
+    with pytest.raises(UserError, match="line 1 is not a JSON object"):
+        read_jsonl(path)
+    path.write_bytes(b'{"step": 1}\n\xff\n')
+    with pytest.raises(UserError, match="not UTF-8"):
+        read_jsonl(path)
+    run = _run(tmp_path / "runs", "r", "train", {"model": {"tiny": {}}, "objective": {"name": "sft"}, "train": {}})
+    (run / "eval").mkdir()
+    (run / "eval" / "results.json").write_text("{")
+    with pytest.raises(UserError, match="results.json: not valid JSON"):
+        report([tmp_path / "runs"], tmp_path / "out")

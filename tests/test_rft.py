@@ -144,3 +144,33 @@ def test_rft_data_needs_to_know_how_each_correct_sample_ended(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and not (tmp_path / "o.jsonl").exists()
     assert "has finish_reason None; RFT keeps only samples the model ended itself, so each needs 'stop' or 'length' " \
            f"(give it per line of the completions file {completions})" in " ".join(proc.stderr.split())
+
+
+def test_rft_data_refuses_damaged_or_foreign_records_and_unsafe_outputs(tmp_path):
+    import pytest
+
+    from posttrain.errors import UserError
+    from posttrain.rft import rft_data
+
+    good = {"index": 0, "sample": 0, "completion": "x \\boxed{1}", "correct": True, "finish_reason": "stop"}
+
+    def refusal(records=None, out=None, edit=None):
+        case = tmp_path / f"case{len(list(tmp_path.iterdir()))}"
+        folder = _eval_folder(case, records if records is not None else [good])
+        if edit:
+            edit(folder)
+        with pytest.raises(UserError) as err:
+            rft_data(folder, out(folder) if out else case / "o.jsonl")
+        return str(err.value)
+
+    assert "record 1 has index=-1" in refusal([{**good, "index": -1}])  # rows[-1] would be the last problem
+    assert "record 1 has index='0'" in refusal([{**good, "index": "0"}])
+    assert "correct='false'; it must be true or false" in refusal([{**good, "correct": "false"}])
+    assert "record 1 has completion=None" in refusal([{k: v for k, v in good.items() if k != "completion"}])
+    assert "index 9000 is past the benchmark's 8192 problems" in refusal([{**good, "index": 9000}])
+    assert "line 1 is not a JSON object" in refusal(edit=lambda f: (f / "samples.jsonl").write_text("[1, 2]\n{}\n"))
+    assert "not UTF-8" in refusal(edit=lambda f: (f / "samples.jsonl").write_bytes(b"\xff\xfe{}\n"))
+    assert "eval_config.json: not valid JSON" in refusal(edit=lambda f: (f / "eval_config.json").write_text("{"))
+    assert "inside the eval folder" in refusal(out=lambda f: f / "samples.jsonl")  # would overwrite the samples
+    assert "does not exist" in refusal(out=lambda f: f.parent / "no" / "o.jsonl")
+    assert "is not a regular file" in refusal(out=lambda f: f.parent)
