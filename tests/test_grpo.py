@@ -235,7 +235,7 @@ def test_an_empty_prompt_row_is_refused_not_sent_as_the_text_none(tmp_path):
     rows.write_text(json.dumps({"prompt": "1+1?", "answer": "2"}) + "\n" + json.dumps({"prompt": None, "answer": "3"}) + "\n")
     recipe = from_dict(DistillRecipe, {"name": "g", "student": {"tiny": dict(TINY)}, "objective": {"name": "grpo"},
                                        "prompts": {"source": str(rows), "prompt_field": "prompt"}}, "r.yaml")
-    with pytest.raises(UserError, match="row 1 has an empty 'prompt' \\(None\\)"):
+    with pytest.raises(UserError, match="row 1's 'prompt' is None"):
         _load_prompts(recipe, OBJECTIVES["grpo"].needs(recipe.objective.params))
 
 
