@@ -155,6 +155,9 @@ def _table2(offline, rft, rl, by_final, benchmarks, with_papers, summary) -> str
                    rows, benchmarks, "paper: Qwen2.5-Math-1.5B average", with_papers, summary, "table2")
     if others:
         table += f"\n\nNot in this table (started from another model than {base.name if base else 'the base'}): {', '.join(others)}"
+    if base is None:
+        table += ("\n\nThe model these runs started from is not a run among the report's folders: no base row, and "
+                  "offline or RFT runs can be placed here only when their base run is given too.")
     return table
 
 

@@ -159,3 +159,12 @@ def test_a_damaged_metrics_line_is_an_error_not_a_dropped_step(tmp_path):
     (run / "eval" / "results.json").write_text("{")
     with pytest.raises(UserError, match="results.json: not valid JSON"):
         report([tmp_path / "runs"], tmp_path / "out")
+
+
+def test_table2_says_when_the_base_run_is_missing(tmp_path):
+    runs = tmp_path / "runs"
+    _eval(_run(runs, "grpo-seed0", "rl", {"student": {"path": "/elsewhere/base/final"}, "teacher": None,
+                                          "objective": {"name": "grpo"}, "train": {}}), 20.0, 10.0)
+    report([runs], tmp_path / "out")
+    text = (tmp_path / "out" / "tables.md").read_text()
+    assert "not a run among the report's folders: no base row" in text
