@@ -93,26 +93,39 @@ class MetricsLog:
                 self.tee(row)
 
 
+def jsonl_lines(text: str, where: str) -> list[tuple[int, object]]:
+    """(line number, value) for each non-empty line of JSONL text; a line that is not JSON is a
+    UserError naming `where` and the line."""
+    values = []
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                values.append((line_no, json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise UserError(f"{where}: line {line_no} is not valid JSON ({err.msg})") from None
+    return values
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """Rows of a JSONL file posttrain wrote, each a JSON object. A torn last line (the process was
     killed while appending it) is skipped; any other damage is an error naming the line, never a
     row silently dropped (metrics, samples and reports read these files)."""
     lines = _utf8_text(path).splitlines()
-    rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):
-                continue
-            raise UserError(f"{path}: line {number} is not valid JSON (the file is damaged: posttrain appends "
-                            "whole lines)") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{path}: line {number} is not a JSON object")
-        rows.append(row)
-    return rows
+    if lines and not _is_json(lines[-1]):
+        lines.pop()
+    rows = jsonl_lines("\n".join(lines), str(path))
+    bad = next((number for number, row in rows if not isinstance(row, dict)), None)
+    if bad is not None:
+        raise UserError(f"{path}: line {bad} is not a JSON object")
+    return [row for _, row in rows]
+
+
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 def read_json_object(path: Path) -> dict:

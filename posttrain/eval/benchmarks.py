@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from posttrain.errors import UserError
+from posttrain.runfolder import jsonl_lines
 
 
 @dataclass(frozen=True)
@@ -168,19 +169,6 @@ def _read_rows(path: Path, raw: bytes) -> list[dict]:
             raise UserError(f"benchmark file {path}: a .json benchmark must hold a list of objects")
         return rows
     return [row for _, row in jsonl_lines(text, f"benchmark file {path}")]
-
-
-def jsonl_lines(text: str, where: str) -> list[tuple[int, object]]:
-    """(line number, value) for each non-empty line of JSONL text; a line that is not JSON is a
-    UserError naming `where` and the line."""
-    values = []
-    for line_no, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                values.append((line_no, json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise UserError(f"{where}: line {line_no} is not valid JSON ({err.msg})") from None
-    return values
 
 
 def _check_rows(spec: Benchmark, rows: list, path: Path) -> None:

@@ -24,7 +24,7 @@ from rich.table import Table
 
 from posttrain.config import EvalRecipe, from_dict, load_recipe
 from posttrain.errors import UserError
-from posttrain.eval.benchmarks import LoadedBenchmark, jsonl_lines, load_benchmark
+from posttrain.eval.benchmarks import LoadedBenchmark, load_benchmark
 from posttrain.eval.code_sandbox import CodeSandbox
 from posttrain.eval.protocols import cross_check as run_cross_check
 from posttrain.eval.protocols import make_math_grader
@@ -32,7 +32,7 @@ from posttrain.eval.metrics import summarize
 from posttrain.eval.prompts import prompt_ids, prompt_text
 from posttrain.generation import SamplingSpec, make_backend
 from posttrain.progress import console
-from posttrain.runfolder import read_jsonl, write_text_atomic
+from posttrain.runfolder import jsonl_lines, read_jsonl, write_text_atomic
 from posttrain.trackers import check_installed, report_eval
 
 LOCK_FILE = ".eval.lock"
