@@ -66,15 +66,11 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, recipe_path: str = "
     runtime = make_runtime(recipe.train.precision, recipe.train.parallel)
     _check_sizes(recipe, runtime, recipe_path)
     prompts, references = _load_prompts(recipe, needs)  # data errors come before the model loads
+    check_golds(recipe, references, recipe_path)
     run_dir, checkpoint, student, tokenizer = open_run(recipe, "student", runtime, resume, allow_changed_recipe, recipe_path)
     apply_precision(student, recipe.train.precision)
     prompts = _tokenized_prompts(recipe, prompts, tokenizer)
     sources = Sources.open(recipe, needs, runtime, tokenizer, show=runtime.is_main)
-    try:
-        sources.check_references(references, recipe_path)
-    except UserError:
-        sources.__exit__(None, None, None)  # the grader's worker pool
-        raise
     if sources.teacher is not None:
         _check_k(recipe, student, recipe_path)
     check_memory(training_memory(
@@ -417,26 +413,6 @@ class Sources:
             sources.grader = MathGrader(workers=recipe.scoring.grader_workers)
         return sources
 
-    def check_references(self, references: list, recipe_path: str) -> None:
-        """Before the first step, every distinct gold answer parsed once: a gold the grader cannot
-        parse would give its prompt reward 0 in every rollout, silently (refused); one that parses
-        only as text matches only the same text (warned: GSM8K's "... #### 2" is such a gold)."""
-        if self.grader is None:
-            return
-        kinds = self.grader.gold_kinds(references)
-        for kind in ("none", "text"):
-            golds = [gold for gold in references if kinds[gold] == kind]
-            if not golds:
-                continue
-            example = f"{len(set(golds))} gold answer(s) {'the math grader cannot parse' if kind == 'none' else 'that parse only as text'}, " \
-                      f"e.g. {golds[0]!r} (row {references.index(golds[0])})"
-            if kind == "none":
-                raise UserError(f"{recipe_path}: key 'prompts.answer_field': {example}; every rollout of such a prompt "
-                                "would get reward 0. Give the final answer only")
-            console.print(f"warning: {recipe_path}: key 'prompts.answer_field': {example}; a rollout matches them "
-                          "only by the same text. If they are answers with extra words (GSM8K's '#### 2'), give the "
-                          "final answer only", highlight=False)
-
     def verifiable_rewards(self, references: list, texts: list[str]) -> list[float]:
         """1/0 per completion: the math grader's verdict on its boxed answer against the gold
         answer (reference: a string), or whether it passed the problem's tests in the code sandbox
@@ -584,6 +560,29 @@ def _load_prompts(recipe: DistillRecipe, needs: frozenset[str]) -> tuple[list, l
                         f"{rows[missing].get(cfg.answer_field)!r}, not a gold answer (text or a number) the grader can "
                         f"compare with{code_hint}; fields: {', '.join(k for k, v in rows[missing].items() if v is not None)}")
     return prompt_fields, [str(row[cfg.answer_field]).strip() for row in rows]
+
+
+def check_golds(recipe: DistillRecipe, references: list, recipe_path: str) -> None:
+    """Before any model loads, every distinct gold answer parsed once (math reward only): a gold
+    the grader cannot parse would give its prompt reward 0 in every rollout, silently (refused);
+    one that parses only as text matches only the same text (warned: GSM8K's "... #### 2")."""
+    if not references or not isinstance(references[0], str):  # no golds: no verifiable reward, or code problems
+        return
+    from posttrain.eval.math_grader import gold_kinds
+
+    kinds = gold_kinds(references, recipe.scoring.grader_workers)
+    for kind in ("none", "text"):
+        golds = [gold for gold in references if kinds[gold] == kind]
+        if not golds:
+            continue
+        example = f"{len(set(golds))} gold answer(s) {'the math grader cannot parse' if kind == 'none' else 'that parse only as text'}, " \
+                  f"e.g. {golds[0]!r} (row {references.index(golds[0])})"
+        if kind == "none":
+            raise UserError(f"{recipe_path}: key 'prompts.answer_field': {example}; every rollout of such a prompt "
+                            "would get reward 0. Give the final answer only")
+        console.print(f"warning: {recipe_path}: key 'prompts.answer_field': {example}; a rollout matches them "
+                      "only by the same text. If they are answers with extra words (GSM8K's '#### 2'), give the "
+                      "final answer only", highlight=False)
 
 
 def _is_prompt(field) -> bool:

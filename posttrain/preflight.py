@@ -239,7 +239,7 @@ def check_only(recipe, recipe_path: str) -> None:
     """`posttrain distill --check`: load both models, run every check, print, write nothing."""
     from rich.markup import escape
 
-    from posttrain.distill import Sources, _check_sources, _load_prompts, _tokenized_prompts
+    from posttrain.distill import Sources, _check_sources, _load_prompts, _tokenized_prompts, check_golds
     from posttrain.losses import OBJECTIVES
     from posttrain.models import load_policy
     from posttrain.progress import console
@@ -250,9 +250,9 @@ def check_only(recipe, recipe_path: str) -> None:
     needs = OBJECTIVES[recipe.objective.name].needs(recipe.objective.params)
     _check_sources(recipe, needs, recipe_path)
     prompt_fields, references = _load_prompts(recipe, needs)
+    check_golds(recipe, references, recipe_path)
     prompts = _tokenized_prompts(recipe, prompt_fields, tokenizer)
     with Sources.open(recipe, needs, runtime, tokenizer) as sources:
-        sources.check_references(references, recipe_path)
         findings, info = run_checks(recipe, student, tokenizer, sources.teacher, prompts, models_too=True)
     for line in info:
         console.print(escape(f"pre-flight: {line}"), highlight=False, soft_wrap=True)

@@ -262,8 +262,8 @@ def test_grpo_refuses_groups_that_cannot_have_an_advantage(tmp_path):
 
 
 def test_rl_refuses_prompts_and_answers_the_grader_would_silently_score_zero(tmp_path):
-    from posttrain.distill import Sources, _load_prompts
-    from posttrain.runtime import make_runtime
+    from posttrain.distill import _load_prompts, check_golds
+    from posttrain.eval.math_grader import gold_kinds
 
     def loaded(rows, **prompts):
         data = tmp_path / f"rows{len(list(tmp_path.iterdir()))}.jsonl"
@@ -289,9 +289,7 @@ def test_rl_refuses_prompts_and_answers_the_grader_would_silently_score_zero(tmp
     # that parses only as text (GSM8K's "#### 2" form) is warned about
     recipe, (_, golds) = loaded([{"prompt": "1+1?", "answer": "2"}, {"prompt": "how many?", "answer": "$$"},
                                  {"prompt": "and?", "answer": "1+1=2\n#### 2"}])
-    needs = OBJECTIVES["grpo"].needs(recipe.objective.params)
-    with Sources.open(recipe, needs, make_runtime("fp32", "ddp"), None) as sources:
-        with pytest.raises(UserError, match="1 gold answer\\(s\\) the math grader cannot parse, e.g. '\\$\\$' \\(row 1\\)"):
-            sources.check_references(golds, "r.yaml")
-        assert sources.grader.gold_kinds(golds) == {"2": "math", "$$": "none", "1+1=2\n#### 2": "text"}
-        sources.check_references([golds[0], golds[2]], "r.yaml")  # warns about the text-only gold, runs on
+    with pytest.raises(UserError, match="1 gold answer\\(s\\) the math grader cannot parse, e.g. '\\$\\$' \\(row 1\\)"):
+        check_golds(recipe, golds, "r.yaml")
+    assert gold_kinds(golds, 1) == {"2": "math", "$$": "none", "1+1=2\n#### 2": "text"}
+    check_golds(recipe, [golds[0], golds[2]], "r.yaml")  # warns about the text-only gold, runs on

@@ -92,6 +92,15 @@ def gold_kind(gold: str) -> dict:
     return {"kind": "text" if all(isinstance(p, str) for p in parsed) else "math"}
 
 
+def gold_kinds(golds: list[str], workers: int) -> dict[str, str]:
+    """{gold: "math" | "text" | "none"} for the distinct golds, parsed in worker processes:
+    "none" cannot be parsed (every answer would be graded wrong), "text" parses only as text
+    (an answer matches it only by the same text: GSM8K's "... #### 2" is such a gold)."""
+    distinct = sorted(set(golds))
+    with TimeoutPool(gold_kind, workers, HARD_TIMEOUT, on_timeout={"kind": "none"}) as pool:
+        return {gold: verdict["kind"] for gold, verdict in zip(distinct, pool.map(distinct))}
+
+
 def verify_pair(pair: tuple[str, str]) -> dict:
     """Runs in a worker: is `answer` equivalent to `gold`? (gold first, as math-verify wants)."""
     from math_verify import verify
@@ -139,17 +148,6 @@ class MathGrader:
             else:
                 out.append({"extracted": answer, **self.cache[(gold, answer)]})
         return out
-
-    def gold_kinds(self, golds: list[str]) -> dict[str, str]:
-        """{gold: "math" | "text" | "none"} for the distinct golds, parsed in worker processes:
-        "none" cannot be parsed (every answer would be graded wrong), "text" parses only as text
-        (an answer matches it only by the same text: GSM8K's "... #### 2" is such a gold)."""
-        distinct = sorted(set(golds))
-        pool = TimeoutPool(gold_kind, len(self.pool.workers), HARD_TIMEOUT, on_timeout={"kind": "none"})
-        try:
-            return {gold: verdict["kind"] for gold, verdict in zip(distinct, pool.map(distinct))}
-        finally:
-            pool.close()
 
     def close(self):
         self.pool.close()
