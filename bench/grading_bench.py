@@ -57,7 +57,7 @@ def main() -> None:
 
     rows = [json.loads(line) for line in gzip.open(Path(args.data_dir) / "humaneval.jsonl.gz", "rt")]
     programs = [assemble_program(r["prompt"], r["canonical_solution"], r["test"], r["entry_point"]) for r in rows]
-    sandbox = CodeSandbox(args.workers)
+    sandbox = CodeSandbox(args.workers, allow_weak=True)  # a speed measurement: the isolation it ran under is printed
     start = time.perf_counter()
     verdicts = sandbox.run_many(programs)
     seconds = time.perf_counter() - start

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import typer
 
-from posttrain.errors import UserError
+from posttrain.errors import UserError, in_recipe
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -32,9 +31,9 @@ def train(recipe: Path = RECIPE, overrides: list[str] = OVERRIDES, resume: bool 
     from posttrain.config import TrainRecipe, load_recipe
     from posttrain.train import train as run
 
-    with naming_the_recipe(recipe):
-        run(load_recipe(recipe, TrainRecipe, overrides), resume=resume, recipe_path=str(recipe),
-            allow_changed_recipe=allow_changed_recipe)
+    with in_recipe(recipe):
+        run(load_recipe(recipe, TrainRecipe, overrides), resume=resume, allow_changed_recipe=allow_changed_recipe,
+            command=_command("train", recipe, overrides, resume, allow_changed_recipe))
 
 
 @app.command()
@@ -42,16 +41,23 @@ def rl(recipe: Path = RECIPE, overrides: list[str] = OVERRIDES, resume: bool = R
        allow_changed_recipe: bool = ALLOW_CHANGED, check: bool = CHECK) -> None:
     """On-policy training (opd, lsm, grpo): the student samples; a teacher, a reference policy or a
     grader scores what the objective declares; writes runs/<name>/."""
-    from posttrain.config import DistillRecipe, load_recipe
-    from posttrain.distill import distill as run
-    from posttrain.preflight import check_only
+    from posttrain.config import RLRecipe, load_recipe
+    from posttrain.rl import check as check_recipe
+    from posttrain.rl import rl as run
 
-    with naming_the_recipe(recipe):
-        loaded = load_recipe(recipe, DistillRecipe, overrides)
+    with in_recipe(recipe):
+        loaded = load_recipe(recipe, RLRecipe, overrides)
         if check:
-            check_only(loaded, str(recipe))
+            check_recipe(loaded)
         else:
-            run(loaded, resume=resume, recipe_path=str(recipe), allow_changed_recipe=allow_changed_recipe)
+            run(loaded, resume=resume, allow_changed_recipe=allow_changed_recipe,
+                command=_command("rl", recipe, overrides, resume, allow_changed_recipe))
+
+
+def _command(name: str, recipe: Path, overrides: list[str] | None, resume: bool, allow_changed: bool) -> list[str]:
+    """The command as the run folder records it (config.yaml `command:`): its name, then its arguments."""
+    flags = ["--resume"] * resume + ["--allow-changed-recipe"] * allow_changed
+    return [name, "--recipe", str(recipe), *(overrides or []), *flags]
 
 
 @app.command()
@@ -73,19 +79,6 @@ def rft_data(
     from posttrain.rft import rft_data as run
 
     run(eval_dir, out, max_per_problem, given_completions)
-
-
-@contextmanager
-def naming_the_recipe(recipe: Path):
-    """Errors raised where the recipe file is not known ("recipe key 'data.source': ...", from the
-    data and model loaders) are reported with the file's name, like the loader's own errors."""
-    try:
-        yield
-    except UserError as err:
-        message = str(err)
-        if message.startswith("recipe key "):
-            raise UserError(f"{recipe}: key {message.removeprefix('recipe key ')}") from None
-        raise
 
 
 @app.command(name="eval")
@@ -120,6 +113,8 @@ def evaluate(
                                      "harness-style rules; counts in results.json, disagreements in cross_check.jsonl."),
     report_to: str = typer.Option(None, "--report-to", help="Also send the metrics to these experiment trackers: "
                                   "tensorboard, wandb, trackio (comma-separated; default none)."),
+    allow_weak_sandbox: bool = typer.Option(False, "--allow-weak-sandbox", help="Grade code without bubblewrap, in "
+                                            "a weak sandbox: its scores are marked forgeable (results.json: sandbox weak)."),
 ) -> None:
     """Evaluate a checkpoint (or grade given completions) on math and code benchmarks."""
     from posttrain.eval.runner import eval_from_cli
@@ -128,7 +123,7 @@ def evaluate(
              "out": out, "prompt": prompt, "backend": backend, "temperature": temperature, "top_p": top_p,
              "top_k": top_k, "max_new_tokens": max_new_tokens, "seed": seed, "batch_size": batch_size,
              "workers": workers, "extract": extract, "report_to": report_to}
-    eval_from_cli(recipe, {k: v for k, v in flags.items() if v is not None}, completions, cross_check)
+    eval_from_cli(recipe, {k: v for k, v in flags.items() if v is not None}, completions, cross_check, allow_weak_sandbox)
 
 
 @app.command()
@@ -152,11 +147,13 @@ def report(
     runs: list[Path] = typer.Argument(..., help="Run folders (or directories holding them)."),
     out: Path = typer.Option(Path("results"), "--out", "-o", help="Where the tables and plots go."),
     papers: bool = typer.Option(True, help="Put the papers' numbers beside ours, in labelled columns."),
+    split_protocols: bool = typer.Option(False, "--split-protocols", help="Runs evaluated under different protocols "
+                                         "get rows of their own (labelled) instead of a refusal."),
 ) -> None:
-    """Rebuild the comparison tables and plots from run folders (nothing typed in by hand)."""
+    """Rebuild the comparison tables, the claims table and plots from run folders (nothing typed in by hand)."""
     from posttrain.report import report as run
 
-    run(runs, out, with_papers=papers)
+    run(runs, out, with_papers=papers, split_protocols=split_protocols)
 
 
 def main() -> None:

@@ -61,7 +61,7 @@ def available_bytes(device: torch.device) -> tuple[float, str]:
     return float(info.get("MemAvailable", info.get("MemTotal", 0))), "CPU RAM available"
 
 
-def check_memory(rows: list[tuple[str, float]], device: torch.device, show: bool, where: str) -> None:
+def check_memory(rows: list[tuple[str, float]], device: torch.device, show: bool) -> None:
     """Print the plan (main process) and refuse to start when it cannot fit."""
     need = sum(value for _, value in rows)
     have, label = available_bytes(device)
@@ -75,7 +75,7 @@ def check_memory(rows: list[tuple[str, float]], device: torch.device, show: bool
         console.print(table)
     if have and need > 0.95 * have:
         raise UserError(
-            f"{where}: needs about {need / GiB:.1f} GiB per process but {have / GiB:.1f} GiB is available; "
+            f"needs about {need / GiB:.1f} GiB per process but {have / GiB:.1f} GiB is available; "
             "lower train.micro_batch_size or the sequence length, set train.gradient_checkpointing: true, "
-            "use train.lora, or shard over more GPUs (FSDP2)"
+            "use train.lora, or shard over more GPUs (FSDP2)", recipe=True
         )

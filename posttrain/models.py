@@ -106,14 +106,27 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def load_model(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+def load_model(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", what: str | None = None,
+               key: str | None = None):
+    """The model at `path` (a checkpoint folder or Hub id); a folder whose weight files cannot be
+    read (truncated, not safetensors, another model's shapes) is one line naming them and the
+    recipe `key` or the flag `what` that gave the path."""
+    import pickle
+
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load a model from {path!r}: {str(err).splitlines()[0]}") from None
+    except (OSError, ValueError, RuntimeError, EOFError, SafetensorError, pickle.UnpicklingError) as err:
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        weights = sorted(p.name for p in Path(path).glob("*") if p.suffix in (".safetensors", ".bin")) \
+            if Path(path).is_dir() else []
+        files = f" (weights {', '.join(weights)})" if weights else ""
+        raise _path_error(what, key, f"cannot load a model from {path!r}{files}: {type(err).__name__}: {lines[0]}; it "
+                          "must be a checkpoint folder that AutoModelForCausalLM.from_pretrained reads (config.json "
+                          "and complete weight files)") from None
     check_head_supported(model, path)
     return model.to(device)
 
@@ -121,24 +134,70 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: str | torc
 def load_policy(cfg: ModelConfig, key: str, seed: int, device, dtype=torch.float32):
     """(model, tokenizer) for a recipe's `model`/`student`/`teacher` section."""
     if (cfg.path is None) == (cfg.tiny is None):
-        raise UserError(f"recipe key '{key}': set exactly one of '{key}.path' or '{key}.tiny'")
+        raise UserError(f": set exactly one of '{key}.path' or '{key}.tiny'", key=key)
     if cfg.tiny is not None:
         tokenizer = build_tiny_tokenizer(cfg.tiny.vocab_size)
         model = build_tiny_model(cfg.tiny, len(tokenizer), seed).to(device=device, dtype=dtype)
         return model, as_reloaded(tokenizer, model.config)
-    check_model_path(cfg.path, f"recipe key '{key}.path'")
+    check_model_path(cfg.path, key=f"{key}.path")
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.path)
-    return load_model(cfg.path, dtype, device), tokenizer
+    return load_model(cfg.path, dtype, device, key=f"{key}.path"), tokenizer
 
 
-def check_model_path(path: str, what: str) -> None:
-    """One clear line for a model that is not there, before transformers retries it as a Hub id.
-    A missing path counts as local when offline or when no Hub id could look like it (absolute,
-    ./ or ../, or more than one '/')."""
+def max_positions(cfg: ModelConfig) -> int | None:
+    """max_position_embeddings of a recipe's model section, read without loading the weights
+    (the tiny config, or the checkpoint's config.json); None when unknown (a Hub id)."""
+    import json
+
+    if cfg.tiny is not None:
+        return cfg.tiny.max_position_embeddings
+    config = Path(cfg.path or "") / "config.json"
+    try:
+        value = json.loads(config.read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def check_rollout_fits(recipe, longest_prompt: int = 1) -> None:
+    """A rollout (prompt + rollout.max_new_tokens) must fit the positions of every model that
+    reads it (student, teacher): past max_position_embeddings a model runs on
+    positions it never learned, silently. `longest_prompt`: the longest prompt in use (1 before
+    the prompts are tokenized: even the shortest prompt must leave room)."""
+    new_tokens = recipe.rollout.max_new_tokens
+    for key in ("student", "teacher"):
+        section = getattr(recipe, key, None)
+        positions = max_positions(section) if isinstance(section, ModelConfig) else None
+        if positions is not None and longest_prompt + new_tokens > positions:
+            prompt = "a prompt" if longest_prompt == 1 else f"the longest prompt ({longest_prompt} tokens)"
+            raise UserError(f"({new_tokens}): {prompt} plus the new tokens must fit the {key}'s {positions} positions "
+                            f"(max_position_embeddings); allowed: at most {positions - longest_prompt}",
+                            key="rollout.max_new_tokens")
+
+
+def _path_error(what: str | None, key: str | None, problem: str) -> UserError:
+    """A problem with a model path given by the recipe `key`, or by the flag `what`."""
+    if key is not None:
+        return UserError(f": {problem}", key=key)
+    return UserError(f"{what + ': ' if what else ''}{problem}")
+
+
+def check_model_path(path: str, what: str | None = None, *, key: str | None = None) -> None:
+    """One clear line for a model that is not there, before transformers retries it as a Hub id:
+    about the recipe `key`, or `what` (a flag). A missing path counts as local when offline or
+    when no Hub id could look like it (absolute, ./ or ../, or more than one '/')."""
     looks_local = path.startswith(("/", "./", "../", "~")) or path.count("/") > 1
     if not Path(path).exists() and (looks_local or os.environ.get("HF_HUB_OFFLINE") == "1"):
-        raise UserError(f"{what}: {path!r} does not exist (a local checkpoint directory or, when online, "
-                        "a Hub id like Qwen/Qwen2.5-Math-1.5B)")
+        raise _path_error(what, key, f"{path!r} does not exist (a local checkpoint directory or, when online, "
+                                     "a Hub id like Qwen/Qwen2.5-Math-1.5B)")
+    local = Path(path)
+    ggufs = [local] if local.suffix == ".gguf" else sorted(local.glob("*.gguf")) if local.is_dir() else []
+    if ggufs and not (local.is_dir() and (local / "config.json").is_file()):
+        # transformers can read a GGUF file, but the model it returns (still marked as quantised)
+        # cannot be saved as a checkpoint: a run could not write one. Convert once instead.
+        raise _path_error(what, key, f"{path!r} is a GGUF file{'' if local.suffix == '.gguf' else ' folder'}; posttrain "
+                          f"loads Hugging Face checkpoint folders: convert it once (tools/real_model.py shows how: "
+                          f"from_pretrained(folder, gguf_file=...), rebuilt from its config, save_pretrained)")
 
 
 def check_head_supported(model, where: str) -> None:

@@ -12,8 +12,9 @@ LSM_TABLE = "LSM single-task table"
 LSM_ABLATION = "LSM ablations"
 DFT_TABLE2 = "DFT Table 2"
 SOURCES = {
-    DFT_TABLE2: "DFT paper (arXiv 2508.05629) Table 2, offline RL setting: Qwen2.5-Math-1.5B averages; PPO 28.66 "
-                "and DPO 23.20 are in that table too, and posttrain runs neither",
+    DFT_TABLE2: "DFT paper (arXiv 2508.05629) Table 2, offline RL setting: Qwen2.5-Math-1.5B averages; SFT (= RFT) "
+                "and DFT there train on the model's own verified samples (our rft-data), not on reference "
+                "demonstrations; PPO 28.66 and DPO 23.20 are in that table too, and posttrain runs neither",
     DFT_TABLE1: "DFT paper (arXiv 2508.05629) Table 1: Qwen2.5-Math-1.5B, Average@16 over MATH500, Minerva, "
                 "OlympiadBench, AIME24, AMC23",
     OTR_HEADLINE: "OTR paper (arXiv 2509.26313): +1.24 average over SFT in-domain; β = 0 \"almost always worse\"",
@@ -41,13 +42,32 @@ def offline_paper_row(role: str, objective: str | None = None, params: dict | No
     return "-", ""
 
 
-def table2_paper_row(method: str) -> tuple[str, str]:
-    """(paper value, source) for a row of the Table-2-shaped table. method: base, sft, dft, otr, rft, grpo."""
-    values = {"dft": "35.43", "grpo": "32.00", "rft": "23.97"}
-    if method in values:
-        return values[method], DFT_TABLE2
-    if method in ("base", "sft"):
-        return "not in Table 2 (Table 1: " + ("15.92" if method == "base" else "18.01") + ")", DFT_TABLE1
+def table2_paper_row(method: str, data: str = "", params: dict | None = None, rollout: dict | None = None) -> tuple[str, str]:
+    """(paper value, source) for a row of the Table-2-shaped table, chosen by the objective AND what the
+    run trained on. data: 'demonstrations' (reference solutions), 'own correct samples' (rft-data
+    output) or 'on-policy'. The paper's Table 2 trains SFT (= RFT) and DFT on the model's own verified
+    samples; DFT on reference demonstrations is its Table-1 setup. Only plain GRPO (group-normalised
+    advantages, no dynamic sampling) gets the paper's GRPO number: variants are other methods."""
+    params, rollout = params or {}, rollout or {}
+    if method == "base":
+        return "not in Table 2 (Table 1: 15.92)", DFT_TABLE1
+    if data == "own correct samples":
+        values = {"sft": "23.97", "dft": "35.43"}
+        if method in values:
+            return values[method], DFT_TABLE2
+        return f"not in Table 2 ({method} on RFT data)", DFT_TABLE2
+    if data == "demonstrations":
+        if method == "sft":
+            return "not in Table 2 (Table 1: 18.01)", DFT_TABLE1
+        if method == "dft":
+            return "not in Table 2 (Table-1 data: 31.58)", DFT_TABLE1
+        return "not in Table 2", DFT_TABLE2
+    if method == "grpo":
+        variant = [name for name, on in (("no std normalisation", params.get("normalize_std") is False),
+                                         ("dynamic sampling", bool(rollout.get("dynamic_sampling")))) if on]
+        if variant:
+            return f"not in Table 2 (GRPO variant: {', '.join(variant)})", DFT_TABLE2
+        return "32.00", DFT_TABLE2
     return "not in Table 2", DFT_TABLE2
 
 

@@ -16,6 +16,8 @@ What is checked (each problem is one line naming the recipe key it is about):
     padded batch (warning beyond a dtype-dependent tolerance: padding or batch-variance bugs
     would otherwise show up as a silently wrong reverse KL)
 The sample and scoring checks need the local teacher (scoring.backend: hf) and one process.
+The checks read the pair from a scorer (signals.py: its teacher model and tokenizer); `rl.check`
+and `rl.rl` call them. May import: data, generation, models, scoring.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ class Finding:
     key: str  # the recipe key the problem is about
     message: str
 
-    def line(self, recipe_path: str) -> str:
-        return f"{'error' if self.fatal else 'warning'}: {recipe_path}: key '{self.key}': {self.message}"
+    def line(self) -> str:
+        return f"{'error' if self.fatal else 'warning'}: key '{self.key}': {self.message}"
 
 
 def vocabulary_findings(student_tokenizer, teacher_tokenizer, student_model, teacher_model) -> list[Finding]:
@@ -176,28 +178,29 @@ def determinism_findings(models: dict, examples: list[Example], pad_id: int) -> 
     return findings, info
 
 
-def run_checks(recipe, student, tokenizer, teacher, prompts: list[list[int]], *, models_too: bool):
+def run_checks(recipe, student, tokenizer, scorer, prompts: list[list[int]], *, models_too: bool):
     """(findings, info lines). models_too: also sample and score (needs the local teacher).
     `prompts` are token ids; None marks a prompt too long to use."""
-    if teacher is None:
+    teacher_tokenizer, teacher_model = scorer.teacher_tokenizer, scorer.teacher_model
+    if teacher_tokenizer is None:
         return [], [f"no teacher: {recipe.objective.name} learns from no teacher, so there is no pair to check"]
     prompts = [p for p in prompts if p is not None]
-    findings = vocabulary_findings(tokenizer, teacher.tokenizer, student, teacher.model)
+    findings = vocabulary_findings(tokenizer, teacher_tokenizer, student, teacher_model)
     if any(f.fatal for f in findings):
         return findings, []
-    findings += token_findings(tokenizer, teacher.tokenizer, student, teacher.model)
-    findings += template_findings(tokenizer, teacher.tokenizer, recipe.prompts.system_prompt)
+    findings += token_findings(tokenizer, teacher_tokenizer, student, teacher_model)
+    findings += template_findings(tokenizer, teacher_tokenizer, recipe.prompts.system_prompt)
     info = []
-    if models_too and teacher.model is not None:
+    if models_too and teacher_model is not None:
         with _eval_mode(student):
-            found, info, samples = sample_findings(student, tokenizer, teacher.model, teacher.tokenizer, prompts,
+            found, info, samples = sample_findings(student, tokenizer, teacher_model, teacher_tokenizer, prompts,
                                                    recipe.seed)
             findings += found
-            found, lines = determinism_findings({"student": student, "teacher": teacher.model}, samples,
+            found, lines = determinism_findings({"student": student, "teacher": teacher_model}, samples,
                                                 tokenizer.pad_token_id)
         findings += found
         info += lines
-    elif teacher.model is None:
+    elif teacher_model is None:
         info.append("samples and scoring determinism not checked: the vllm scoring backend has no local teacher")
     return findings, info
 
@@ -213,50 +216,23 @@ def _eval_mode(model):
         model.train(was_training)
 
 
-def refuse_or_warn(findings: list[Finding], recipe_path: str, show) -> None:
+def refuse_or_warn(findings: list[Finding], show) -> None:
     """Print one line per finding; raise if any is fatal (nothing has been trained yet)."""
     for finding in findings:
-        show(finding.line(recipe_path))
+        show(finding.line())
     fatal = sum(f.fatal for f in findings)
     if fatal:
-        raise UserError(f"{recipe_path}: pre-flight found {fatal} fatal problem(s), listed above; "
-                        "`posttrain distill --check` repeats the checks in seconds")
+        raise UserError(f"pre-flight found {fatal} fatal problem(s), listed above; `posttrain rl --check` repeats the "
+                        "checks in seconds", recipe=True)
 
 
-def at_start(recipe, student, tokenizer, teacher, prompts, runtime, recipe_path: str) -> None:
-    """The checks at the start of a distill run: fatal problems refuse, the others warn. The
-    sample and scoring checks run in single-process runs (the teacher may be sharded otherwise)."""
+def at_start(recipe, student, tokenizer, scorer, prompts, runtime) -> None:
+    """The checks at the start of an rl run: fatal problems refuse, the others warn. The sample
+    and scoring checks run in single-process runs (the teacher may be sharded otherwise)."""
     from rich.markup import escape
 
     from posttrain.progress import console
 
-    findings, _ = run_checks(recipe, student, tokenizer, teacher, prompts, models_too=runtime.world_size == 1)
-    refuse_or_warn(findings, recipe_path, show=lambda line: runtime.is_main and console.print(escape(line), highlight=False,
-                                                                                                soft_wrap=True))
-
-
-def check_only(recipe, recipe_path: str) -> None:
-    """`posttrain distill --check`: load both models, run every check, print, write nothing."""
-    from rich.markup import escape
-
-    from posttrain.distill import Sources, _check_sources, _load_prompts, _tokenized_prompts, check_golds
-    from posttrain.losses import OBJECTIVES
-    from posttrain.models import load_policy
-    from posttrain.progress import console
-    from posttrain.runtime import make_runtime
-
-    runtime = make_runtime(recipe.train.precision, recipe.train.parallel)
-    student, tokenizer = load_policy(recipe.student, "student", recipe.seed, runtime.device)
-    needs = OBJECTIVES[recipe.objective.name].needs(recipe.objective.params)
-    _check_sources(recipe, needs, recipe_path)
-    prompt_fields, references = _load_prompts(recipe, needs)
-    check_golds(recipe, references, recipe_path)
-    prompts = _tokenized_prompts(recipe, prompt_fields, tokenizer)
-    with Sources.open(recipe, needs, runtime, tokenizer) as sources:
-        findings, info = run_checks(recipe, student, tokenizer, sources.teacher, prompts, models_too=True)
-    for line in info:
-        console.print(escape(f"pre-flight: {line}"), highlight=False, soft_wrap=True)
-    refuse_or_warn(findings, recipe_path, show=lambda line: console.print(escape(line), highlight=False, soft_wrap=True))
-    warnings = len(findings)
-    console.print(f"pre-flight: {'no problems found' if not warnings else f'{warnings} warning(s)'}; "
-                  f"{recipe_path} is ready to run", highlight=False, soft_wrap=True)
+    findings, _ = run_checks(recipe, student, tokenizer, scorer, prompts, models_too=runtime.world_size == 1)
+    refuse_or_warn(findings, show=lambda line: runtime.is_main and console.print(escape(line), highlight=False,
+                                                                                  soft_wrap=True))

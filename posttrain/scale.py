@@ -101,9 +101,7 @@ def save_merged_lora(run_dir: Path, model, tokenizer, runtime) -> Path:
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     out = run_dir / "merged"
     if runtime.is_main:
-        config = model.peft_config["default"]
-        scaling = config.lora_alpha / (config.r**0.5 if config.use_rslora else config.r)
-        merged = merge_lora_state(full, scaling)
+        merged = merge_lora_state(full, lora_scaling(model))
         base = model.get_base_model()
         if base.config.tie_word_embeddings:
             merged.pop("lm_head.weight", None)
@@ -129,9 +127,14 @@ def inference_state_dict(model) -> dict:
     else:
         state = dict(model.state_dict())
     if hasattr(model, "peft_config"):
-        config = model.peft_config["default"]
-        state = merge_lora_state(state, config.lora_alpha / (config.r**0.5 if config.use_rslora else config.r))
+        state = merge_lora_state(state, lora_scaling(model))
     return {name: tensor.detach() for name, tensor in state.items()}
+
+
+def lora_scaling(model) -> float:
+    """peft's scaling of a LoRA update: α/r, or α/√r with rsLoRA."""
+    config = model.peft_config["default"]
+    return config.lora_alpha / (config.r**0.5 if config.use_rslora else config.r)
 
 
 def merge_lora_state(state: dict, scaling: float) -> dict:

@@ -1,17 +1,16 @@
-"""Scoring rollout tokens without gradients: the student's π_old and the teacher's signals.
+"""Scoring rollout tokens without gradients: the student's π_old and the teacher's signals (the
+numeric passes behind signals.py's scorers, preflight's checks and train's token histogram).
 
 `score_tokens` runs a model over a batch and, at the loss positions only, returns the log-prob
 of the target token, the top-K ids and log-probs, and optionally the log-probs at given ids.
 It walks the positions in chunks, so only [chunk, V] logits exist at a time and only
-[B, T, K] is kept.
+[B, T, K] is kept. `score_pair` returns TokenSignals' fields by name. May import: models.
 """
 
 from __future__ import annotations
 
 import torch
 
-from posttrain.losses.lsm import student_logprob_on_support, support_slots
-from posttrain.losses.objective import TokenSignals
 from posttrain.models import decoder_and_head
 
 
@@ -73,15 +72,15 @@ def score_pair(student, teacher, batch: dict, *, k: int, chunk_tokens: int = 102
         logp_teacher_CV = _chunk_logprobs(hidden_teacher_NH[start:end], weight_teacher_VH.to(weight_student_VH.device), vocab, matmul_dtype)
         top_student, top_teacher = logp_student_CV.topk(k, dim=-1), logp_teacher_CV.topk(k, dim=-1)
         p_student_CV = logp_student_CV.exp()
-        _store(out, {
-            "old_logprob": logp_student_CV.gather(1, targets_N[start:end, None]).squeeze(1),
-            "teacher_token_logprob": logp_teacher_CV.gather(1, targets_N[start:end, None]).squeeze(1),
-            "student_topk_ids": top_student.indices, "student_topk_logprob": top_student.values,
-            "teacher_topk_ids": top_teacher.indices, "teacher_topk_logprob": top_teacher.values,
-            "teacher_logprob_at_student_topk": logp_teacher_CV.gather(1, top_student.indices),
-            "student_logprob_at_teacher_topk": logp_student_CV.gather(1, top_teacher.indices),
-            "student_entropy": -(p_student_CV * logp_student_CV).sum(dim=-1),
-            "exact_reverse_kl": (p_student_CV * (logp_student_CV - logp_teacher_CV)).sum(dim=-1),
+        _store(out, {  # TokenSignals' fields
+            "old_logprob_BT": logp_student_CV.gather(1, targets_N[start:end, None]).squeeze(1),
+            "teacher_token_logprob_BT": logp_teacher_CV.gather(1, targets_N[start:end, None]).squeeze(1),
+            "student_topk_ids_BTK": top_student.indices, "student_topk_logprob_BTK": top_student.values,
+            "teacher_topk_ids_BTK": top_teacher.indices, "teacher_topk_logprob_BTK": top_teacher.values,
+            "teacher_logprob_at_student_topk_BTK": logp_teacher_CV.gather(1, top_student.indices),
+            "student_logprob_at_teacher_topk_BTK": logp_student_CV.gather(1, top_teacher.indices),
+            "entropy_BT": -(p_student_CV * logp_student_CV).sum(dim=-1),
+            "exact_reverse_kl_BT": (p_student_CV * (logp_student_CV - logp_teacher_CV)).sum(dim=-1),
         }, start, hidden_student_NH.shape[0])
     return {key: _unmask(value, mask_BT) for key, value in out.items()}
 
@@ -99,24 +98,6 @@ def _unmask(values_N, mask_BT):
     out = values_N.new_zeros(*mask_BT.shape, *values_N.shape[1:])
     out[mask_BT] = values_N
     return out
-
-
-def support_diagnostics(signals: TokenSignals, support: str, mask_BT) -> dict[str, float]:
-    """Means over loss positions: each model's probability mass on the objective's support
-    (teacher / student / union / overlap of the two top-K, as LSM builds it), the support's size,
-    and the share of the teacher's top-K that is also in the student's top-K."""
-    if mask_BT.sum() == 0:
-        return {}
-    slots = support_slots(support, signals)
-    off_BTJ = ~slots["valid"]
-    student_mass = student_logprob_on_support(support, signals).masked_fill(off_BTJ, float("-inf"))
-    teacher_mass = slots["teacher_logprob"].masked_fill(off_BTJ, float("-inf"))
-    s_ids, t_ids = signals.student_topk_ids_BTK[mask_BT], signals.teacher_topk_ids_BTK[mask_BT]
-    overlap = (t_ids.unsqueeze(-1) == s_ids.unsqueeze(-2)).any(-1).float().mean(-1)
-    return {"student_mass": student_mass.logsumexp(-1).exp()[mask_BT].mean().item(),
-            "teacher_mass": teacher_mass.logsumexp(-1).exp()[mask_BT].mean().item(),
-            "support_size": slots["valid"][mask_BT].sum(-1).float().mean().item(),
-            "topk_overlap": overlap.mean().item()}
 
 
 def has_repetition_loop(tokens: list[int], max_period: int = 32, min_span: int = 24, min_repeats: int = 3) -> bool:

@@ -32,12 +32,12 @@ def chosen(report_to: list[str]) -> list[str]:
     return [name for name in report_to if name != "none"]
 
 
-def check_installed(report_to: list[str], where: str) -> None:
+def check_installed(report_to: list[str], where: str | None = None) -> None:
     """One line for the first tracker whose package is missing (before the run starts)."""
     for name in chosen(report_to):
         if importlib.util.find_spec(EXTRAS[name]) is None:
-            raise UserError(f"{where}: key 'report_to': {name} is not installed; "
-                            f"pip install 'posttrain[{name}]' (or pip install {EXTRAS[name]})")
+            raise UserError(f": {name} is not installed; pip install 'posttrain[{name}]' (or pip install "
+                            f"{EXTRAS[name]})", key="report_to", file=where)
 
 
 def numeric(row: dict) -> dict[str, float]:

@@ -26,57 +26,57 @@ from posttrain.optim import build_scheduler
 from posttrain.policy import PolicyLoss
 from posttrain.progress import StepProgress, summary_table
 from posttrain.loop import (
-    accumulate_gradients, apply_precision, count_nonfinite, open_logs, open_run, optimizer_step, save_final,
+    Saver, accumulate_gradients, apply_precision, check_training_memory, count_nonfinite, open_logs, open_run,
+    optimizer_step,
 )
-from posttrain.runfolder import load_trainer_state, save_checkpoint, write_text_atomic
+from posttrain.runfolder import load_trainer_state, write_text_atomic
 from posttrain.runtime import Runtime, make_runtime
-from posttrain.memory import check_memory, training_memory
 from posttrain.scale import gathered, wrap_for_training
+from posttrain.seeds import micro_batch_seed
 from posttrain.scoring import hidden_at_loss_positions, score_tokens
 from posttrain.trackers import check_installed
 from posttrain.data.packing import best_fit, check_packing, collate_packed
 
 
-def train(recipe: TrainRecipe, *, resume: bool = False, recipe_path: str = "recipe",
-          allow_changed_recipe: bool = False) -> Path:
+def validate(recipe: TrainRecipe) -> None:
+    """Every check of a train recipe that needs no model: refused in one line naming its key."""
     objective = OBJECTIVES[recipe.objective.name]
     if objective.on_policy:
-        raise UserError(f"{recipe_path}: key 'objective.name': {objective.name!r} is an on-policy objective; "
-                        "run it with `posttrain rl`")
-    check_packing(recipe.train, recipe_path)
-    check_installed(recipe.report_to, recipe_path)  # trackers.py: a missing tracker package, before anything runs
+        raise UserError(f": {objective.name!r} is an on-policy objective; run it with `posttrain rl`",
+                        key="objective.name")
+    if objective.prepare is not None:  # per-batch inputs from scored signals: only the on-policy loop fetches them
+        raise UserError(f": {objective.name!r} prepares its inputs from on-policy signals, which `posttrain train` "
+                        "does not fetch; run it with `posttrain rl`", key="objective.name")
+    check_packing(recipe.train)
+    check_installed(recipe.report_to)  # trackers.py: a missing tracker package, before anything runs
+
+
+def train(recipe: TrainRecipe, *, resume: bool = False, allow_changed_recipe: bool = False,
+          command: list[str] | None = None) -> Path:
+    """`command`: how the CLI was called (after `posttrain`), recorded in config.yaml."""
+    validate(recipe)
+    objective = OBJECTIVES[recipe.objective.name]
     # the data's rows first: a missing, empty or non-UTF-8 file is refused before any model is built
     rows = load_rows(recipe.data.source, recipe.data.split, recipe.data.synthetic, recipe.data.max_examples, "data.source")
     runtime = make_runtime(recipe.train.precision, recipe.train.parallel)
-    run_dir, checkpoint, model, tokenizer = open_run(recipe, "model", runtime, resume, allow_changed_recipe, recipe_path)
+    run_dir, checkpoint, model, tokenizer = open_run(recipe, "model", runtime, resume, allow_changed_recipe)
     apply_precision(model, recipe.train.precision)
     _record_rft_source(run_dir, rows, runtime)
-    check_memory(training_memory(
-        model, tokens_per_micro_batch=recipe.train.micro_batch_tokens or recipe.train.micro_batch_size * recipe.data.max_length,
-        bf16=runtime.matmul_dtype is not None, gradient_checkpointing=recipe.train.gradient_checkpointing,
-        world_size=runtime.world_size, sharded=runtime.sharded, head_chunk_tokens=recipe.train.head_chunk_tokens,
-    ), runtime.device, show=runtime.is_main, where=recipe_path)
+    check_training_memory(model, recipe.train, runtime,
+                          recipe.train.micro_batch_tokens or recipe.train.micro_batch_size * recipe.data.max_length)
 
-    # Data
     examples, data_counts = build_examples(rows, tokenizer, recipe.data)
     batch_size = recipe.train.batch_size
-    if batch_size < runtime.world_size:
-        raise UserError(f"{recipe_path}: key 'train.batch_size' ({batch_size}) must be at least the number of processes")
-    steps_per_epoch = len(examples) // batch_size
-    if steps_per_epoch == 0:
-        raise UserError(f"{recipe_path}: key 'train.batch_size' ({batch_size}) is larger than the data ({len(examples)} examples)")
-    total_steps = steps_per_epoch * recipe.train.epochs
-    if recipe.train.max_steps:
-        total_steps = min(total_steps, recipe.train.max_steps)
+    steps_per_epoch, total_steps = _step_counts(recipe, len(examples), runtime.world_size)
 
-    policy, optimizer = wrap_for_training(PolicyLoss(model, objective, recipe.objective.params,
-                                                     chunk_tokens=recipe.train.head_chunk_tokens,
-                                                     matmul_dtype=runtime.matmul_dtype), recipe.optim, runtime)
+    loss = PolicyLoss(model, objective, recipe.objective.params, chunk_tokens=recipe.train.head_chunk_tokens,
+                      matmul_dtype=runtime.matmul_dtype)
+    policy, optimizer = wrap_for_training(loss, recipe.optim, runtime)
     scheduler = build_scheduler(optimizer, recipe.optim, total_steps)
     start_step = load_trainer_state(checkpoint, model, optimizer, scheduler, runtime) if checkpoint else 0
 
-    [metrics] = open_logs(run_dir, runtime, recipe, f"posttrain train --recipe {recipe_path}", checkpoint, start_step,
-                          "metrics.jsonl")
+    [metrics] = open_logs(run_dir, runtime, recipe, command or ["train"], checkpoint, start_step, "metrics.jsonl")
+    saver = Saver(run_dir, model, tokenizer, optimizer, scheduler, runtime, recipe.train)
     probe = examples[: recipe.train.token_probs_examples]  # the same training examples before and after
     if checkpoint is None and probe:
         _write_token_probs(run_dir, runtime, "initial", token_probability_histogram(policy, model, probe, tokenizer, runtime),
@@ -94,14 +94,10 @@ def train(recipe: TrainRecipe, *, resume: bool = False, recipe_path: str = "reci
             metrics.append(last_row)
             progress.update(step + 1, last_row)
             nonfinite_streak = count_nonfinite(nonfinite_streak, [last_row["skipped"]], recipe.train.max_nonfinite_steps,
-                                               step + 1, recipe_path)
-            done = step + 1
-            # no periodic checkpoint right after a skipped (NaN/inf) update: it would push out older ones
-            if recipe.train.save_every and done % recipe.train.save_every == 0 and done < total_steps \
-                    and nonfinite_streak == 0:
-                save_checkpoint(run_dir, done, model, tokenizer, optimizer, scheduler, runtime, recipe.train.keep_checkpoints)
+                                               step + 1)
+            saver.periodic(step + 1, total_steps, nonfinite_streak)
 
-    save_final(run_dir, total_steps, model, tokenizer, optimizer, scheduler, runtime, recipe.train, checkpoint)
+    saver.final(total_steps, checkpoint)
     if probe and start_step < total_steps:
         _write_token_probs(run_dir, runtime, "final", token_probability_histogram(policy, model, probe, tokenizer, runtime),
                           len(probe))
@@ -111,10 +107,20 @@ def train(recipe: TrainRecipe, *, resume: bool = False, recipe_path: str = "reci
             ("examples", f"{data_counts['examples']} ({data_counts['truncated']} truncated, {data_counts['dropped']} dropped)"),
             ("last loss", f"{last_row.get('loss', float('nan')):.4f}" if last_row else "-"),
             ("tokens/s", f"{last_row.get('tokens_per_s', 0):,.0f}" if last_row else "-"),
-            ("wall time", f"{time.time() - started:.1f} s"),
-            ("checkpoint", str(run_dir / "final")),
-        ])
+            ("wall time", f"{time.time() - started:.1f} s"), ("checkpoint", str(run_dir / "final"))])
     return run_dir
+
+
+def _step_counts(recipe: TrainRecipe, examples: int, world_size: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, total steps) for `examples` training examples."""
+    batch_size = recipe.train.batch_size
+    if batch_size < world_size:
+        raise UserError(f"({batch_size}) must be at least the number of processes", key="train.batch_size")
+    steps_per_epoch = examples // batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"({batch_size}) is larger than the data ({examples} examples)", key="train.batch_size")
+    total_steps = steps_per_epoch * recipe.train.epochs
+    return steps_per_epoch, min(total_steps, recipe.train.max_steps) if recipe.train.max_steps else total_steps
 
 
 def train_step(policy, optimizer, scheduler, runtime: Runtime, recipe: TrainRecipe, step: int, step_examples, pad_id) -> dict:
@@ -138,7 +144,7 @@ def train_step(policy, optimizer, scheduler, runtime: Runtime, recipe: TrainReci
 
     def forward(index: int, batch: dict) -> torch.Tensor:
         batch = {k: v.to(runtime.device) for k, v in batch.items()}
-        generator = torch.Generator(device=runtime.device).manual_seed(_micro_batch_seed(recipe.seed, step, runtime.rank, index))
+        generator = torch.Generator(device=runtime.device).manual_seed(micro_batch_seed(recipe.seed, step, runtime.rank, index))
         return policy(batch, generator=generator, stats=stats)
 
     loss_total, counts = accumulate_gradients(policy, runtime, batches, recipe.train.loss_aggregation, forward)
@@ -207,9 +213,3 @@ def _write_token_probs(run_dir: Path, runtime: Runtime, key: str, counts: list[f
     data[key] = counts
     data["examples"] = examples
     write_text_atomic(path, json.dumps(data))
-
-
-def _micro_batch_seed(seed: int, step: int, rank: int, index: int) -> int:
-    """A fixed seed per (run seed, step, rank, micro-batch): sampling inside the loss (OTR's
-    draws) replays exactly after a resume, whatever happened before."""
-    return (seed * 1_000_003 + step) * 10_007 + rank * 101 + index

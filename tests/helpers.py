@@ -54,6 +54,13 @@ def run_cli(*args: str, cwd: Path | None = None, check: bool = True, timeout: in
     return proc
 
 
+def metrics_of(run_dir: Path) -> list[dict]:
+    """The rows of a run folder's metrics.jsonl."""
+    import json
+
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def load_weights(checkpoint: Path) -> dict:
     from safetensors.torch import load_file
 

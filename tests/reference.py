@@ -78,7 +78,22 @@ def lsm(hidden, weight, inputs, params):
     return total
 
 
-REFERENCES = {"sft": sft, "dft": dft, "otr": otr, "opd": opd, "lsm": lsm}
+def forward_kl(hidden, weight, inputs, params):
+    """KL(q ‖ π) on the teacher's top-K ids, both renormalised there (or not), with q from the
+    teacher's full distribution (inputs["teacher_logprob_NV"])."""
+    logp_full = logits_of(hidden, weight).log_softmax(-1)
+    total = logp_full.new_zeros(())
+    for n in range(hidden.shape[0]):
+        ids = sorted(inputs["teacher_topk_ids"][n].tolist())
+        p = logp_full[n, ids].exp()
+        q = inputs["teacher_logprob_NV"][n, ids].to(p.dtype).exp()
+        if params.renormalize:
+            p, q = p / p.sum(), q / q.sum()
+        total = total + (q * (q.log() - p.log())).sum()
+    return total
+
+
+REFERENCES = {"sft": sft, "dft": dft, "otr": otr, "opd": opd, "lsm": lsm, "forward_kl": forward_kl}
 
 
 def full_reverse_kl(hidden, weight, teacher_logprob_NV):

@@ -2,7 +2,6 @@
 known answers on hand-made batches, the engine's weighting against a plain reference, and
 equal updates for different micro-batch / process splits wherever a mode's definition says so."""
 
-import json
 import math
 
 import pytest
@@ -13,7 +12,7 @@ from posttrain.losses import OBJECTIVES, head_loss
 from posttrain.losses.aggregation import MODES, GlobalCounts, aggregate, token_weights, top_entropy_mask
 from posttrain.losses.engine import head_entropy
 from posttrain.optim import lr_factor
-from tests.helpers import load_weights, run_cli, tiny_train_recipe, write_recipe
+from tests.helpers import load_weights, run_cli, tiny_train_recipe, write_recipe, metrics_of
 
 # Two micro-batches; the second row of the first has no loss token.
 MASKS = [torch.tensor([[1, 1, 0], [0, 0, 0]], dtype=torch.bool), torch.tensor([[1, 1, 1]], dtype=torch.bool)]
@@ -92,7 +91,7 @@ def _train(tmp_path, name, mode, micro, steps=2, **train):
     recipe = tiny_train_recipe(tmp_path, name=name, train={"micro_batch_size": micro, "max_steps": steps,
                                                            "loss_aggregation": mode, **train})
     run_dir = run_train(from_dict(TrainRecipe, recipe, "test"))
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_of(run_dir)
     return load_weights(run_dir / "final"), rows
 
 

@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from posttrain.config import DistillRecipe, EvalRecipe, TrainRecipe, from_dict, load_recipe
+from posttrain.config import RLRecipe, EvalRecipe, TrainRecipe, from_dict, load_recipe
 from posttrain.errors import UserError
 from tests.helpers import run_cli, tiny_train_recipe, write_recipe
 
@@ -103,24 +103,24 @@ def test_range_bounds_are_inclusive_or_open_as_declared(tmp_path):
     assert loaded.optim.warmup_ratio == 0.0 and loaded.train.save_every == 0
     distill = {"name": "d", "student": {"path": "s"}, "teacher": {"path": "t"},
                "objective": {"name": "opd", "dual_clip": None, "discount": 1.0}, "rollout": {"top_p": 1.0}}
-    loaded = load_recipe(write_recipe(tmp_path, distill), DistillRecipe)
+    loaded = load_recipe(write_recipe(tmp_path, distill), RLRecipe)
     assert loaded.objective.params.dual_clip is None and loaded.objective.params.discount == 1.0
     path = write_recipe(tmp_path, distill)
-    assert "must be a number > 1, got 1.0" in error_of(path, DistillRecipe, ["objective.dual_clip=1"])
-    assert "must be a number in (0, 1], got 0.0" in error_of(path, DistillRecipe, ["rollout.top_p=0"])
+    assert "must be a number > 1, got 1.0" in error_of(path, RLRecipe, ["objective.dual_clip=1"])
+    assert "must be a number in (0, 1], got 0.0" in error_of(path, RLRecipe, ["rollout.top_p=0"])
 
 
 def test_other_schemas_load(tmp_path):
     distill = {"name": "d", "student": {"path": "s"}, "teacher": {"path": "t"}, "objective": {"name": "lsm", "k": 16}}
-    loaded = load_recipe(write_recipe(tmp_path, distill), DistillRecipe)
+    loaded = load_recipe(write_recipe(tmp_path, distill), RLRecipe)
     assert loaded.objective.params.k == 16 and loaded.rollout.backend == "hf"
     path = write_recipe(tmp_path, distill)
     for text, value in (("tail", "tail"), ("false", False), ("true", True)):
-        renormalize = load_recipe(path, DistillRecipe, [f"objective.renormalize={text}"]).objective.params.renormalize
+        renormalize = load_recipe(path, RLRecipe, [f"objective.renormalize={text}"]).objective.params.renormalize
         assert renormalize == value and type(renormalize) is type(value)
-    message = error_of(path, DistillRecipe, ["objective.renormalize=1"])
+    message = error_of(path, RLRecipe, ["objective.renormalize=1"])
     assert "'objective.renormalize' must be one of: true, false, tail; got 1" in message
-    assert "must be one of: teacher, student, union, overlap" in error_of(path, DistillRecipe, ["objective.support=both"])
+    assert "must be one of: teacher, student, union, overlap" in error_of(path, RLRecipe, ["objective.support=both"])
     loaded = load_recipe(write_recipe(tmp_path, {"benchmarks": "math500,gsm8k", "samples": 4}), EvalRecipe)
     assert loaded.benchmarks == ["math500", "gsm8k"]
 

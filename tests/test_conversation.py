@@ -10,7 +10,7 @@ from posttrain.data.conversation import messages_example
 from posttrain.data.sft import build_examples, collate
 from posttrain.errors import UserError
 from posttrain.models import build_tiny_tokenizer
-from tests.helpers import TINY, run_cli, tiny_train_recipe, write_recipe
+from tests.helpers import TINY, run_cli, tiny_train_recipe, write_recipe, metrics_of
 
 CHAT = [
     {"role": "system", "content": "Be brief."},
@@ -98,7 +98,7 @@ def test_train_on_conversations_through_the_cli(tmp_path, tokenizer):
                                    data={"source": str(data), "format": "messages", "response_field": "messages",
                                          "train_turns": turns})
         run_cli("train", "--recipe", str(write_recipe(tmp_path, recipe)))
-        [row] = [json.loads(line) for line in (tmp_path / "runs" / f"chat-{turns}" / "metrics.jsonl").read_text().splitlines()]
+        [row] = metrics_of(tmp_path / "runs" / f"chat-{turns}")
         assert row["response_tokens"] == expected
     bad = tiny_train_recipe(tmp_path, name="bad", data={"source": str(data), "format": "messages", "response_field": "conv"})
     proc = run_cli("train", "--recipe", str(write_recipe(tmp_path, bad)), check=False)

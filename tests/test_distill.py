@@ -5,11 +5,12 @@ import json
 import pytest
 import torch
 
-from posttrain.config import DistillRecipe, TrainRecipe, from_dict
-from posttrain.distill import distill, first_occurrence_mask
+from posttrain.config import RLRecipe, TrainRecipe, from_dict
+from posttrain.rl import first_occurrence_mask, rl
 from posttrain.losses.objective import TokenSignals
-from posttrain.scoring import has_repetition_loop, score_tokens, support_diagnostics
-from tests.helpers import TINY, load_weights, run_cli, tiny_train_recipe, write_recipe
+from posttrain.scoring import has_repetition_loop, score_tokens
+from posttrain.signals import support_diagnostics
+from tests.helpers import TINY, load_weights, run_cli, tiny_train_recipe, write_recipe, metrics_of
 
 TEACHER = {**TINY, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 256}
 
@@ -45,9 +46,6 @@ def distill_recipe(tmp_path, models, objective, name="d", steps=2, **sections):
         recipe[key] = {**recipe.get(key, {}), **value}
     return recipe
 
-
-def metrics_of(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_first_occurrence_mask():
@@ -128,7 +126,7 @@ def test_lsm_distillation_lowers_the_students_reverse_kl(tmp_path, models):
 ], ids=["opd", "opd-plain-discounted", "lsm-no-renorm", "lsm-student-support", "lsm-augmented", "lsm-union-tail",
         "lsm-overlap"])
 def test_every_objective_and_ablation_runs(tmp_path, models, objective):
-    run_dir = distill(from_dict(DistillRecipe, distill_recipe(tmp_path, models, objective), "test"))
+    run_dir = rl(from_dict(RLRecipe, distill_recipe(tmp_path, models, objective), "test"))
     rows = metrics_of(run_dir)
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     # every variant logs the exact reverse KL, the masses on its support and the top-K overlap
@@ -144,11 +142,11 @@ def test_every_objective_and_ablation_runs(tmp_path, models, objective):
 
 def test_distill_resume_continues_exactly(tmp_path, models):
     objective = {"name": "lsm", "k": 8}
-    straight = distill(from_dict(DistillRecipe, distill_recipe(tmp_path, models, objective, "a", steps=4), "t"))
+    straight = rl(from_dict(RLRecipe, distill_recipe(tmp_path, models, objective, "a", steps=4), "t"))
     first_half = distill_recipe(tmp_path, models, objective, "b", steps=4, train={"save_every": 2})
     first_half["train"]["steps"] = 2
-    distill(from_dict(DistillRecipe, first_half, "t"))
-    resumed = distill(from_dict(DistillRecipe, distill_recipe(tmp_path, models, objective, "b", steps=4), "t"),
+    rl(from_dict(RLRecipe, first_half, "t"))
+    resumed = rl(from_dict(RLRecipe, distill_recipe(tmp_path, models, objective, "b", steps=4), "t"),
                       resume=True, allow_changed_recipe=True)  # train.steps 2 → 4
     a, b = load_weights(straight / "final"), load_weights(resumed / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -141,7 +141,8 @@ def tiny_checkpoint(tmp_path_factory):
 def test_eval_cli_end_to_end_and_resume(tmp_path, tiny_checkpoint):
     out = tmp_path / "out"
     args = ["eval", "--model", str(tiny_checkpoint), "--benchmark", "math500,humaneval", "--data-dir", str(DATA),
-            "--samples", "4", "--max-new-tokens", "24", "--batch-size", "4", "--out", str(out)]
+            "--samples", "4", "--max-new-tokens", "24", "--batch-size", "4", "--out", str(out),
+            "--allow-weak-sandbox"]  # where bubblewrap is missing (results.json then says sandbox: weak)
     run_cli(*args, "--limit", "6")
     lines = (out / "samples.jsonl").read_text().splitlines()
     assert len(lines) == 2 * 6 * 4

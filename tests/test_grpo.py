@@ -8,10 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from posttrain.config import DistillRecipe, from_dict
+from posttrain.config import RLRecipe, from_dict
 from posttrain.errors import UserError
 from posttrain.losses import OBJECTIVES, grpo
-from tests.helpers import BENCHMARKS, TINY, run_cli, token_signals, write_recipe
+from tests.helpers import BENCHMARKS, TINY, run_cli, token_signals, write_recipe, metrics_of
 from tests.test_distill import models  # noqa: F401  (a module fixture: a tiny student that can answer)
 
 
@@ -77,10 +77,16 @@ def _grpo_recipe(tmp_path, student, **objective):
 
 
 def test_grpo_runs_without_a_teacher_and_reports_its_diagnostics(tmp_path, models):
-    student = models[0]  # the fixture's in-domain model: it solves some problems, so rewards vary
+    student = models[0]  # the fixture's in-domain model: it solves a few problems, so rewards vary
     recipe = _grpo_recipe(tmp_path, student, clip_high=0.28, kl_coef=0.05)
+    # The fixture's tiny model writes little but broken arithmetic; what it does write often is a last
+    # \boxed{1}. Prompts whose gold answer is 1 make some rewards 1 by construction of the task, not by
+    # luck of one seed (the synthetic problems it was trained on once gave it a lucky hit, then none).
+    ones = tmp_path / "ones.jsonl"
+    ones.write_text("".join(json.dumps({"problem": f"Compute {a} - {a - 1}.", "answer": "1"}) + "\n" for a in range(1, 65)))
+    recipe["prompts"] = {"source": str(ones), "prompt_field": "problem", "answer_field": "answer"}
     run_cli("rl", "--recipe", str(write_recipe(tmp_path, recipe)))
-    rows = [json.loads(line) for line in (tmp_path / "runs" / "g" / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_of(tmp_path / "runs" / "g")
     assert len(rows) == 2
     for row in rows:
         for key in ("verifiable_reward_mean", "verifiable_reward_std", "zero_advantage_group_frac", "train_clip_frac",
@@ -139,18 +145,19 @@ def _code_recipe(tmp_path, source, **prompts):
 
 @needs_humaneval
 def test_code_reward_is_the_sandboxed_tests_on_the_prompt_eval_asks(tmp_path, monkeypatch, capsys):
-    from posttrain.distill import Sources, _load_prompts, _tokenized_prompts
+    from posttrain.data.prompts import load_prompt_rows, tokenize_prompts
+    from posttrain.signals import Sources
     from posttrain.eval.prompts import prompt_ids
     from posttrain.models import build_tiny_tokenizer
 
     source, rows = _humaneval_prompts(tmp_path)
-    recipe = from_dict(DistillRecipe, _code_recipe(tmp_path, source), "test")
+    recipe = from_dict(RLRecipe, _code_recipe(tmp_path, source), "test")
     needs = OBJECTIVES["grpo"].needs(recipe.objective.params)
-    prompt_fields, references = _load_prompts(recipe, needs)
+    prompt_fields, references = (lambda r: (r.fields, r.references))(load_prompt_rows(recipe.prompts, graded=True))
     assert references == [{"prompt": r["prompt"], "test": r["test"], "entry_point": r["entry_point"]} for r in rows]
     # the model is asked what `posttrain eval --prompt chat` asks it for HumanEval, token for token
     tokenizer = build_tiny_tokenizer(TINY["vocab_size"])
-    loop_prompts = _tokenized_prompts(recipe, prompt_fields, tokenizer)
+    loop_prompts = tokenize_prompts(recipe.prompts, prompt_fields, tokenizer, recipe.rollout.prompts_per_step)
     assert loop_prompts == [prompt_ids("chat", "code", r["prompt"], tokenizer) for r in rows]
 
     unique, area, strlen = references
@@ -170,8 +177,12 @@ def test_code_reward_is_the_sandboxed_tests_on_the_prompt_eval_asks(tmp_path, mo
         rewards = sources.verifiable_rewards([c[0] for c in cases], [c[1] for c in cases])
     assert rewards == [c[2] for c in cases]
     assert sources.sandbox.uid_lock is None  # closed with the sources
-    # without bubblewrap the sandbox is weak, and the loop says so once, as `posttrain eval` does
+    # without bubblewrap the sandbox is weak: refused unless the recipe allows it (scoring.allow_weak_sandbox),
+    # and then the loop says so once, as `posttrain eval` does
     monkeypatch.setattr("posttrain.eval.code_sandbox.shutil.which", lambda name: None)
+    with pytest.raises(UserError, match="scoring.allow_weak_sandbox: true"):
+        Sources.open(recipe, needs, runtime, tokenizer)
+    recipe.scoring.allow_weak_sandbox = True
     capsys.readouterr()
     with Sources.open(recipe, needs, runtime, tokenizer) as weak:
         assert weak.sandbox.isolation.startswith("weak")
@@ -182,7 +193,7 @@ def test_code_reward_is_the_sandboxed_tests_on_the_prompt_eval_asks(tmp_path, mo
 def test_grpo_on_humaneval_prompts_runs_end_to_end(tmp_path):
     source, _ = _humaneval_prompts(tmp_path)
     proc = run_cli("rl", "--recipe", str(write_recipe(tmp_path, _code_recipe(tmp_path, source))))
-    rows = [json.loads(line) for line in (tmp_path / "runs" / "c" / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_of(tmp_path / "runs" / "c")
     assert [row["step"] for row in rows] == [1, 2]
     for row in rows:  # an untrained tiny model passes no test: every group's rewards are 0
         assert row["verifiable_reward_mean"] == 0.0 and row["verifiable_reward_std"] == 0.0
@@ -202,13 +213,14 @@ def test_code_reward_refuses_rows_and_settings_it_cannot_grade(tmp_path):
     assert "key 'prompts.reward': code runs each row's tests, and row 0 has no text field 'test'" in " ".join(proc.stderr.split())
     assert not (tmp_path / "runs" / "c").exists()
 
-    from posttrain.distill import _check_sources, _load_prompts
+    from posttrain.data.prompts import load_prompt_rows
+    from posttrain.rl_checks import validate
 
     def refusal(recipe_dict, step):
-        recipe = from_dict(DistillRecipe, recipe_dict, "r.yaml")
+        recipe = from_dict(RLRecipe, recipe_dict, "r.yaml")
         needs = OBJECTIVES[recipe.objective.name].needs(recipe.objective.params)
         with pytest.raises(UserError) as err:
-            _check_sources(recipe, needs, "r.yaml") if step == "check" else _load_prompts(recipe, needs)
+            validate(recipe) if step == "check" else load_prompt_rows(recipe.prompts, "verifiable_reward" in needs)
         return str(err.value)
 
     code_rows = tmp_path / "code.jsonl"
@@ -229,14 +241,14 @@ def test_code_reward_refuses_rows_and_settings_it_cannot_grade(tmp_path):
 
 
 def test_an_empty_prompt_row_is_refused_not_sent_as_the_text_none(tmp_path):
-    from posttrain.distill import _load_prompts
+    from posttrain.data.prompts import load_prompt_rows
 
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps({"prompt": "1+1?", "answer": "2"}) + "\n" + json.dumps({"prompt": None, "answer": "3"}) + "\n")
-    recipe = from_dict(DistillRecipe, {"name": "g", "student": {"tiny": dict(TINY)}, "objective": {"name": "grpo"},
+    recipe = from_dict(RLRecipe, {"name": "g", "student": {"tiny": dict(TINY)}, "objective": {"name": "grpo"},
                                        "prompts": {"source": str(rows), "prompt_field": "prompt"}}, "r.yaml")
     with pytest.raises(UserError, match="row 1's 'prompt' is None"):
-        _load_prompts(recipe, OBJECTIVES["grpo"].needs(recipe.objective.params))
+        load_prompt_rows(recipe.prompts, graded=True)
 
 
 def test_the_first_update_is_on_policy_under_bf16_autocast(tmp_path, models):
@@ -245,33 +257,35 @@ def test_the_first_update_is_on_policy_under_bf16_autocast(tmp_path, models):
     recipe = _grpo_recipe(tmp_path, models[0], kl_coef=0.5)
     recipe["train"].update({"steps": 1, "mini_batch_size": 16, "micro_batch_size": 16, "precision": "bf16"})
     run_cli("rl", "--recipe", str(write_recipe(tmp_path, recipe)))
-    [row] = [json.loads(line) for line in (tmp_path / "runs" / "g" / "metrics.jsonl").read_text().splitlines()]
+    [row] = metrics_of(tmp_path / "runs" / "g")
     assert row["train_ratio"] == pytest.approx(1.0, abs=1e-6) and row["train_clip_frac"] == 0.0, row
     assert row["train_kl_reference"] == pytest.approx(0.0, abs=1e-6), row
 
 
 def test_grpo_refuses_groups_that_cannot_have_an_advantage(tmp_path):
-    from posttrain.distill import _check_sources
+    from posttrain.rl_checks import validate
 
     for rollout, key in (({"samples_per_prompt": 1}, "rollout.samples_per_prompt"),
                          ({"temperature": 0.0}, "rollout.temperature")):
-        recipe = from_dict(DistillRecipe, {"name": "g", "student": {"tiny": dict(TINY)}, "objective": {"name": "grpo"},
+        recipe = from_dict(RLRecipe, {"name": "g", "student": {"tiny": dict(TINY)}, "objective": {"name": "grpo"},
                                            "rollout": rollout}, "r.yaml")
         with pytest.raises(UserError, match=f"key '{key}'"):
-            _check_sources(recipe, OBJECTIVES["grpo"].needs(recipe.objective.params), "r.yaml")
+            validate(recipe)
 
 
 def test_rl_refuses_prompts_and_answers_the_grader_would_silently_score_zero(tmp_path):
-    from posttrain.distill import _load_prompts, check_golds
+    from posttrain.data.prompts import load_prompt_rows
+    from posttrain.rl_checks import check_golds
     from posttrain.eval.math_grader import gold_kinds
 
     def loaded(rows, **prompts):
         data = tmp_path / f"rows{len(list(tmp_path.iterdir()))}.jsonl"
         data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        recipe = from_dict(DistillRecipe, {"name": "g", "student": {"tiny": dict(TINY)}, "objective": {"name": "grpo"},
+        recipe = from_dict(RLRecipe, {"name": "g", "student": {"tiny": dict(TINY)}, "objective": {"name": "grpo"},
                                            "prompts": {"source": str(data), "prompt_field": "prompt", **prompts},
                                            "scoring": {"grader_workers": 1}}, "r.yaml")
-        return recipe, _load_prompts(recipe, OBJECTIVES["grpo"].needs(recipe.objective.params))
+        rows = load_prompt_rows(recipe.prompts, graded=True)
+        return recipe, (rows.fields, rows.references)
 
     def refusal(rows, **prompts):
         with pytest.raises(UserError) as err:
@@ -290,6 +304,6 @@ def test_rl_refuses_prompts_and_answers_the_grader_would_silently_score_zero(tmp
     recipe, (_, golds) = loaded([{"prompt": "1+1?", "answer": "2"}, {"prompt": "how many?", "answer": "$$"},
                                  {"prompt": "and?", "answer": "1+1=2\n#### 2"}])
     with pytest.raises(UserError, match="1 gold answer\\(s\\) the math grader cannot parse, e.g. '\\$\\$' \\(row 1\\)"):
-        check_golds(recipe, golds, "r.yaml")
+        check_golds(recipe, golds)
     assert gold_kinds(golds, 1) == {"2": "math", "$$": "none", "1+1=2\n#### 2": "text"}
-    check_golds(recipe, [golds[0], golds[2]], "r.yaml")  # warns about the text-only gold, runs on
+    check_golds(recipe, [golds[0], golds[2]])  # warns about the text-only gold, runs on

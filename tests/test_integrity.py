@@ -16,11 +16,8 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import TINY, cli_env, load_weights, run_cli, tiny_train_recipe, write_recipe
+from tests.helpers import TINY, cli_env, load_weights, run_cli, tiny_train_recipe, write_recipe, metrics_of
 
-
-def metrics_of(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def one_error_line(proc) -> str:

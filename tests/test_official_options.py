@@ -7,14 +7,16 @@ import json
 import pytest
 import torch
 
-from posttrain.config import DataConfig, DistillRecipe, from_dict
+from posttrain.config import DataConfig, RLRecipe, from_dict
 from posttrain.data.sft import first_occurrences, load_rows, response_text
 from posttrain.data.templates import LSM_MATH_TEMPLATE, clean_dapo_instructions, resolve_template
-from posttrain.distill import distill, prompt_of
+from posttrain.data.prompts import prompt_of
+from posttrain.rl import rl
 from posttrain.errors import UserError
 from posttrain.losses import lsm, opd
 from tests.helpers import load_weights, run_cli, token_signals, write_recipe
-from tests.test_distill import distill_recipe, metrics_of, models  # noqa: F401  (models is a fixture)
+from tests.helpers import metrics_of
+from tests.test_distill import distill_recipe, models  # noqa: F401  (models is a fixture)
 
 # A DAPO-Math-17k prompt, verbatim in form (the dataset's user turn).
 DAPO_PROMPT = (
@@ -113,7 +115,7 @@ def test_score_tokens_at_a_temperature():
 
 def _run(tmp_path, models, name, objective=None, **sections):
     recipe = distill_recipe(tmp_path, models, objective or {"name": "opd"}, name=name, steps=1, **sections)
-    return distill(from_dict(DistillRecipe, recipe, "test"))
+    return rl(from_dict(RLRecipe, recipe, "test"))
 
 
 def test_distill_aggregation_is_split_invariant(tmp_path, models):

@@ -1,7 +1,6 @@
 """Sequence packing: best-fit bins, and the loss and gradients of packed micro-batches equal the
 padded run's."""
 
-import json
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from posttrain.config import SyntheticConfig
 from posttrain.losses import OBJECTIVES
 from posttrain.models import build_tiny_model, build_tiny_tokenizer
 from posttrain.policy import PolicyLoss
-from tests.helpers import TINY, load_weights, run_cli, tiny_train_recipe, write_recipe
+from tests.helpers import TINY, load_weights, run_cli, tiny_train_recipe, write_recipe, metrics_of
 
 
 def test_best_fit_keeps_every_example_once_within_the_budget():
@@ -80,7 +79,7 @@ def test_packed_training_through_the_cli_matches_the_padded_run(tmp_path):
     for name, packing in (("padded", False), ("packed", True)):
         recipe = tiny_train_recipe(tmp_path, name=name, train={**common, "packing": packing}, optim={"lr": 1e-3})
         run_cli("train", "--recipe", str(write_recipe(tmp_path, recipe)))
-    rows = {name: [json.loads(line) for line in (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+    rows = {name: metrics_of(tmp_path / "runs" / name)
             for name in ("padded", "packed")}
     assert [r["loss"] for r in rows["packed"]] == pytest.approx([r["loss"] for r in rows["padded"]], rel=1e-5)
     padded, packed = load_weights(tmp_path / "runs" / "padded" / "final"), load_weights(tmp_path / "runs" / "packed" / "final")

@@ -8,10 +8,11 @@ posttrain computes; if the change is intended, say why in the commit and re-reco
 
 import json
 import os
+from itertools import product
 
 import pytest
 
-from tests.helpers import TINY, run_cli, tiny_train_recipe, write_recipe
+from tests.helpers import TINY, run_cli, tiny_train_recipe, write_recipe, metrics_of
 
 KEYS = ("loss", "grad_norm", "entropy", "reward_mean", "reverse_kl", "response_length", "trained_token_frac",
         "topk_overlap", "train_clip_frac", "train_reward", "train_teacher_mass", "verifiable_reward_mean",
@@ -46,26 +47,59 @@ PINNED = {
         {'loss': 0.009520920692011714, 'grad_norm': 0.14976976066827774, 'entropy': 5.690817832946777, 'reward_mean': -0.7215430736541748, 'reverse_kl': 0.7151333093643188, 'response_length': 16.0, 'trained_token_frac': 0.5, 'topk_overlap': 0.1767578125, 'train_teacher_mass': 0.32059322530403733},
         {'loss': 0.0021456644171848893, 'grad_norm': 0.11940068379044533, 'entropy': 5.558934446241035, 'reward_mean': -0.3424034118652344, 'reverse_kl': 0.45106568883677, 'response_length': 15.25, 'trained_token_frac': 0.5, 'topk_overlap': 0.3637295067310333, 'train_teacher_mass': 0.32081284923631637},
     ],
+    'grpo': [
+        {'loss': 0.09263486787676811, 'grad_norm': 1.7485938221216202, 'entropy': 1.2505871188256048, 'response_length': 9.6875, 'trained_token_frac': 1.0, 'train_clip_frac': 0.07096774193548387, 'verifiable_reward_mean': 0.1875, 'zero_advantage_group_frac': 0.25},
+        {'loss': -0.011150795966386795, 'grad_norm': 0.8378989100456238, 'entropy': 0.759573397429093, 'response_length': 8.625, 'trained_token_frac': 1.0, 'train_clip_frac': 0.06521739130434782, 'verifiable_reward_mean': 0.1875, 'zero_advantage_group_frac': 0.25},
+    ],
     'grpo-kl': [
-        {'loss': 0.0006834268569946289, 'grad_norm': 0.0944879215207095, 'entropy': 5.690817832946777, 'response_length': 16.0, 'trained_token_frac': 1.0, 'train_clip_frac': 0.0, 'verifiable_reward_mean': 0.0, 'zero_advantage_group_frac': 1.0, 'train_kl_reference': 0.0013668537139892578},
-        {'loss': 0.02763983397744596, 'grad_norm': 0.20824675261974335, 'entropy': 5.519532250576332, 'response_length': 15.25, 'trained_token_frac': 1.0, 'train_clip_frac': 0.0, 'verifiable_reward_mean': 0.0, 'zero_advantage_group_frac': 1.0, 'train_kl_reference': 0.05596612515996714},
+        {'loss': 0.12162674590945244, 'grad_norm': 2.2134200632572174, 'entropy': 1.2505871188256048, 'response_length': 9.6875, 'trained_token_frac': 1.0, 'train_clip_frac': 0.07096774193548387, 'verifiable_reward_mean': 0.1875, 'zero_advantage_group_frac': 0.25, 'train_kl_reference': 0.0568615363490197},
+        {'loss': 0.017503466457128525, 'grad_norm': 0.9749455451965332, 'entropy': 0.7497193041465265, 'response_length': 8.6875, 'trained_token_frac': 1.0, 'train_clip_frac': 0.08633093525179857, 'verifiable_reward_mean': 0.1875, 'zero_advantage_group_frac': 0.25, 'train_kl_reference': 0.05666645053479311},
     ],
 }
 
 
+# The tolerance, from the arithmetic. Every pinned number is a mean of per-token terms of size
+# O(1) (log-probs, ρ·A with |A| ≤ 2, entropies) computed in fp32, one thread: unit roundoff
+# u = 2^-24 ≈ 6e-8. Another install (a torch or BLAS whose kernels reduce in another order) moves
+# each term by a few u of the TERMS' scale, not of their mean, which can be small by cancellation
+# (a GRPO loss is Σ −A·ρ with Σ A ≈ 0). Measured: re-running the grpo cases with the LM head in
+# chunks of 5 and 7 tokens (another summation order) moved no number by more than 4.5e-8
+# absolutely or 6.4e-7 relatively. Adam does not amplify this: its first step is lr·g/(|g| + ε) =
+# lr·sign(g), unchanged by a perturbation of g unless g itself is at rounding level, which is
+# why a case whose groups all have zero advantage (every gradient component rounding noise,
+# normalised into full random-signed steps) is not pinned (hence test_grpo_cases_carry_signal).
+# So: rel 1e-5 (~160 u, 15x the measured relative move) and abs 1e-6 (~16 u of an O(1) term,
+# 20x the measured absolute move); a real change (a sign, a clip, an aggregation, a missed
+# token) moves these numbers by 1e-3 or more. Discrete parts (sampled tokens, rewards) stay put
+# unless a perturbation of ~1e-6 crosses a sampling boundary: ~200 draws × 1e-6, about 1 in 5000.
+REL, ABS = 1e-5, 1e-6
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """A tiny student and a wider teacher, each a few SFT steps from random init (CLI)."""
+    """A tiny student and a wider teacher, each a few SFT steps from random init (CLI); and the
+    student fine-tuned further to answer small sums in a box (the GRPO cases), with its prompts."""
     tmp = tmp_path_factory.mktemp("pinned")
     for name, tiny, steps in (("student", TINY, 6), ("teacher", {**TINY, "hidden_size": 48}, 8)):
         recipe = tiny_train_recipe(tmp, name=name, model={"tiny": dict(tiny)}, optim={"lr": 1e-2},
                                    train={"max_steps": steps})
         run_cli("train", "--recipe", str(write_recipe(tmp, recipe, f"{name}.yaml")))
-    return tmp / "runs" / "student" / "final", tmp / "runs" / "teacher" / "final"
+    # "Compute a + b." for a, b in 0..1, answered "The answer is \boxed{a+b}.": 60 steps teach the
+    # tiny student the form, not the sums, so its boxed numbers match the gold answer sometimes
+    # (groups with mixed rewards: non-zero GRPO advantages from the first update on)
+    sums = tmp / "sums.jsonl"
+    sums.write_text("".join(json.dumps({"problem": f"Compute {a} + {b}.", "solution": f"The answer is \\boxed{{{a + b}}}.",
+                                        "answer": str(a + b)}) + "\n" for _ in range(16) for a, b in product(range(2), repeat=2)))
+    recipe = tiny_train_recipe(tmp, name="boxer", data={"source": str(sums), "prompt_field": "problem"},
+                               optim={"lr": 1e-2}, train={"epochs": 50, "max_steps": 60})
+    del recipe["data"]["synthetic"]
+    recipe["model"] = {"path": str(tmp / "runs" / "student" / "final")}
+    run_cli("train", "--recipe", str(write_recipe(tmp, recipe, "boxer.yaml")))
+    return tmp / "runs" / "student" / "final", tmp / "runs" / "teacher" / "final", tmp / "runs" / "boxer" / "final", sums
 
 
 def _metrics(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_of(run_dir)
     return [{k: row[k] for k in KEYS if k in row} for row in rows]
 
 
@@ -76,11 +110,13 @@ def _offline(tmp_path, models, objective):
     return _metrics(tmp_path / "runs" / objective["name"])
 
 
-def _online(tmp_path, models, objective, command="distill", teacher=True, **sections):
+SYNTHETIC_PROMPTS = {"source": "synthetic", "prompt_field": "prompt", "synthetic": {"split": "in_domain", "num_examples": 64}}
+
+
+def _online(tmp_path, models, objective, command="distill", teacher=True, prompts=SYNTHETIC_PROMPTS, **sections):
     recipe = {
         "name": objective["name"], "out_dir": str(tmp_path / "runs"), "student": {"path": str(models[0])},
-        "prompts": {"source": "synthetic", "prompt_field": "prompt",
-                    "synthetic": {"split": "in_domain", "num_examples": 64}},
+        "prompts": prompts,
         "rollout": {"prompts_per_step": 4, "samples_per_prompt": 2, "max_new_tokens": 16},
         "objective": objective, "optim": {"lr": 3e-3, "schedule": "constant"},
         "train": {"steps": 2, "mini_batch_size": 4, "micro_batch_size": 2},
@@ -93,6 +129,13 @@ def _online(tmp_path, models, objective, command="distill", teacher=True, **sect
     return _metrics(tmp_path / "runs" / objective["name"])
 
 
+def _grpo(tmp_path, models, objective):
+    return _online(tmp_path, (models[2],), objective, command="rl", teacher=False,
+                   prompts={"source": str(models[3]), "prompt_field": "problem", "answer_field": "answer"},
+                   rollout={"samples_per_prompt": 4, "max_new_tokens": 12}, scoring={"grader_workers": 1},
+                   train={"mini_batch_size": 8, "micro_batch_size": 4})
+
+
 CASES = {
     "sft": lambda tmp, m: _offline(tmp, m, {"name": "sft"}),
     "dft": lambda tmp, m: _offline(tmp, m, {"name": "dft"}),
@@ -100,10 +143,10 @@ CASES = {
     "opd": lambda tmp, m: _online(tmp, m, {"name": "opd"}),
     "lsm": lambda tmp, m: _online(tmp, m, {"name": "lsm", "k": 8}),
     "lsm-entropy": lambda tmp, m: _online(tmp, m, {"name": "lsm", "k": 8}, train={"entropy_top_ratio": 0.5}),
-    # the tiny student solves nothing (reward 0, advantage 0): the KL term to the start policy is
-    # what moves, from 0 on the first update to > 0 on the second of each step
-    "grpo-kl": lambda tmp, m: _online(tmp, m, {"name": "grpo", "kl_coef": 0.5}, command="rl", teacher=False,
-                                      prompts={"answer_field": "answer"}),
+    # the boxing student on its sums: 4 prompts × 4 rollouts, rewards mixed within some groups
+    "grpo": lambda tmp, m: _grpo(tmp, m, {"name": "grpo"}),
+    # + the KL to the start policy: 0 (value and gradient) on the first update, then it moves
+    "grpo-kl": lambda tmp, m: _grpo(tmp, m, {"name": "grpo", "kl_coef": 0.5}),
 }
 
 
@@ -118,4 +161,12 @@ def test_pinned_losses(tmp_path, models, case):
     for got_row, want_row in zip(got, want):
         assert got_row.keys() == want_row.keys()
         for key, value in want_row.items():
-            assert got_row[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (case, key, got_row, want_row)
+            assert got_row[key] == pytest.approx(value, rel=REL, abs=ABS), (case, key, got_row, want_row)
+
+
+def test_grpo_cases_carry_signal():
+    """A GRPO case pins an update only where some group has rollouts with different rewards
+    (non-zero advantages); all-zero advantages leave a gradient of rounding noise (see REL, ABS)."""
+    for case in ("grpo", "grpo-kl"):
+        for row in PINNED[case]:
+            assert row["zero_advantage_group_frac"] < 1 and 0 < row["verifiable_reward_mean"] < 1, (case, row)

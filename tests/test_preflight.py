@@ -1,6 +1,5 @@
 """`posttrain distill --check` and the same checks at the start of every distill run."""
 
-import json
 import shutil
 
 import pytest
@@ -9,7 +8,7 @@ from posttrain.config import TinyModelConfig
 from posttrain.data.sft import Example
 from posttrain.models import CHATML_TEMPLATE, build_tiny_model, build_tiny_tokenizer, load_tokenizer
 from posttrain.preflight import determinism_findings, end_of_turn_id
-from tests.helpers import TINY, run_cli, write_recipe
+from tests.helpers import TINY, run_cli, write_recipe, metrics_of
 from tests.test_distill import distill_recipe, models  # noqa: F401  (the trained teacher/student fixture)
 
 
@@ -46,9 +45,9 @@ def test_a_template_that_ends_turns_with_an_ordinary_token_is_refused(tmp_path, 
         proc = run_cli("distill", *args, "--recipe", str(path), check=False)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         out = proc.stdout + proc.stderr
-        assert f"error: {path}: key 'student': the teacher ends a turn with" in out
-        assert f"warning: {path}: key 'teacher': the chat templates end a turn differently" in out
-        assert "pre-flight found 1 fatal problem(s)" in out
+        assert "error: key 'student': the teacher ends a turn with" in out
+        assert "warning: key 'teacher': the chat templates end a turn differently" in out
+        assert f"{path}: pre-flight found 1 fatal problem(s)" in out
     assert not (tmp_path / "runs" / "refused" / "final").exists()
 
 
@@ -64,7 +63,7 @@ def test_a_different_rendering_warns_and_the_run_goes_on(tmp_path, models):  # n
     assert (tmp_path / "runs" / "warned" / "final").exists()
     from tests.test_trackers import scalars
 
-    [row] = [json.loads(line) for line in (tmp_path / "runs" / "warned" / "metrics.jsonl").read_text().splitlines()]
+    [row] = metrics_of(tmp_path / "runs" / "warned")
     assert scalars(tmp_path / "runs" / "warned" / "tensorboard")["train/reverse_kl"] == [(1, pytest.approx(row["reverse_kl"]))]
 
 

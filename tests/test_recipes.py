@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.config import DistillRecipe, EvalRecipe, TrainRecipe, load_recipe, parse_yaml
+from posttrain.config import RLRecipe, EvalRecipe, TrainRecipe, load_recipe, parse_yaml
 from posttrain.recipes import description
 from tests.helpers import REPO, run_cli
 
@@ -16,7 +16,7 @@ def schema_of(path: Path):
     raw = parse_yaml(path.read_text(), str(path))
     if "benchmarks" in raw:
         return EvalRecipe
-    return DistillRecipe if "student" in raw else TrainRecipe
+    return RLRecipe if "student" in raw else TrainRecipe
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(REPO / "recipes")) for p in RECIPES])

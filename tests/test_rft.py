@@ -8,7 +8,7 @@ import json
 from posttrain.data.synthetic import DATA_SEED, make_rows
 from posttrain.eval.benchmarks import load_benchmark
 from posttrain.eval.prompts import BOXED_INSTRUCTION
-from tests.helpers import run_cli, tiny_train_recipe, write_recipe
+from tests.helpers import run_cli, tiny_train_recipe, write_recipe, metrics_of
 
 
 def _eval_folder(tmp_path, records, prompt="chat", benchmark="synthetic_train", finished=True):
@@ -119,7 +119,7 @@ def test_rft_pipeline_eval_then_rft_data_then_train(tmp_path):
     del recipe["data"]["synthetic"]
     proc = run_cli("train", "--recipe", str(write_recipe(tmp_path, recipe)))
     assert "examples │ 4 (0 truncated, 0 dropped)" in " ".join(proc.stderr.split())
-    metrics = [json.loads(line) for line in (tmp_path / "runs" / "rft" / "metrics.jsonl").read_text().splitlines()]
+    metrics = metrics_of(tmp_path / "runs" / "rft")
     assert len(metrics) == 2
     from transformers import AutoTokenizer
 

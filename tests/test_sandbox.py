@@ -50,7 +50,7 @@ def test_plain_data_round_trips_and_nothing_else_crosses():
 
     back = decode(encode(AlwaysEqual("x")))
     assert type(back) is str and back != "y"
-    for bad in (object(), print, 1j, bytearray(b"x"), iter([])):
+    for bad in (object(), print, 1j, bytearray(b"x"), iter([object()])):  # an iterator of plain data crosses
         with pytest.raises(WireError):
             encode(bad)
     for forged in (5, "s", {"i": "1"}, ["i", 5], ["d", [[["l", []], None]]], ["x", []], ["l", [["q", 1]]]):
@@ -68,7 +68,7 @@ def test_plain_data_round_trips_and_nothing_else_crosses():
 
 @pytest.fixture(scope="module")
 def sandbox():
-    return CodeSandbox(workers=2, timeout=3, memory_mb=512)
+    return CodeSandbox(workers=2, timeout=3, memory_mb=512, allow_weak=True)  # the weak one where bubblewrap is missing
 
 
 @needs_bwrap
@@ -80,7 +80,7 @@ def test_the_strong_layer_is_used_when_bubblewrap_is_there(sandbox):
 def test_two_sandboxes_never_share_sample_uids(sandbox):
     """Two evals whose pids agreed mod 10000 (or two sandboxes in one process) took the same uids:
     a shared process limit, and in the weak mode one sweeping (killing) the other's samples."""
-    other = CodeSandbox(workers=2, timeout=3)
+    other = CodeSandbox(workers=2, timeout=3, allow_weak=True)
     assert abs(other.first_uid - sandbox.first_uid) >= 1000
     assert SANDBOX_UIDS[0] <= other.first_uid and other.first_uid + 1000 <= SANDBOX_UIDS[1]
 
@@ -141,7 +141,7 @@ def test_a_failing_test_names_its_line(sandbox):
 @needs_data
 def test_humaneval_canonical_solutions_pass_and_empty_bodies_fail():
     rows = humaneval_rows()
-    sandbox = CodeSandbox(workers=2, timeout=10)
+    sandbox = CodeSandbox(workers=2, timeout=10, allow_weak=True)
     canonical = sandbox.run_many([assemble_program(r["prompt"], r["canonical_solution"], r["test"], r["entry_point"]) for r in rows])
     failed = [(r["task_id"], v["error"]) for r, v in zip(rows, canonical) if not v["passed"]]
     assert not failed, failed
@@ -689,8 +689,9 @@ def test_no_forger_passes_on_any_of_the_164_problems():
 
 def test_without_bubblewrap_the_eval_says_the_sandbox_is_weak(monkeypatch):
     monkeypatch.setattr(code_sandbox.shutil, "which", lambda name: None)
-    sandbox = CodeSandbox(workers=1, timeout=3)
+    sandbox = CodeSandbox(workers=1, timeout=3, allow_weak=True)
     assert sandbox.isolation.startswith("weak: seccomp + ") and "bubblewrap (bwrap) is not installed" in sandbox.isolation
+    assert sandbox.mode == "weak"
     assert sandbox.warning().startswith("warning: code sandbox is weak")
     prompt, test = "def f(x):\n    \"\"\"Twice x.\"\"\"\n", "def check(c):\n    assert c(2) == 4\n"
     assert sandbox.run(assemble_program(prompt, "    return 2 * x\n", test, "f"))["passed"]
@@ -699,8 +700,8 @@ def test_without_bubblewrap_the_eval_says_the_sandbox_is_weak(monkeypatch):
     honest = "    import asyncio, zipfile, logging, email.message, concurrent.futures, pickle, gzip\n    return 2 * x\n"
     assert sandbox.run(assemble_program(prompt, honest, test, "f")) == {"passed": True, "error": None}
     listener = Listener()
-    try:  # processes, signals and the network stay blocked (seccomp); files are not protected, but
-        # as root what the sample's uid left in /tmp, /dev/shm, ... is deleted after its verdict
+    try:  # processes, signals and the network stay blocked (seccomp); files by Landlock where the kernel
+        # has it (tests/test_sandbox_weak.py), and as root what the sample's uid left is deleted after its verdict
         for name in ("fork by every route", "signals to the parent and everyone", "network", "always-equal object",
                      "files in /dev/shm, /tmp, home and elsewhere"):
             completion = hostile_completion(INTRUDERS.get(name) or FORGERS[name], "f", listener.port)
@@ -708,16 +709,22 @@ def test_without_bubblewrap_the_eval_says_the_sandbox_is_weak(monkeypatch):
     finally:
         listener.close()
     assert listener.received == [] and leftovers() == []
-    if HUMANEVAL.is_file():  # and why it is weak: the benchmark file is readable, so its tests are
+    if HUMANEVAL.is_file():  # the benchmark file was readable in the weak mode (158/164 forged): not under Landlock
         row = humaneval_rows()[0]
         completion = hostile_completion(FORGERS["reading the tests"], row["entry_point"], listener.port)
-        assert sandbox.run(assemble_program(row["prompt"], completion, row["test"], row["entry_point"]))["passed"]
+        forged = sandbox.run(assemble_program(row["prompt"], completion, row["test"], row["entry_point"]))["passed"]
+        assert forged is (not sandbox.weak_layers["landlock"])
+    sandbox.close()
 
 
 # An honest body that also checks, from inside, that no other process of the eval (the eval, a
 # checker, another sample) lets it read or write its memory or open its descriptors via /proc.
 PROC_PROBE = """    import os
-    for pid in [p for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]:
+    try:
+        pids = os.listdir("/proc")
+    except OSError:  # Landlock: /proc is closed to the sample altogether
+        pids = []
+    for pid in [p for p in pids if p.isdigit() and int(p) != os.getpid()]:
         try:
             command = open(f"/proc/{pid}/cmdline", "rb").read()
         except OSError:
@@ -748,7 +755,7 @@ def test_without_bubblewrap_as_an_ordinary_user_no_signal_reaches_the_eval():
     programs.append(assemble_program(prompt, "    return 2 * x\n", test, "f"))
     programs.append(assemble_program(prompt, PROC_PROBE, test, "f"))
     script = ("import json, os, sys\nfrom posttrain.eval.code_sandbox import CodeSandbox\n"
-              "sandbox = CodeSandbox(workers=1, timeout=3)\n"
+              "sandbox = CodeSandbox(workers=1, timeout=3, allow_weak=True)\n"
               "before = [os.getpriority(os.PRIO_PROCESS, 0), sorted(os.sched_getaffinity(0)), os.sched_getscheduler(0)]\n"
               "verdicts = sandbox.run_many(json.load(sys.stdin))\n"
               "after = [os.getpriority(os.PRIO_PROCESS, 0), sorted(os.sched_getaffinity(0)), os.sched_getscheduler(0)]\n"
@@ -759,7 +766,7 @@ def test_without_bubblewrap_as_an_ordinary_user_no_signal_reaches_the_eval():
                           env={"PYTHONPATH": str(REPO), "PATH": "/nonexistent", "HOME": "/nonexistent"})
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
     isolation, verdicts, unchanged = json.loads(proc.stdout)
-    assert isolation.startswith("weak: seccomp + rlimits only")
+    assert isolation.startswith("weak: seccomp + ")
     assert [v["passed"] for v in verdicts] == [False, False, False, True, True] and unchanged, verdicts
     assert leftovers() == []
 
@@ -775,6 +782,7 @@ def test_results_json_records_which_isolation_graded_the_run(tmp_path):
             "--out", str(out))
     results = json.loads((out / "results.json").read_text())
     assert results["code_sandbox"] == "bubblewrap + seccomp + rlimits"
+    assert results["sandbox"] == "strong" and results["benchmarks"]["humaneval"]["sandbox"] == "strong"
     assert results["benchmarks"]["humaneval"]["metrics"]["avg@1"] == 100.0
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [s["correct"] for s in samples] == [True, True]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.helpers import BENCHMARKS, run_cli, tiny_train_recipe, write_recipe
+from tests.helpers import BENCHMARKS, run_cli, tiny_train_recipe, write_recipe, metrics_of
 
 tensorboard = pytest.importorskip("tensorboard", reason="the tensorboard extra (in `dev`) is not installed")
 
@@ -23,7 +23,7 @@ def test_tensorboard_gets_every_metrics_row_of_a_train_run(tmp_path):
     recipe = tiny_train_recipe(tmp_path, name="tb", report_to=["tensorboard"])
     run_cli("train", "--recipe", str(write_recipe(tmp_path, recipe)))
     run_dir = tmp_path / "runs" / "tb"
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_of(run_dir)
     logged = scalars(run_dir / "tensorboard")
     assert len(rows) == 8
     for key in ("loss", "grad_norm", "lr", "response_tokens"):

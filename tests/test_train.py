@@ -1,6 +1,5 @@
 """`posttrain train` end to end on tiny models, through the real CLI."""
 
-import json
 import os
 import signal
 import subprocess
@@ -9,11 +8,8 @@ import time
 
 import torch
 
-from tests.helpers import REPO, cli_env, load_weights, run_cli, tiny_train_recipe, write_recipe
+from tests.helpers import REPO, cli_env, load_weights, run_cli, tiny_train_recipe, write_recipe, metrics_of
 
-
-def metrics_of(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_train_writes_a_loadable_checkpoint_and_metrics(tmp_path):

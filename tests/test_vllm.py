@@ -20,7 +20,7 @@ from posttrain.generation import SamplingSpec, make_backend  # noqa: E402
 from posttrain.generation.hf import warp_logits  # noqa: E402
 from posttrain.models import build_tiny_model, build_tiny_tokenizer  # noqa: E402
 from posttrain.scoring import score_tokens  # noqa: E402
-from tests.helpers import BENCHMARKS, TINY, run_cli, tiny_train_recipe, write_recipe  # noqa: E402
+from tests.helpers import BENCHMARKS, TINY, metrics_of, run_cli, tiny_train_recipe, write_recipe  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -225,7 +225,7 @@ def test_distill_with_vllm_rollouts_syncs_weights_and_lowers_the_reverse_kl(tmp_
         "train": {"steps": steps, "mini_batch_size": 8, "micro_batch_size": 8},
     }
     run_cli("distill", "--recipe", str(write_recipe(tmp_path, recipe)), timeout=900)
-    rows = [json.loads(line) for line in (tmp_path / "runs" / objective["name"] / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_of(tmp_path / "runs" / objective["name"])
     assert len(rows) == steps
     gaps = [r["rollout_logprob_gap"] for r in rows]
     assert max(gaps) < 1e-4, gaps
@@ -248,7 +248,7 @@ def test_grpo_with_vllm_rollouts_grades_the_engines_texts(tmp_path, distill_mode
         "train": {"steps": 2, "mini_batch_size": 16, "micro_batch_size": 16},
     }
     run_cli("rl", "--recipe", str(write_recipe(tmp_path, recipe)), timeout=900)
-    rows = [json.loads(line) for line in (tmp_path / "runs" / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_of(tmp_path / "runs" / "grpo")
     assert len(rows) == 2
     for row in rows:
         assert 0.0 <= row["verifiable_reward_mean"] <= 1.0 and "zero_advantage_group_frac" in row

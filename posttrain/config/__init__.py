@@ -11,12 +11,12 @@ loader.py (YAML, overrides, validation). Everything is re-exported here, so
 `from posttrain.config import X` works for any of them.
 """
 
-from posttrain.config.ranges import (  # noqa: F401
+from posttrain.ranges import (  # noqa: F401
     Bounds, LossAggregation, NonNegativeFloat, NonNegativeInt, OpenFraction, PositiveFloat, PositiveInt, Probability,
     RunName, RunNameRule, Share,
 )
 from posttrain.config.schema import (  # noqa: F401
-    DataConfig, DistillLoopConfig, DistillRecipe, EvalRecipe, LoopConfig, LoraConfig, ModelConfig, ObjectiveConfig,
+    DataConfig, RLLoopConfig, RLRecipe, EvalRecipe, LoopConfig, LoraConfig, ModelConfig, ObjectiveConfig,
     OptimConfig, PromptsConfig, RolloutConfig, RowsConfig, SamplingConfig, ScoringConfig, SyntheticConfig,
     TinyModelConfig, TrainLoopConfig, TrainRecipe, VllmConfig,
 )

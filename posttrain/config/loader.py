@@ -16,6 +16,7 @@ import yaml
 
 from posttrain.config.schema import ObjectiveConfig
 from posttrain.errors import UserError
+from posttrain.losses import OBJECTIVES
 
 @dataclass
 class _Where:
@@ -28,7 +29,7 @@ class _Where:
         origin = self.file
         if key in self.given:
             origin += f" ({self.given[key]})"
-        raise UserError(f"{origin}: key '{key}' {problem}")
+        raise UserError(problem, key=key, file=origin)
 
 
 def load_recipe(path: str | Path, schema: type, overrides: list[str] | None = None) -> Any:
@@ -124,8 +125,8 @@ def _apply_override(raw: dict, item: str, where: _Where) -> None:
 
 
 def _build(schema: type, raw: Any, prefix: str, where: _Where) -> Any:
-    if hasattr(schema, "_parse"):
-        return schema._parse(raw, prefix, where)
+    if schema is ObjectiveConfig:
+        return _objective(raw, prefix, where)
     if not isinstance(raw, dict):
         where.fail(prefix or "(top level)", f"must be a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(schema, include_extras=True)
@@ -144,6 +145,19 @@ def _build(schema: type, raw: Any, prefix: str, where: _Where) -> Any:
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             where.fail(full, f"is required ({_describe(hints[f.name])})")
     return schema(**values)
+
+
+def _objective(raw: Any, key: str, where: _Where) -> ObjectiveConfig:
+    """`objective:`: the name from the registry, the other keys that objective's Params."""
+    if not isinstance(raw, dict):
+        where.fail(key, f"must be a mapping with at least 'name' (one of: {', '.join(OBJECTIVES)})")
+    name = raw.get("name")
+    if name is None:
+        where.fail(f"{key}.name", f"is required; allowed: {', '.join(OBJECTIVES)}")
+    if name not in OBJECTIVES:
+        where.fail(f"{key}.name", f"must be one of: {', '.join(OBJECTIVES)}; got {name!r}")
+    rest = {k: v for k, v in raw.items() if k != "name"}
+    return ObjectiveConfig(name=name, params=_build(OBJECTIVES[name].Params, rest, key, where))
 
 
 def _coerce(value: Any, hint: Any, key: str, where: _Where) -> Any:
@@ -180,6 +194,17 @@ def _coerce(value: Any, hint: Any, key: str, where: _Where) -> Any:
                 where.fail(key, f"must be {_describe(hint)}, got {value!r}")
             return tuple(_coerce(v, a, key, where) for v, a in zip(value, args))
         return [_coerce(v, args[0], key, where) for v in value]
+    if hint in (bool, int, float, str):
+        return _coerce_scalar(value, hint, key, where)
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            where.fail(key, f"must be a mapping, got {value!r}")
+        return value
+    raise TypeError(f"schema type {hint!r} for {key} is not supported by the loader")
+
+
+def _coerce_scalar(value: Any, hint: type, key: str, where: _Where) -> Any:
+    """A bool, int, float or str key: the YAML value, or its text, as that type."""
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -213,11 +238,6 @@ def _coerce(value: Any, hint: Any, key: str, where: _Where) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         where.fail(key, f"must be a string, got {value!r}")
-    if origin is dict or hint is dict:
-        if not isinstance(value, dict):
-            where.fail(key, f"must be a mapping, got {value!r}")
-        return value
-    raise TypeError(f"schema type {hint!r} for {key} is not supported by the loader")
 
 
 def _describe(hint: Any) -> str:

@@ -1,11 +1,12 @@
-"""The recipe schema: the dataclasses a recipe's YAML is validated against (posttrain/config/loader.py)."""
+"""The recipe schema: the dataclasses a recipe's YAML is validated against (posttrain/config/loader.py).
+Imports nothing of posttrain but the range types (posttrain/ranges.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from posttrain.config.ranges import (
+from posttrain.ranges import (
     LossAggregation, NonNegativeFloat, NonNegativeInt, OpenFraction, PositiveFloat, PositiveInt, RunName, Share,
 )
 
@@ -37,7 +38,7 @@ class ModelConfig:
 class SyntheticConfig:
     """The built-in step-by-step arithmetic task (see posttrain/data/synthetic.py)."""
 
-    split: Literal["pretrain", "in_domain", "out_of_domain"] = "in_domain"
+    split: Literal["pretrain", "pretrain_wide", "in_domain", "out_of_domain", "teacher"] = "in_domain"
     num_examples: PositiveInt = 2000
     seed: int = 1234  # the data seed; the run seed changes init, order and sampling only
 
@@ -73,26 +74,11 @@ class DataConfig(RowsConfig):
 
 @dataclass
 class ObjectiveConfig:
-    """`name` picks an objective from the registry; the other keys are that objective's params."""
+    """`name` picks an objective from the registry; the other keys are that objective's params
+    (validated by the loader against the objective's Params: config/loader.py)."""
 
     name: str
     params: Any
-
-    @classmethod
-    def _parse(cls, raw: Any, key: str, where) -> ObjectiveConfig:
-        from posttrain.config.loader import _build
-        from posttrain.losses import OBJECTIVES
-
-        if not isinstance(raw, dict):
-            where.fail(key, f"must be a mapping with at least 'name' (one of: {', '.join(OBJECTIVES)})")
-        name = raw.get("name")
-        if name is None:
-            where.fail(f"{key}.name", f"is required; allowed: {', '.join(OBJECTIVES)}")
-        if name not in OBJECTIVES:
-            where.fail(f"{key}.name", f"must be one of: {', '.join(OBJECTIVES)}; got {name!r}")
-        rest = {k: v for k, v in raw.items() if k != "name"}
-        params = _build(OBJECTIVES[name].Params, rest, key, where)
-        return cls(name=name, params=params)
 
 
 @dataclass
@@ -198,6 +184,10 @@ class RolloutConfig(SamplingConfig):
     backend: Literal["hf", "vllm"] = "hf"
     prompts_per_step: PositiveInt = 16
     samples_per_prompt: PositiveInt = 8
+    # DAPO's dynamic sampling (graded objectives): drop groups whose rewards are all equal and draw
+    # more prompts until the step has prompts_per_step groups, at most max_draws batches (rollouts.py)
+    dynamic_sampling: bool = False
+    max_draws: PositiveInt = 3
     vllm: VllmConfig = field(default_factory=VllmConfig)
 
 
@@ -213,10 +203,11 @@ class ScoringConfig:
     at_rollout_temperature: bool = False
     gpu_memory_utilization: Share = 0.3  # vllm teacher only
     grader_workers: PositiveInt = 2  # grading processes for a verifiable reward (grpo)
+    allow_weak_sandbox: bool = False  # reward: code without bubblewrap (a weak sandbox: rewards can be forged)
 
 
 @dataclass
-class DistillLoopConfig(LoopConfig):
+class RLLoopConfig(LoopConfig):
     steps: PositiveInt = 100
     mini_batch_size: PositiveInt = 64  # rollouts per optimizer step (PPO mini-batch), over all processes
     ppo_epochs: PositiveInt = 1
@@ -224,7 +215,7 @@ class DistillLoopConfig(LoopConfig):
 
 
 @dataclass
-class DistillRecipe:
+class RLRecipe:
     name: RunName
     student: ModelConfig
     objective: ObjectiveConfig
@@ -235,7 +226,7 @@ class DistillRecipe:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    train: DistillLoopConfig = field(default_factory=DistillLoopConfig)
+    train: RLLoopConfig = field(default_factory=RLLoopConfig)
     # Experiment trackers that get a copy of every metrics row (posttrain/trackers.py); none: []
     report_to: list[Tracker] = field(default_factory=list)
 

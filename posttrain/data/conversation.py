@@ -22,6 +22,7 @@ exist (e.g. dropping old reasoning) has no such prefixes and is refused.
 
 from __future__ import annotations
 
+from posttrain.data.examples import Example
 from posttrain.errors import UserError
 
 
@@ -38,7 +39,7 @@ def messages_example(tokenizer, messages: list[dict], trained: list[int], key: s
         else:  # no generation prompt for other roles: the turn's trained part starts at its content
             start = turn_text.find(messages[index]["content"], len(before_text))
         if start < 0 or not (full.startswith(turn_text) and turn_text.startswith(before_text)):
-            raise UserError(f"recipe key '{key}': the chat template renders earlier turns differently once later "
+            raise UserError(key=f"{key}", message=f": the chat template renders earlier turns differently once later "
                             "turns follow (it rewrites the history), so trained turns cannot be located in the "
                             "conversation; train on single-turn data (data.format: prompt-response)")
         char_spans.append((start, len(turn_text.rstrip())))
@@ -64,7 +65,7 @@ def trained_turns(messages: list[dict], first: int, role: str, which: str) -> li
 
 def as_messages(value, key: str, row_index: int) -> list[dict]:
     if not isinstance(value, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
-        raise UserError(f"recipe key '{key}': row {row_index} is not a list of {{role, content}} messages")
+        raise UserError(key=f"{key}", message=f": row {row_index} is not a list of {{role, content}} messages")
     return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
 
 
@@ -74,13 +75,13 @@ def _render(tokenizer, messages, generation_prompt: bool, key: str) -> str:
     try:
         return tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
     except Exception as err:  # jinja raises its own types (e.g. a template that insists on roles alternating)
-        raise UserError(f"recipe key '{key}': the chat template refuses a conversation: {str(err).splitlines()[0]}") from None
+        raise UserError(key=f"{key}", message=f": the chat template refuses a conversation: {str(err).splitlines()[0]}") from None
 
 
 def _tokens_and_spans(tokenizer, text: str, char_spans, key: str) -> tuple[list[int], list[tuple[int, int]]]:
     """Tokenize once; a token is trained when its first character lies inside a trained span."""
     if not getattr(tokenizer, "is_fast", False):
-        raise UserError(f"recipe key '{key}': conversational data needs a fast tokenizer (character offsets)")
+        raise UserError(key=f"{key}", message=f": conversational data needs a fast tokenizer (character offsets)")
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
     token_spans = []
@@ -94,14 +95,12 @@ def _tokens_and_spans(tokenizer, text: str, char_spans, key: str) -> tuple[list[
 def build_conversation_examples(rows: list[dict], tokenizer, cfg, key: str):
     """Examples for data.format messages / prompt-completion (see the module docstring), cut at
     data.max_length; rows with nothing left to train on are dropped and counted."""
-    from posttrain.data.sft import Example
-
     examples, truncated, dropped = [], 0, 0
     fields = [cfg.response_field] if cfg.format == "messages" else [cfg.prompt_field, cfg.response_field]
     for name in fields:
         if rows and name not in rows[0]:
             field_key = "response_field" if name == cfg.response_field else "prompt_field"
-            raise UserError(f"recipe key '{key}.{field_key}': the data has no field {name!r}; fields: {', '.join(rows[0])}")
+            raise UserError(key=f"{key}.{field_key}", message=f": the data has no field {name!r}; fields: {', '.join(rows[0])}")
     for index, row in enumerate(rows):
         ids, spans = _example_of(row, index, tokenizer, cfg, key)
         if len(ids) > cfg.max_length:
@@ -113,7 +112,7 @@ def build_conversation_examples(rows: list[dict], tokenizer, cfg, key: str):
             continue
         examples.append(Example(ids, spans[0][0], loss_spans=spans))
     if not examples:
-        raise UserError(f"recipe key '{key}': no usable examples (none of the {len(rows)} rows has a trained turn "
+        raise UserError(key=f"{key}", message=f": no usable examples (none of the {len(rows)} rows has a trained turn "
                         f"with role {cfg.response_role!r} within max_length)")
     return examples, {"examples": len(examples), "truncated": truncated, "dropped": dropped}
 
@@ -128,7 +127,7 @@ def _example_of(row, index, tokenizer, cfg, key):
     if isinstance(prompt, str) and isinstance(completion, str):
         return plain_example(tokenizer, prompt, completion, f"{key}.response_field")
     if isinstance(prompt, str) or isinstance(completion, str):
-        raise UserError(f"recipe key '{key}.prompt_field': row {index} mixes a plain string and a message list; "
+        raise UserError(key=f"{key}.prompt_field", message=f": row {index} mixes a plain string and a message list; "
                         "prompt and completion must both be strings or both be message lists")
     prompt_messages = system + as_messages(prompt, f"{key}.prompt_field", index)
     messages = prompt_messages + as_messages(completion, f"{key}.response_field", index)

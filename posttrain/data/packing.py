@@ -21,17 +21,17 @@ from posttrain.data.sft import Example, collate
 from posttrain.errors import UserError
 
 
-def check_packing(train_cfg, recipe_path: str) -> None:
+def check_packing(train_cfg) -> None:
     if not train_cfg.packing:
         return
     if train_cfg.micro_batch_tokens is None:
-        raise UserError(f"{recipe_path}: key 'train.packing': packing needs a token budget; set "
+        raise UserError(key="train.packing", message=": packing needs a token budget; set "
                         "train.micro_batch_tokens (input tokens per packed row)")
     if train_cfg.loss_aggregation != "token-mean":
-        raise UserError(f"{recipe_path}: key 'train.packing': only with train.loss_aggregation: token-mean "
+        raise UserError(key="train.packing", message=": only with train.loss_aggregation: token-mean "
                         f"(got {train_cfg.loss_aggregation!r}: it averages over sequences, which packing merges)")
     if train_cfg.entropy_top_ratio is not None:
-        raise UserError(f"{recipe_path}: key 'train.packing': not with train.entropy_top_ratio (a per-response "
+        raise UserError(key="train.packing", message=": not with train.entropy_top_ratio (a per-response "
                         "selection; packing merges responses)")
 
 

@@ -11,7 +11,6 @@ import codecs
 import glob
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,25 +18,9 @@ import torch
 from posttrain.config import DataConfig, SyntheticConfig
 from posttrain.data import synthetic
 from posttrain.data.conversation import build_conversation_examples
+from posttrain.data.examples import Example  # noqa: F401  (re-exported: the loops' unit of data)
 from posttrain.errors import UserError
-
-
-@dataclass
-class Example:
-    token_ids: list[int]  # prompt + response
-    prompt_len: int  # response tokens start here
-    # Conversations (data/conversation.py): the trained token ranges [start, end); None: all
-    # tokens from prompt_len on.
-    loss_spans: list[tuple[int, int]] | None = None
-
-    @property
-    def loss_tokens(self) -> int:
-        if self.loss_spans is not None:
-            return sum(end - start for start, end in self.loss_spans)
-        return len(self.token_ids) - self.prompt_len
-
-    def __len__(self) -> int:
-        return len(self.token_ids)
+from posttrain.seeds import epoch_seed
 
 
 def load_rows(source: str, split: str, synthetic_cfg: SyntheticConfig, max_examples: int | None, key: str,
@@ -60,21 +43,21 @@ def load_rows(source: str, split: str, synthetic_cfg: SyntheticConfig, max_examp
         if files:
             kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(Path(files[0]).suffix)
             if kind is None:
-                raise UserError(f"recipe key '{key}': {source!r} must be .jsonl, .json or .parquet files")
+                raise UserError(key=f"{key}", message=f": {source!r} must be .jsonl, .json or .parquet files")
             for path in files:
                 _check_local_file(path, kind, key)
             table = datasets.load_dataset(kind, data_files=files, split="train")
         elif Path(source).exists() or "/" not in source:
-            raise UserError(f"recipe key '{key}': no file matches {source!r} (and it is not a Hub dataset id)")
+            raise UserError(key=f"{key}", message=f": no file matches {source!r} (and it is not a Hub dataset id)")
         else:
             table = datasets.load_dataset(source, split=split)
     except UserError:
         raise
     except Exception as err:  # datasets raises many types for a missing/unreachable dataset
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"recipe key '{key}': cannot load {source!r}: {first_line}") from None
+        raise UserError(key=f"{key}", message=f": cannot load {source!r}: {first_line}") from None
     if len(table) == 0:
-        raise UserError(f"recipe key '{key}': {source!r} holds no rows")
+        raise UserError(key=f"{key}", message=f": {source!r} holds no rows")
     if dedupe_field:
         _check_field(dict.fromkeys(table.column_names), dedupe_field, key)
         column = table.select_columns([dedupe_field])
@@ -100,13 +83,13 @@ def first_occurrences(values) -> list[int]:
 
 def _check_field(row: dict, name: str, key: str) -> None:
     if name not in row:
-        raise UserError(f"recipe key '{key.split('.')[0]}.prompt_field': the data has no field {name!r}; "
+        raise UserError(key=f"{key.split('.')[0]}.prompt_field", message=f": the data has no field {name!r}; "
                         f"fields: {', '.join(row)}")
 def _check_local_file(path: str, kind: str, key: str) -> None:
     """An empty file or JSON that is not UTF-8 fails deep inside `datasets` (or only when a row is
     read); say which file instead."""
     if Path(path).stat().st_size == 0:
-        raise UserError(f"recipe key '{key}': {path} is empty; it needs one JSON object per line (or parquet rows)")
+        raise UserError(key=f"{key}", message=f": {path} is empty; it needs one JSON object per line (or parquet rows)")
     if kind != "json":
         return
     decoder = codecs.getincrementaldecoder("utf-8")()
@@ -116,13 +99,13 @@ def _check_local_file(path: str, kind: str, key: str) -> None:
             try:
                 decoder.decode(block)
             except UnicodeDecodeError as err:
-                raise UserError(f"recipe key '{key}': {path} is not UTF-8 (byte {block[err.start]:#04x} at offset "
+                raise UserError(key=f"{key}", message=f": {path} is not UTF-8 (byte {block[err.start]:#04x} at offset "
                                 f"{offset + err.start}); save it as UTF-8") from None
             offset += len(block)
         try:
             decoder.decode(b"", final=True)
         except UnicodeDecodeError:
-            raise UserError(f"recipe key '{key}': {path} is not UTF-8 (it ends inside a character)") from None
+            raise UserError(key=f"{key}", message=f": {path} is not UTF-8 (it ends inside a character)") from None
 
 
 def render_prompt(tokenizer, prompt, system_prompt: str | None) -> list[int]:
@@ -149,9 +132,7 @@ def build_examples(rows: list[dict], tokenizer, cfg: DataConfig, key: str = "dat
         return build_conversation_examples(rows, tokenizer, cfg, key)
     for field_key, name in (("prompt_field", cfg.prompt_field), ("response_field", cfg.response_field)):
         if rows and name not in rows[0]:
-            raise UserError(
-                f"recipe key '{key}.{field_key}': the data has no field {name!r}; fields: {', '.join(rows[0])}"
-            )
+            raise UserError(f": the data has no field {name!r}; fields: {', '.join(rows[0])}", key=f"{key}.{field_key}")
     examples, truncated, dropped = [], 0, 0
     for number, row in enumerate(rows, start=1):
         _check_text_fields(row, number, cfg, key)
@@ -167,7 +148,7 @@ def build_examples(rows: list[dict], tokenizer, cfg: DataConfig, key: str = "dat
             token_ids = token_ids[: cfg.max_length]
         examples.append(Example(token_ids, len(prompt_ids)))
     if not examples:
-        raise UserError(f"recipe key '{key}': no usable examples (all {len(rows)} prompts exceed max_length)")
+        raise UserError(key=f"{key}", message=f": no usable examples (all {len(rows)} prompts exceed max_length)")
     return examples, {"examples": len(examples), "truncated": truncated, "dropped": dropped}
 
 
@@ -179,7 +160,7 @@ def response_text(value, role: str, key: str) -> str:
     turns = [m for m in value if isinstance(m, dict) and m.get("role") == role]
     if not turns:
         roles = sorted({str(m.get("role")) for m in value if isinstance(m, dict)})
-        raise UserError(f"recipe key '{key}': a row's message list has no {role!r} turn (roles: {', '.join(roles) or 'none'}); "
+        raise UserError(key=f"{key}", message=f": a row's message list has no {role!r} turn (roles: {', '.join(roles) or 'none'}); "
                         "set data.response_role")
     return str(turns[-1].get("content", ""))
 def _check_text_fields(row: dict, number: int, cfg: DataConfig, key: str) -> None:
@@ -189,7 +170,7 @@ def _check_text_fields(row: dict, number: int, cfg: DataConfig, key: str) -> Non
         # A response may also be a list of chat messages (data.response_role picks the turn).
         if value is None or (field_key == "response_field" and not isinstance(value, (str, int, float, list))):
             kind = "is null or missing" if value is None else f"is a {type(value).__name__}, not text"
-            raise UserError(f"recipe key '{key}.{field_key}': row {number} of {cfg.source!r}: field {name!r} {kind}; "
+            raise UserError(key=f"{key}.{field_key}", message=f": row {number} of {cfg.source!r}: field {name!r} {kind}; "
                             "every row needs text there (remove or fix such rows)")
 
 
@@ -233,5 +214,5 @@ def micro_batches(examples: list, micro_batch_size: int, micro_batch_tokens: int
 
 
 def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
     return torch.randperm(num_examples, generator=generator).tolist()

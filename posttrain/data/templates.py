@@ -1,4 +1,15 @@
-"""Prompt templates that papers' official code wraps questions in (verbatim)."""
+"""Prompt text: the templates papers' official code wraps questions in (verbatim), the boxed-answer
+instruction and the code request that eval and the on-policy prompts share. Imports nothing of posttrain."""
+
+BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+CODE_INSTRUCTION = "Complete the following Python function. Answer with the whole function in a ```python code block.\n\n"
+
+
+def code_request(question: str) -> str:
+    """The user turn asking for a HumanEval function (eval's chat and qwen-boxed presets; the rl
+    loop's code prompts, so that a code reward is earned on the prompt `posttrain eval` asks)."""
+    return f"{CODE_INSTRUCTION}```python\n{question}```"
+
 
 # LSM authors' code (revisiting_opd): the user turn for math prompts, through the chat template.
 LSM_MATH_TEMPLATE = (

@@ -5,7 +5,13 @@ A benchmark is read from (first that applies):
   --data-dir D   D/<file> (e.g. ../shared/benchmarks: nothing is copied into this repository)
   the Hub        when online (the ids below are the usual community copies; not tested offline)
 The synthetic task's test sets are built in (`synthetic`, `synthetic_ood`), and its training
-problems (`synthetic_train`: the rows the mini recipes train on, for RFT sampling).
+problems (`synthetic_train`: the rows the mini recipes train on, for RFT sampling); NAME:PATH
+reads PATH for these names too (rows with `problem` and `answer`), never the built-in rows.
+
+Contamination: `problem_key` is a problem's content hash (text normalised: NFKC, case folded,
+whitespace removed); `held_out_problems` maps the key of every test problem posttrain can see
+(the built-in test splits, and every benchmark file under the benchmark directories) to where it
+is, so that training data (`posttrain rft-data`) can refuse test problems whatever their name.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from posttrain.data.problems import problem_key  # noqa: F401  (re-exported: rft-data, tests)
 from posttrain.errors import UserError
 from posttrain.runfolder import jsonl_lines
 
@@ -125,7 +132,7 @@ def load_benchmark(token: str, data_dir: str | None, limit: int | None) -> Loade
     if name not in BENCHMARKS:
         raise UserError(f"unknown benchmark {name!r}; allowed: {', '.join(BENCHMARKS)} (or NAME:PATH for a local file)")
     spec = BENCHMARKS[name]
-    if spec.filename is None:
+    if spec.filename is None and not explicit:
         from posttrain.data import synthetic
 
         if name == "synthetic_train":
@@ -134,6 +141,8 @@ def load_benchmark(token: str, data_dir: str | None, limit: int | None) -> Loade
             rows = synthetic.test_rows("in_domain" if name == "synthetic" else "out_of_domain")
         return _finish(spec, rows, "built-in", _sha_of_rows(rows), limit)
     path = Path(explicit) if explicit else (Path(data_dir) / spec.filename if data_dir else None)
+    if ":" in token and not explicit:
+        raise UserError(f"benchmark {token!r}: NAME:PATH needs a path after the colon")
     if path is not None:
         if not path.is_file():
             raise UserError(f"benchmark {name}: file not found: {path}")
@@ -151,6 +160,44 @@ def load_benchmark(token: str, data_dir: str | None, limit: int | None) -> Loade
     except Exception as err:  # network / missing dataset: many exception types
         raise UserError(f"benchmark {name}: cannot load {dataset_id} from the Hub: {str(err).splitlines()[0]}") from None
     return _finish(spec, rows, f"hub:{dataset_id}", _sha_of_rows(rows), limit)
+
+
+# Where the benchmark files are when no --data-dir names them: POSTTRAIN_BENCHMARKS, else
+# ../shared/benchmarks beside the checkout (its README lists the files).
+DEFAULT_DATA_DIR = Path(os.environ.get("POSTTRAIN_BENCHMARKS", Path(__file__).resolve().parents[3] / "shared" / "benchmarks"))
+BENCHMARK_SUFFIXES = (".jsonl", ".jsonl.gz", ".json")
+QUESTION_FIELDS = ("problem", "question", "prompt")  # what a benchmark file's problem is called
+
+
+def held_out_problems(data_dirs: list[Path]) -> dict[str, tuple[str, str]]:
+    """problem_key → (benchmark, where: a file, or "built-in") for every test problem: the whole
+    built-in synthetic test splits, and each row of every benchmark file (.jsonl, .jsonl.gz,
+    .json) under `data_dirs` (its question field, and any of problem/question/prompt)."""
+    from posttrain.data import synthetic
+
+    found: dict[str, tuple[str, str]] = {}
+    for name, split in (("synthetic", "in_domain"), ("synthetic_ood", "out_of_domain")):
+        for row in synthetic.test_rows(split):
+            found.setdefault(problem_key(row["problem"]), (name, "built-in"))
+    by_file = {b.filename: b for b in BENCHMARKS.values() if b.filename}
+    for folder in data_dirs:
+        files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name.endswith(BENCHMARK_SUFFIXES))
+        for path in files:
+            spec = by_file.get(path.name)
+            name = spec.name if spec else path.name.split(".")[0]
+            for row in _read_rows(path, path.read_bytes()):
+                if not isinstance(row, dict):
+                    continue
+                texts = [row.get(field) for field in QUESTION_FIELDS]
+                if spec is not None:
+                    try:
+                        texts.append(spec.question(row))
+                    except (KeyError, TypeError, ValueError, AttributeError):
+                        pass
+                for text in texts:
+                    if isinstance(text, str) and text.strip():
+                        found.setdefault(problem_key(text), (name, str(path)))
+    return found
 
 
 def _read_rows(path: Path, raw: bytes) -> list[dict]:

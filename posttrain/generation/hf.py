@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from posttrain.generation import Completion, SamplingSpec, stop_token_ids
+from posttrain.generation.spec import Completion, SamplingSpec, stop_token_ids
 
 
 def warp_logits(scores_BV: torch.Tensor, spec: SamplingSpec) -> torch.Tensor:

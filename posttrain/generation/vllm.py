@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from posttrain.errors import UserError
-from posttrain.generation import Completion, SamplingSpec, stop_token_ids
+from posttrain.generation.spec import Completion, SamplingSpec, stop_token_ids
 
 # The engine's model must live in this process for in-place weight updates (as TRL's colocate mode).
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

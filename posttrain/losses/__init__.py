@@ -5,12 +5,12 @@ its name; every objective goes through the same chunked head engine (engine.py) 
 aggregation (aggregation.py: per-token weights chosen by the recipe's train.loss_aggregation).
 """
 
-from posttrain.losses import dft, grpo, lsm, opd, otr, sft
+from posttrain.losses import dft, forward_kl, grpo, lsm, opd, otr, sft
 from posttrain.losses.engine import head_loss
 from posttrain.losses.objective import Objective
 
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (sft.OBJECTIVE, dft.OBJECTIVE, otr.OBJECTIVE, opd.OBJECTIVE, lsm.OBJECTIVE,
-                                                         grpo.OBJECTIVE)}
+                                                         grpo.OBJECTIVE, forward_kl.OBJECTIVE)}
 
 
 __all__ = ["OBJECTIVES", "Objective", "head_loss"]

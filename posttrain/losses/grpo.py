@@ -22,14 +22,13 @@ from typing import Literal
 
 import torch
 
-from posttrain.config.ranges import NonNegativeFloat, OpenFraction, PositiveFloat
 from posttrain.losses.objective import REFERENCE_TOKEN, VERIFIABLE_REWARD, Objective
+from posttrain.losses.policy_gradient import ClipParams, clipped_surrogate
+from posttrain.ranges import NonNegativeFloat, PositiveFloat
 
 
 @dataclass
-class Params:
-    clip_low: OpenFraction = 0.2  # ε_lo
-    clip_high: NonNegativeFloat = 0.2  # ε_hi (DAPO: 0.28)
+class Params(ClipParams):  # clip_low ε_lo, clip_high ε_hi (DAPO: 0.28): losses/policy_gradient.py
     normalize_std: bool = True  # false: A = r − group mean (Dr. GRPO)
     std_epsilon: PositiveFloat = 1e-6  # ε in the std normalisation
     kl_coef: NonNegativeFloat = 0.0  # β; 0: no reference policy is loaded
@@ -67,11 +66,8 @@ def group_advantages(reward_B: torch.Tensor, group_B: torch.Tensor, normalize_st
 
 def token_loss(params, logp_CJ, targets_CJ, inputs):
     logp_C, advantage_C = logp_CJ[:, 0], inputs["advantage"].to(logp_CJ.dtype)
-    ratio_C = (logp_C - inputs["old_logprob"].to(logp_C.dtype)).exp()
-    unclipped_C = -advantage_C * ratio_C
-    clipped_C = -advantage_C * ratio_C.clamp(1.0 - params.clip_low, 1.0 + params.clip_high)
-    loss_C = torch.maximum(unclipped_C, clipped_C)
-    stats = {"clip_frac": (clipped_C > unclipped_C).to(logp_C.dtype), "ratio": ratio_C, "advantage": advantage_C}
+    loss_C, ratio_C, clipped_C = clipped_surrogate(params, logp_C, inputs["old_logprob"], advantage_C)
+    stats = {"clip_frac": clipped_C.to(logp_C.dtype), "ratio": ratio_C, "advantage": advantage_C}
     if params.kl_coef > 0:
         log_ref_ratio_C = inputs["reference_logprob"].to(logp_C.dtype) - logp_C  # log π_ref − log π_θ
         kl_C = -log_ref_ratio_C if params.kl_estimator == "k1" else log_ref_ratio_C.exp() - log_ref_ratio_C - 1

@@ -43,7 +43,7 @@ TEACHER_SOURCES = frozenset({TEACHER_TOKEN, TEACHER_TOPK, STUDENT_TOPK})
 @dataclass
 class TokenSignals:
     """Everything the on-policy loop fetched for one rollout batch, without gradients: built in
-    one place (distill.fetch_signals) for every backend. Per-token fields are [B, T, ...] at the
+    one place (signals.fetch_signals) for every scorer. Per-token fields are [B, T, ...] at the
     loss positions (zero elsewhere); a field is None when no declared source produced it."""
 
     old_logprob_BT: torch.Tensor  # log π_old(y_t)
@@ -61,6 +61,16 @@ class TokenSignals:
     verifiable_reward_B: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class Support:
+    """What an objective trains on besides the sampled token, for the loop to fetch and measure:
+    `k` ids per position (the width of the teacher's and π_old's top-K the scorer returns) and
+    whose top-K the support is (teacher / student / union / overlap: losses/support.py)."""
+
+    kind: str
+    k: int
+
+
 def given_target(params: Any, logits_CV: torch.Tensor | None, inputs: dict, scratch_CV) -> torch.Tensor:
     """The usual target: the token at each position (ground truth offline, sampled on-policy)."""
     return inputs["target_ids"].unsqueeze(1)
@@ -72,6 +82,10 @@ def no_needs(params: Any) -> frozenset[str]:
 
 def always_full_vocab(params: Any) -> bool:
     return True
+
+
+def no_support(params: Any) -> Support | None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -96,3 +110,7 @@ class Objective:
     # prepare(params, batch, signals: TokenSignals) -> dict of extra [B, T, ...] inputs, once per
     # rollout batch (on-policy objectives: rewards, advantages, supports).
     prepare: Callable[..., dict[str, torch.Tensor]] | None = None
+    # support(params) -> Support | None: the top-K width and kind the objective reads (lsm: its
+    # k and support); None: the loop scores top-K only for its diagnostics (scoring.diagnostics_k,
+    # the teacher's).
+    support: Callable[[Any], Support | None] = no_support

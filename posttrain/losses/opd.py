@@ -14,15 +14,14 @@ from typing import Annotated
 
 import torch
 
-from posttrain.config.ranges import Bounds, NonNegativeFloat, OpenFraction, PositiveFloat, Probability
 from posttrain.losses.objective import TEACHER_TOKEN, Objective
+from posttrain.losses.policy_gradient import ClipParams, clipped_surrogate
+from posttrain.ranges import Bounds, PositiveFloat, Probability
 
 
 @dataclass
-class Params:
+class Params(ClipParams):  # clip_low, clip_high: losses/policy_gradient.py
     ppo_clip: bool = True  # false: plain policy gradient −A log π
-    clip_low: OpenFraction = 0.2  # ε_lo: the ratio is clipped below at 1 − ε_lo
-    clip_high: NonNegativeFloat = 0.2
     dual_clip: Annotated[float, Bounds(low=1, low_open=True)] | None = 3.0  # c > 1; null: no dual clip
     discount: Probability = 0.0  # γ for the reward-to-go
     # The LSM authors' clip_log_ratio: the reward log q − log π_old clamped to [−c, c] (their
@@ -61,11 +60,7 @@ def token_loss(params, logp_CJ, targets_CJ, inputs):
     stats = {"reward": reward_C, "negative_reward_frac": (reward_C < 0).to(logp_C.dtype)}
     if not params.ppo_clip:
         return -adv_C * logp_C, stats
-    ratio_C = (logp_C - inputs["old_logprob"].to(logp_C.dtype)).exp()
-    unclipped_C = -adv_C * ratio_C
-    clipped_C = -adv_C * ratio_C.clamp(1.0 - params.clip_low, 1.0 + params.clip_high)
-    loss_C = torch.maximum(unclipped_C, clipped_C)
-    clipped = clipped_C > unclipped_C
+    loss_C, ratio_C, clipped = clipped_surrogate(params, logp_C, inputs["old_logprob"], adv_C)
     if params.dual_clip is not None:
         bound_C = -adv_C * params.dual_clip
         dual = (adv_C < 0) & (loss_C > bound_C)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from posttrain.config.ranges import PositiveInt, PositiveFloat
+from posttrain.ranges import PositiveInt, PositiveFloat
 from posttrain.losses.engine import inverse_cdf_draws
 from posttrain.losses.objective import Objective
 

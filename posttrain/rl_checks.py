@@ -1,0 +1,157 @@
+"""Every check of an on-policy recipe, in one place: `validate(recipe, world_size)` (no model: run
+first by `posttrain rl` and by `rl --check`), `check_golds` (the gold answers, parsed by the
+math grader's workers before any model loads), and the two that need the student's tokenizer or
+head (`check_k`, `single_token_ids`). Each mistake is one UserError naming its recipe key.
+May import: config, losses, data (templates), errors, models, trackers, eval (math_grader: gold kinds).
+"""
+
+from __future__ import annotations
+
+from posttrain.config import RLRecipe
+from posttrain.data.templates import resolve_template
+from posttrain.errors import UserError
+from posttrain.losses import OBJECTIVES
+from posttrain.losses.objective import STUDENT_TOPK, TEACHER_SOURCES, VERIFIABLE_REWARD
+from posttrain.models import check_rollout_fits
+from posttrain.progress import console
+from posttrain.trackers import check_installed
+
+
+def needs_of(recipe: RLRecipe) -> frozenset[str]:
+    """The sources the recipe's objective declares (objective.needs)."""
+    return OBJECTIVES[recipe.objective.name].needs(recipe.objective.params)
+
+
+def validate(recipe: RLRecipe, world_size: int = 1) -> None:
+    """The recipe's checks that need no model, data or process group beyond its size."""
+    objective = OBJECTIVES[recipe.objective.name]
+    if not objective.on_policy:
+        raise UserError(f": {objective.name!r} is an offline objective; run it with `posttrain train`",
+                        key="objective.name")
+    needs = needs_of(recipe)
+    _check_sources(recipe, needs)
+    _check_code_reward(recipe, needs)
+    _check_grouped(recipe, needs)
+    _check_scoring(recipe)
+    _check_sizes(recipe, world_size)
+    check_rollout_fits(recipe)  # models.py: a prompt plus the new tokens within the models' positions
+    check_installed(recipe.report_to)  # trackers.py: a missing tracker package, before anything runs
+
+
+def _check_sources(recipe: RLRecipe, needs: frozenset[str]) -> None:
+    """A teacher exactly when the objective declares a teacher signal; vllm scoring only for what
+    it can return."""
+    name = recipe.objective.name
+    if needs & TEACHER_SOURCES and recipe.teacher is None:
+        raise UserError(f"is required: {name} learns from a teacher's log-probs; give teacher.path", key="teacher")
+    if not needs & TEACHER_SOURCES and recipe.teacher is not None:
+        raise UserError(f": {name} uses no teacher signal, so the teacher would be ignored; remove the teacher "
+                        "section", key="teacher")
+    if STUDENT_TOPK in needs and recipe.scoring.backend == "vllm":
+        raise UserError(": vllm returns only the teacher's own top-K, so it cannot score the student's top-K support; "
+                        "use scoring.backend: hf", key="scoring.backend")
+    if not needs & TEACHER_SOURCES and recipe.scoring.backend == "vllm":
+        raise UserError(f": vllm scoring serves a teacher, and {name} has none; use scoring.backend: hf",
+                        key="scoring.backend")
+
+
+def _check_code_reward(recipe: RLRecipe, needs: frozenset[str]) -> None:
+    """prompts.reward code: an objective that is graded, and prompts rendered as eval renders HumanEval."""
+    cfg = recipe.prompts
+    if cfg.reward != "code":
+        return
+    if VERIFIABLE_REWARD not in needs:
+        raise UserError(f": code grades completions for a verifiable reward, and {recipe.objective.name} has none; "
+                        "remove prompts.reward", key="prompts.reward")
+    for key, value, unset in (("template", cfg.template, None), ("clean", cfg.clean, "none")):
+        if value != unset:
+            raise UserError(": code prompts are the function stub in a python block, as `posttrain eval --prompt chat` "
+                            "asks HumanEval; remove it", key=f"prompts.{key}")
+
+
+def _check_grouped(recipe: RLRecipe, needs: frozenset[str]) -> None:
+    """A verifiable reward (grpo): each rollout's advantage is relative to its prompt's other rollouts."""
+    if VERIFIABLE_REWARD not in needs:
+        if recipe.rollout.dynamic_sampling:
+            raise UserError(f": drops groups whose rewards are all equal, and {recipe.objective.name} has no verifiable "
+                            "reward; remove it", key="rollout.dynamic_sampling")
+        return
+    name = recipe.objective.name
+    if recipe.rollout.samples_per_prompt < 2:
+        raise UserError(f": {name} compares each rollout with the other rollouts of its prompt; with 1 every "
+                        "advantage is 0 and nothing trains; use ≥ 2", key="rollout.samples_per_prompt")
+    if recipe.rollout.temperature == 0:
+        raise UserError(f": greedy rollouts of one prompt are identical, so every {name} advantage is 0; sample at "
+                        "temperature > 0", key="rollout.temperature")
+
+
+def _check_scoring(recipe: RLRecipe) -> None:
+    if recipe.prompts.template is not None:
+        try:
+            resolve_template(recipe.prompts.template)
+        except ValueError as err:
+            raise UserError(str(err), key="prompts.template") from None
+    if recipe.scoring.at_rollout_temperature and recipe.rollout.temperature == 0:
+        raise UserError(": rollout.temperature is 0 (greedy); log-probs at temperature 0 are undefined",
+                        key="scoring.at_rollout_temperature")
+    if recipe.scoring.at_rollout_temperature and recipe.scoring.backend == "vllm":
+        raise UserError(": the vllm scoring backend returns log-probs at temperature 1 only; use scoring.backend: hf",
+                        key="scoring.at_rollout_temperature")
+
+
+def _check_sizes(recipe: RLRecipe, world_size: int) -> None:
+    per_step = recipe.rollout.prompts_per_step
+    rollouts = per_step * recipe.rollout.samples_per_prompt
+    if per_step % world_size:
+        raise UserError(f"({per_step}) must be a multiple of the number of processes ({world_size})",
+                        key="rollout.prompts_per_step")
+    mini = recipe.train.mini_batch_size
+    if rollouts % mini or mini % world_size:
+        raise UserError(f"({mini}) must divide the rollouts per step ({rollouts}) and be a multiple of the number of "
+                        "processes", key="train.mini_batch_size")
+
+
+def check_golds(recipe: RLRecipe, golds: list[str]) -> None:
+    """Before any model loads, every distinct gold answer parsed once (math reward only): a gold
+    the grader cannot parse would give its prompt reward 0 in every rollout, silently (refused);
+    one that parses only as text matches only the same text (warned: GSM8K's "... #### 2")."""
+    if not golds:  # no verifiable reward, or code problems
+        return
+    from posttrain.eval.math_grader import gold_kinds
+
+    kinds = gold_kinds(golds, recipe.scoring.grader_workers)
+    for kind in ("none", "text"):
+        found = [gold for gold in golds if kinds[gold] == kind]
+        if not found:
+            continue
+        example = f"{len(set(found))} gold answer(s) {'the math grader cannot parse' if kind == 'none' else 'that parse only as text'}, " \
+                  f"e.g. {found[0]!r} (row {golds.index(found[0])})"
+        if kind == "none":
+            raise UserError(f": {example}; every rollout of such a prompt would get reward 0. Give the final answer only",
+                            key="prompts.answer_field")
+        console.print(f"warning: key 'prompts.answer_field': {example}; a rollout matches them only by the same text. "
+                      "If they are answers with extra words (GSM8K's '#### 2'), give the final answer only",
+                      highlight=False)
+
+
+def check_k(recipe: RLRecipe, vocab: int) -> None:
+    """Top-K supports need K ≤ the vocabulary (torch.topk would fail mid-run otherwise)."""
+    declared = OBJECTIVES[recipe.objective.name].support(recipe.objective.params)
+    key, k = ("objective.k", declared.k) if declared is not None else ("scoring.diagnostics_k", recipe.scoring.diagnostics_k)
+    if k > vocab:
+        raise UserError(f"({k}) must be at most the vocabulary size ({vocab})", key=key)
+
+
+def single_token_ids(tokenizer, tokens: list[str]) -> list[int]:
+    """train.mask_first_tokens as token ids (each must be one token of this tokenizer)."""
+    ids = []
+    for token in tokens:
+        encoded = tokenizer.convert_tokens_to_ids(token) if token in tokenizer.get_vocab() else None
+        if encoded is None:
+            pieces = tokenizer(token, add_special_tokens=False)["input_ids"]
+            if len(pieces) != 1:
+                raise UserError(f": {token!r} is {len(pieces)} tokens for this tokenizer; list single tokens",
+                                key="train.mask_first_tokens")
+            encoded = pieces[0]
+        ids.append(encoded)
+    return ids
