@@ -93,7 +93,32 @@ def forward_kl(hidden, weight, inputs, params):
     return total
 
 
-REFERENCES = {"sft": sft, "dft": dft, "otr": otr, "opd": opd, "lsm": lsm, "forward_kl": forward_kl}
+def jsd(hidden, weight, inputs, params):
+    """The generalised JSD of the GKD paper (eq. 1) in TRL's convention, on the teacher's top-K ids
+    (inputs["support_ids"] when given: a teacher cache's), renormalised there (or not), q from the
+    teacher's full distribution: m = β q + (1 − β) π, β KL(q ‖ m) + (1 − β) KL(π ‖ m); β = 0 is
+    KL(q ‖ π) and β = 1 is KL(π ‖ q) (TRL special-cases both ends)."""
+    logp_full = logits_of(hidden, weight).log_softmax(-1)
+    supports = inputs.get("support_ids", inputs.get("teacher_topk_ids"))
+    total = logp_full.new_zeros(())
+    for n in range(hidden.shape[0]):
+        ids = sorted(supports[n].tolist())
+        p = logp_full[n, ids].exp()
+        q = inputs["teacher_logprob_NV"][n, ids].to(p.dtype).exp()
+        if params.renormalize:
+            p, q = p / p.sum(), q / q.sum()
+        if params.beta == 0:
+            total = total + (q * (q / p).log()).sum()
+        elif params.beta == 1:
+            total = total + (p * (p / q).log()).sum()
+        else:
+            m = params.beta * q + (1 - params.beta) * p
+            total = total + params.beta * (q * (q / m).log()).sum() + (1 - params.beta) * (p * (p / m).log()).sum()
+    return total
+
+
+REFERENCES = {"sft": sft, "dft": dft, "otr": otr, "opd": opd, "lsm": lsm, "forward_kl": forward_kl, "jsd": jsd,
+              "kd_topk": jsd}
 
 
 def full_reverse_kl(hidden, weight, teacher_logprob_NV):

@@ -6,6 +6,9 @@ aggregation (aggregation.py: per-token weights chosen by the recipe's train.loss
 """
 
 from posttrain.losses import dft, forward_kl, grpo, lsm, opd, otr, sft
+from posttrain.losses import cispo, dcpo, gspo, sapo
+from posttrain.losses import jsd, kd_topk
+from posttrain.losses import dpo
 from posttrain.losses.engine import head_loss
 from posttrain.losses.objective import Objective
 

@@ -7,10 +7,18 @@ policy gradient. With discount γ the advantage is the reward-to-go A_t = Σ_{k�
   PPO-clip: ℓ_t = max(−A_t ρ_t, −A_t clip(ρ_t, 1−ε_lo, 1+ε_hi)), ρ_t = π_θ(y_t)/π_old(y_t),
             and for A_t < 0 at most −A_t · c (dual clip).
 The expected plain gradient over y ~ π equals the gradient of KL(π ‖ q).
+
+The reward above is −k1 of verl's distillation estimators (verl/trainer/distillation/losses.py,
+loss_mode k1 with use_policy_gradient, the recommended OPD setting); `estimator` picks another of
+verl's per-token estimators (core_algos.kl_penalty, with d = log π_old(y_t) − log q(y_t)):
+  k1: r_t = −d                    k2: r_t = −½ d²                 k3: r_t = −(e^{−d} + d − 1)
+(k3 ≥ 0 is Schulman's low-variance estimate; verl clamps it to ≤ 10 and the log-ratio to ±20;
+here clip_log_ratio clamps d first, for every estimator). verl's other mode, back-propagating k3
+itself through log π_θ (use_policy_gradient false), is not this objective.
 """
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 
@@ -27,6 +35,7 @@ class Params(ClipParams):  # clip_low, clip_high: losses/policy_gradient.py
     # The LSM authors' clip_log_ratio: the reward log q − log π_old clamped to [−c, c] (their
     # code's c is 5.0 when the flag is on; it is off in their OPD scripts). null: no clamp.
     clip_log_ratio: PositiveFloat | None = None
+    estimator: Literal["k1", "k2", "k3"] = "k1"  # the reward −k(d): verl's loss_mode (k1: log q − log π_old)
 
 
 def needs(params):
@@ -38,8 +47,17 @@ def prepare(params, batch, signals):
     reward_BT = signals.teacher_token_logprob_BT - signals.old_logprob_BT
     if params.clip_log_ratio is not None:
         reward_BT = reward_BT.clamp(-params.clip_log_ratio, params.clip_log_ratio)
-    reward_BT = reward_BT * mask_BT
+    reward_BT = estimator_reward(reward_BT, params.estimator) * mask_BT
     return {"reward": reward_BT, "advantage": reward_to_go(reward_BT, params.discount)}
+
+
+def estimator_reward(log_ratio_BT: torch.Tensor, estimator: str) -> torch.Tensor:
+    """−k(d) from r = log q − log π_old = −d: k1 gives r itself (the default, bit for bit)."""
+    if estimator == "k1":
+        return log_ratio_BT
+    if estimator == "k2":
+        return -0.5 * log_ratio_BT.square()
+    return -(log_ratio_BT.exp() - log_ratio_BT - 1)
 
 
 def reward_to_go(reward_BT: torch.Tensor, discount: float) -> torch.Tensor:
