@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from posttrain.losses import head_loss
+from posttrain.losses.engine import head_token_logprob
 from posttrain.models import decoder_and_head
 
 NOT_PER_TOKEN = ("input_ids", "attention_mask", "loss_mask", "position_ids")
@@ -44,7 +45,21 @@ class PolicyLoss(torch.nn.Module):
         mask_BT = batch["loss_mask"]
         inputs = {k: v[mask_BT] for k, v in batch.items() if k not in NOT_PER_TOKEN}
         hidden_NH = hidden_BTH[mask_BT] if temperature == 1.0 else hidden_BTH[mask_BT] / temperature
+        if self.objective.current_policy is not None:
+            inputs.update(self.current_policy_inputs(hidden_NH, weight_VH, batch))
         return head_loss(
             hidden_NH, weight_VH, self.objective, self.params, inputs,
             chunk_tokens=self.chunk_tokens, generator=generator, matmul_dtype=self.matmul_dtype, stats=stats,
         )
+
+    def current_policy_inputs(self, hidden_NH, weight_VH, batch) -> dict[str, torch.Tensor]:
+        """The objective's per-token inputs that read the current policy (Objective.current_policy):
+        log π_θ(y_t) at the loss positions from a no-grad head pass on the detached hidden states
+        (no second body pass), scattered to [B, T], handed to the objective, gathered back to [N]."""
+        mask_BT = batch["loss_mask"]
+        logprob_N = head_token_logprob(hidden_NH.detach(), weight_VH, batch["target_ids"][mask_BT],
+                                       chunk_tokens=self.chunk_tokens, matmul_dtype=self.matmul_dtype)
+        logprob_BT = logprob_N.new_zeros(mask_BT.shape)
+        logprob_BT[mask_BT] = logprob_N
+        extra_BT = self.objective.current_policy(self.params, logprob_BT, batch)
+        return {key: value[mask_BT] for key, value in extra_BT.items()}

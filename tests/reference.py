@@ -124,3 +124,100 @@ REFERENCES = {"sft": sft, "dft": dft, "otr": otr, "opd": opd, "lsm": lsm, "forwa
 def full_reverse_kl(hidden, weight, teacher_logprob_NV):
     logp = logits_of(hidden, weight).log_softmax(-1)
     return (logp.exp() * (logp - teacher_logprob_NV)).sum()
+
+
+# --- the verifiable-reward policy-loss family (#24): each from its paper's formula ---------------
+
+
+def _sampled_logprob(hidden, weight, inputs):
+    return logits_of(hidden, weight).log_softmax(-1).gather(1, inputs["target_ids"][:, None])[:, 0]
+
+
+def gspo(hidden, weight, inputs, params):
+    """GSPO (arXiv 2507.18071, eq. 5–7) literally, one sequence at a time:
+    −(1/G) Σ_i min(s_i A_i, clip(s_i, 1 − ε_lo, 1 + ε_hi) A_i), s_i = exp(mean_t log(π_θ/π_old)).
+    inputs["sequence"]: the sequence index of each token; G = the number of sequences."""
+    logp = _sampled_logprob(hidden, weight, inputs)
+    sequences = inputs["sequence"].tolist()
+    count = max(sequences) + 1
+    total = logp.new_zeros(())
+    for i in range(count):
+        rows = [n for n, s in enumerate(sequences) if s == i]
+        if not rows:
+            continue
+        s_i = (logp[rows] - inputs["old_logprob"][rows].to(logp.dtype)).mean().exp()
+        a_i = inputs["advantage"][rows[0]].to(logp.dtype)
+        total = total - torch.minimum(s_i * a_i, s_i.clamp(1 - params.clip_low, 1 + params.clip_high) * a_i)
+    return total / count
+
+
+def cispo_token(hidden, weight, inputs, params):
+    """MiniMax-M1 eq. 4–5 per token: −sg[clip(ρ, 1 − ε_lo, 1 + ε_hi)] · A · log π_θ."""
+    logp = _sampled_logprob(hidden, weight, inputs)
+    ratio = (logp - inputs["old_logprob"].to(logp.dtype)).exp().detach()
+    low = 0.0 if params.clip_low is None else 1 - params.clip_low
+    weight_is = torch.clamp(ratio, low, 1 + params.clip_high)
+    return -weight_is * inputs["advantage"].to(logp.dtype) * logp
+
+
+def sapo_token(hidden, weight, inputs, params):
+    """SAPO (arXiv 2511.20347) per token: −(4/τ) σ(τ(ρ − 1)) A, τ = τ_pos for A > 0 else τ_neg."""
+    logp = _sampled_logprob(hidden, weight, inputs)
+    ratio = (logp - inputs["old_logprob"].to(logp.dtype)).exp()
+    out = []
+    for n in range(len(logp)):
+        a = inputs["advantage"][n].to(logp.dtype)
+        tau = params.tau_pos if a > 0 else params.tau_neg
+        out.append(-(4.0 / tau) * torch.sigmoid(tau * (ratio[n] - 1)) * a)
+    return torch.stack(out)
+
+
+def dcpo_bounds(q, clip_low, clip_high, cap):
+    """DCPO §4.1: 0.5 + ½√max(1 − 4ε_lo/q, 0) ≤ r ≤ 0.5 + ½√(1 + 4ε_hi/q), the upper one capped."""
+    import math
+
+    low = 0.5 + 0.5 * math.sqrt(max(1 - 4 * clip_low / q, 0.0))
+    high = min(0.5 + 0.5 * math.sqrt(1 + 4 * clip_high / q), cap)
+    return low, high
+
+
+def dcpo_token(hidden, weight, inputs, params):
+    """DCPO's clipped surrogate per token with the dynamic bounds and the dual clip c for A < 0."""
+    logp = _sampled_logprob(hidden, weight, inputs)
+    out = []
+    for n in range(len(logp)):
+        old = inputs["old_logprob"][n].to(logp.dtype)
+        a = inputs["advantage"][n].to(logp.dtype)
+        if params.dynamic_clip:
+            low, high = dcpo_bounds(float(old.exp()), params.clip_low, params.clip_high, max(params.dual_clip, 10.0))
+        else:
+            low, high = 1 - params.clip_low, 1 + params.clip_high
+        ratio = (logp[n] - old).exp()
+        loss = torch.maximum(-a * ratio, -a * ratio.clamp(low, high))
+        if a < 0:
+            loss = torch.minimum(loss, -a * params.dual_clip)
+        out.append(loss)
+    return torch.stack(out)
+
+
+def dcpo_smooth_advantages(steps: list[list[float]], epsilon: float) -> list[float]:
+    """DCPO §4.2 for ONE prompt: `steps` holds its rollouts' rewards at each step it was drawn in,
+    the last one the current step; returns the current rollouts' advantages."""
+    import statistics
+
+    def standardised(r, values):
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        centred = r - statistics.fmean(values)
+        return 0.0 if std == 0 or centred == 0 else centred / (std + epsilon)
+
+    current, everything, i = steps[-1], [r for step in steps for r in step], len(steps)
+    out = []
+    for r in current:
+        new, total = standardised(r, current), standardised(r, everything)
+        smooth_new = (i - 1) / i * new + 1 / i * total
+        smooth_total = 1 / i * new + (i - 1) / i * total
+        out.append(smooth_new if abs(smooth_new) < abs(smooth_total) else smooth_total)
+    return out
+
+
+TOKEN_REFERENCES = {"cispo": cispo_token, "sapo": sapo_token, "dcpo": dcpo_token}

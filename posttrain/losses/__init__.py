@@ -15,5 +15,6 @@ from posttrain.losses.objective import Objective
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (sft.OBJECTIVE, dft.OBJECTIVE, otr.OBJECTIVE, opd.OBJECTIVE, lsm.OBJECTIVE,
                                                          grpo.OBJECTIVE, forward_kl.OBJECTIVE)}
 
+OBJECTIVES.update({o.name: o for o in (gspo.OBJECTIVE, cispo.OBJECTIVE, sapo.OBJECTIVE, dcpo.OBJECTIVE)})  # the verifiable-reward policy-loss family (#24)
 
 __all__ = ["OBJECTIVES", "Objective", "head_loss"]

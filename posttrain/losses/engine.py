@@ -159,6 +159,30 @@ def head_entropy(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, *, chunk_toke
     return entropy_N
 
 
+@torch.no_grad()
+def head_token_logprob(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, target_ids_N: torch.Tensor, *,
+                       chunk_tokens: int | None = None, matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """log softmax(h Wᵀ) at each row's target id, [N] (fp32, or fp64 for fp64 inputs), no gradient:
+    the loss pass's chunked logits and softmax statistics, so the values are the ones the loss sees."""
+    n_tokens, hidden_size = hidden_NH.shape
+    vocab = weight_VH.shape[0]
+    acc_dtype = torch.float64 if hidden_NH.dtype == torch.float64 else torch.float32
+    weight_mm = weight_VH.detach().to(matmul_dtype or weight_VH.dtype)
+    logprob_N = torch.empty(n_tokens, dtype=acc_dtype, device=hidden_NH.device)
+    if n_tokens == 0:
+        return logprob_N
+    chunk = _chunk_size(chunk_tokens, n_tokens, vocab, hidden_size, None)
+    logits_buf = torch.empty(chunk, vocab, dtype=acc_dtype, device=hidden_NH.device)
+    scratch_buf = torch.empty(min(SCRATCH_ROWS, chunk), vocab, dtype=acc_dtype, device=hidden_NH.device)
+    for start in range(0, n_tokens, chunk):
+        end = min(start + chunk, n_tokens)
+        z_CV = logits_buf[: end - start]
+        _matmul_into(z_CV, hidden_NH[start:end].detach().to(weight_mm.dtype), weight_mm.t())
+        lse_C1 = _softmax_stats(z_CV, scratch_buf)[0]
+        logprob_N[start:end] = (z_CV.gather(1, target_ids_N[start:end, None]) - lse_C1).squeeze(1)
+    return logprob_N
+
+
 def _chunk_size(requested, n_tokens, vocab, hidden_size, support_width: int | None) -> int:
     """Tokens per chunk: `requested`, or as many as fit the buffer budget. support_width: ids per
     position on the support path (None: the dense path)."""

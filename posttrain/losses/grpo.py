@@ -40,13 +40,28 @@ def needs(params):
 
 
 def prepare(params, batch, signals):
-    reward_B, group_B = signals.verifiable_reward_B.double(), signals.group_B.to(signals.verifiable_reward_B.device)
-    advantage_B = group_advantages(reward_B, group_B, params.normalize_std, params.std_epsilon)
-    mask_BT = batch["loss_mask"].to(signals.old_logprob_BT.dtype)
-    inputs = {"advantage": advantage_B.to(mask_BT.dtype).unsqueeze(1) * mask_BT}
+    inputs = advantage_inputs(params, batch, signals)
     if params.kl_coef > 0:
         inputs["reference_logprob"] = signals.reference_logprob_BT
     return inputs
+
+
+def shaped_rewards(signals) -> torch.Tensor:
+    """r_i, float64: the grader's verdict plus any reward shaping the loop added (DAPO's overlong
+    penalty, signals.reward_shaping_B): what every verifiable-reward objective's advantage reads."""
+    reward_B = signals.verifiable_reward_B.double()
+    if signals.reward_shaping_B is not None:
+        reward_B = reward_B + signals.reward_shaping_B.to(reward_B)
+    return reward_B
+
+
+def advantage_inputs(params, batch, signals) -> dict[str, torch.Tensor]:
+    """{"advantage": A_i at every loss position of rollout i}: the group-normalised shaped reward
+    (params.normalize_std, params.std_epsilon), shared by the objectives graded on a verifiable reward."""
+    reward_B = shaped_rewards(signals)
+    advantage_B = group_advantages(reward_B, signals.group_B.to(reward_B.device), params.normalize_std, params.std_epsilon)
+    mask_BT = batch["loss_mask"].to(signals.old_logprob_BT.dtype)
+    return {"advantage": advantage_B.to(mask_BT.dtype).unsqueeze(1) * mask_BT}
 
 
 def group_advantages(reward_B: torch.Tensor, group_B: torch.Tensor, normalize_std: bool, epsilon: float) -> torch.Tensor:

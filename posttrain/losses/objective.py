@@ -42,6 +42,9 @@ TEACHER_SOURCES = frozenset({TEACHER_TOKEN, TEACHER_TOPK, STUDENT_TOPK})
 
 @dataclass
 class TokenSignals:
+# per rollout, its prompt's verifiable rewards in earlier steps (DCPO's smooth standardisation): the
+# loop keeps them across steps and resumes (rl_history.py); signals.reward_history
+PROMPT_HISTORY = "prompt_reward_history"
     """Everything the on-policy loop fetched for one rollout batch, without gradients: built in
     one place (signals.fetch_signals) for every scorer. Per-token fields are [B, T, ...] at the
     loss positions (zero elsewhere); a field is None when no declared source produced it."""
@@ -65,6 +68,10 @@ class TokenSignals:
 class Support:
     """What an objective trains on besides the sampled token, for the loop to fetch and measure:
     `k` ids per position (the width of the teacher's and π_old's top-K the scorer returns) and
+    # added to the verifiable reward before the group advantage (DAPO's overlong penalty); None: none
+    reward_shaping_B: torch.Tensor | None = None
+    # PROMPT_HISTORY: per rollout, its prompt's PAST "steps", "count" (rollouts), "sum" (Σr), "square_sum" (Σr²), [B] each
+    reward_history: dict[str, torch.Tensor] | None = None
     whose top-K the support is (teacher / student / union / overlap: losses/support.py)."""
 
     kind: str
@@ -114,3 +121,10 @@ class Objective:
     # k and support); None: the loop scores top-K only for its diagnostics (scoring.diagnostics_k,
     # the teacher's).
     support: Callable[[Any], Support | None] = no_support
+    # current_policy(params, logprob_BT, batch) -> dict of extra [B, T] inputs computed from the
+    # CURRENT policy π_θ, no gradient: logprob_BT = log π_θ(y_t) at the batch's loss positions
+    # (zero elsewhere), from a no-grad head pass on the hidden states the forward already has
+    # (policy.PolicyLoss). For objectives that need a per-sequence quantity of π_θ as a constant:
+    # GSPO's sg[s_i] (losses/gspo.py), a DPO sequence log-ratio. A sequence never straddles two
+    # micro-batches, so a per-row reduction of logprob_BT sees the whole sequence.
+    current_policy: Callable[..., dict[str, torch.Tensor]] | None = None
