@@ -81,6 +81,22 @@ def rft_data(
     run(eval_dir, out, max_per_problem, given_completions)
 
 
+@app.command("pref-data")
+def pref_data(
+    eval_dir: Path = typer.Argument(..., help="An eval folder (posttrain eval --out) of k samples per training problem."),
+    out: Path = typer.Option(..., "--out", help="The JSONL to write: (chosen, rejected) pairs, for `posttrain train` (dpo)."),
+    max_pairs_per_problem: int = typer.Option(None, "--max-pairs-per-problem", min=1, help="At most this many pairs per "
+                                              "problem (default: min(#correct, #incorrect); each response in one pair)."),
+    seed: int = typer.Option(0, "--seed", help="Seeds each problem's shuffle of its correct and incorrect samples."),
+    given_completions: bool = typer.Option(False, "--given-completions", help="The eval graded --completions: use "
+                                           "them as the base model's own samples under the chat prompt."),
+) -> None:
+    """Preference pairs (DPO data): a correct (chosen) and an incorrect (rejected) model-ended sample of one problem."""
+    from posttrain.pref_data import pref_data as run
+
+    run(eval_dir, out, max_pairs_per_problem, seed, given_completions)
+
+
 @app.command(name="eval")
 def evaluate(
     model: str = typer.Option(None, "--model", "-m", help="Checkpoint directory or Hub id to evaluate."),

@@ -20,7 +20,8 @@ from posttrain.config import TrainRecipe
 from posttrain.data.sft import build_examples, collate, epoch_order, load_rows, micro_batches
 from posttrain.errors import UserError
 from posttrain.losses import OBJECTIVES
-from posttrain.losses.aggregation import top_entropy_mask
+from posttrain.losses.aggregation import LENGTH_NORM, top_entropy_mask
+from posttrain.losses.dpo import PAIR_STATS, PAIRS
 from posttrain.losses.engine import head_entropy
 from posttrain.optim import build_scheduler
 from posttrain.policy import PolicyLoss
@@ -35,7 +36,10 @@ from posttrain.scale import gathered, wrap_for_training
 from posttrain.seeds import micro_batch_seed
 from posttrain.scoring import hidden_at_loss_positions, score_tokens
 from posttrain.trackers import check_installed
+from posttrain import teacher_cache_reader
 from posttrain.data.packing import best_fit, check_packing, collate_packed
+from posttrain.data.preference import PreferencePair, build_pairs, check_pair_rows, collate_pairs, sequences
+from posttrain.preference import attach_reference_logprobs
 
 
 def validate(recipe: TrainRecipe) -> None:
@@ -47,7 +51,13 @@ def validate(recipe: TrainRecipe) -> None:
     if objective.prepare is not None:  # per-batch inputs from scored signals: only the on-policy loop fetches them
         raise UserError(f": {objective.name!r} prepares its inputs from on-policy signals, which `posttrain train` "
                         "does not fetch; run it with `posttrain rl`", key="objective.name")
+    teacher_cache_reader.check_recipe(recipe)  # kd_topk ⇔ data.teacher_cache
     check_packing(recipe.train)
+    if recipe.train.loss_aggregation == LENGTH_NORM:  # Dr. GRPO's constant L: the rollouts' max_new_tokens
+        raise UserError(f": {LENGTH_NORM} divides by a constant response length L (Dr. GRPO: the rollouts' "
+                        "max_new_tokens), and offline data has none; use seq-mean-token-sum or token-mean",
+                        key="train.loss_aggregation")
+    _check_preference(recipe, objective)
     check_installed(recipe.report_to)  # trackers.py: a missing tracker package, before anything runs
 
 
@@ -58,16 +68,24 @@ def train(recipe: TrainRecipe, *, resume: bool = False, allow_changed_recipe: bo
     objective = OBJECTIVES[recipe.objective.name]
     # the data's rows first: a missing, empty or non-UTF-8 file is refused before any model is built
     rows = load_rows(recipe.data.source, recipe.data.split, recipe.data.synthetic, recipe.data.max_examples, "data.source")
+    pairs = recipe.data.format == "preference"  # dpo: the unit of data is a (chosen, rejected) pair
+    if pairs:
+        check_pair_rows(rows, recipe.data)
     runtime = make_runtime(recipe.train.precision, recipe.train.parallel)
+    cache = teacher_cache_reader.open_cache(recipe, rows) if recipe.data.teacher_cache else None  # all checks, nothing written
     run_dir, checkpoint, model, tokenizer = open_run(recipe, "model", runtime, resume, allow_changed_recipe)
     apply_precision(model, recipe.train.precision)
     _record_rft_source(run_dir, rows, runtime)
-    check_training_memory(model, recipe.train, runtime,
-                          recipe.train.micro_batch_tokens or recipe.train.micro_batch_size * recipe.data.max_length)
+    check_training_memory(model, recipe.train, runtime, recipe.train.micro_batch_tokens
+                          or recipe.train.micro_batch_size * recipe.data.max_length * (2 if pairs else 1))
 
-    examples, data_counts = build_examples(rows, tokenizer, recipe.data)
+    examples, data_counts = (build_pairs if pairs else build_examples)(rows, tokenizer, recipe.data)
+    if pairs:  # π_ref: the start model's log-probs, once, before any update (posttrain/preference.py)
+        attach_reference_logprobs(model, examples, tokenizer.pad_token_id, runtime, recipe.train.micro_batch_size,
+                                  run_dir, resumed=checkpoint is not None)
     batch_size = recipe.train.batch_size
     steps_per_epoch, total_steps = _step_counts(recipe, len(examples), runtime.world_size)
+    examples = cache.attach(examples) if cache is not None else examples  # the teacher's top-K per response token
 
     loss = PolicyLoss(model, objective, recipe.objective.params, chunk_tokens=recipe.train.head_chunk_tokens,
                       matmul_dtype=runtime.matmul_dtype)
@@ -77,7 +95,7 @@ def train(recipe: TrainRecipe, *, resume: bool = False, allow_changed_recipe: bo
 
     [metrics] = open_logs(run_dir, runtime, recipe, command or ["train"], checkpoint, start_step, "metrics.jsonl")
     saver = Saver(run_dir, model, tokenizer, optimizer, scheduler, runtime, recipe.train)
-    probe = examples[: recipe.train.token_probs_examples]  # the same training examples before and after
+    probe = (sequences(examples) if pairs else examples)[: recipe.train.token_probs_examples]  # the same training examples before and after
     if checkpoint is None and probe:
         _write_token_probs(run_dir, runtime, "initial", token_probability_histogram(policy, model, probe, tokenizer, runtime),
                           len(probe))
@@ -111,6 +129,27 @@ def train(recipe: TrainRecipe, *, resume: bool = False, allow_changed_recipe: bo
     return run_dir
 
 
+def _check_preference(recipe: TrainRecipe, objective) -> None:
+    """dpo trains on pairs (data.format: preference) and averages over pairs (seq-mean-token-sum:
+    losses/dpo.py); a pair is two rows of one micro-batch, which packing and the per-response
+    entropy mask would break."""
+    pairs = recipe.data.format == "preference"
+    if objective.preference_pairs and not pairs:
+        raise UserError(f": {objective.name!r} trains on preference pairs; set data.format: preference (with "
+                        "data.chosen_field and data.rejected_field; `posttrain pref-data` writes such rows)", key="data.format")
+    if pairs and not objective.preference_pairs:
+        raise UserError(f": preference pairs train only a preference objective (dpo), not {objective.name!r}",
+                        key="data.format")
+    if not pairs:
+        return
+    if recipe.train.loss_aggregation != "seq-mean-token-sum":
+        raise UserError(f": {objective.name!r} averages its loss over pairs; set train.loss_aggregation: "
+                        f"seq-mean-token-sum (got {recipe.train.loss_aggregation!r})", key="train.loss_aggregation")
+    if recipe.train.packing or recipe.train.entropy_top_ratio is not None:
+        raise UserError(f": not with {objective.name!r}: a pair's loss needs both whole responses as rows of one "
+                        "micro-batch", key="train.packing" if recipe.train.packing else "train.entropy_top_ratio")
+
+
 def _step_counts(recipe: TrainRecipe, examples: int, world_size: int) -> tuple[int, int]:
     """(optimizer steps per epoch, total steps) for `examples` training examples."""
     batch_size = recipe.train.batch_size
@@ -135,8 +174,9 @@ def train_step(policy, optimizer, scheduler, runtime: Runtime, recipe: TrainReci
     if recipe.train.packing:  # data/packing.py: best-fit rows of ≤ micro_batch_tokens, no padding
         batches = [collate_packed(group, pad_id) for group in best_fit(local, recipe.train.micro_batch_tokens)]
     else:
-        batches = [collate(group, pad_id) for group in micro_batches(local, recipe.train.micro_batch_size,
-                                                                     recipe.train.micro_batch_tokens)]
+        collate_fn = collate_pairs if isinstance(local[0], PreferencePair) else collate  # a pair stays in one micro-batch
+        batches = [collate_fn(group, pad_id) for group in micro_batches(local, recipe.train.micro_batch_size,
+                                                                        recipe.train.micro_batch_tokens)]
     if recipe.train.entropy_top_ratio is not None:
         for batch in batches:
             batch["loss_mask"] = _top_entropy_loss_mask(policy, batch, recipe, runtime)
@@ -159,6 +199,9 @@ def train_step(policy, optimizer, scheduler, runtime: Runtime, recipe: TrainReci
     if recipe.train.entropy_top_ratio is not None:
         row["trained_tokens"] = counts.tokens
     tokens = max(totals.pop("tokens", 0.0), 1.0)
+    pair_count = totals.pop(PAIRS, None)  # dpo: per-pair metrics are means over pairs (losses/dpo.py)
+    if pair_count:
+        row.update({key: totals.pop(key) / pair_count for key in PAIR_STATS if key in totals})
     row.update({k: v / tokens for k, v in totals.items()})  # per-token means of the objective's stats
     return row
 

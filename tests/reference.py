@@ -221,3 +221,18 @@ def dcpo_smooth_advantages(steps: list[list[float]], epsilon: float) -> list[flo
 
 
 TOKEN_REFERENCES = {"cispo": cispo_token, "sapo": sapo_token, "dcpo": dcpo_token}
+
+
+def dpo(hidden, weight, inputs, params):
+    """DPO (arXiv 2305.18290, eq. 7), the mean over pairs of −log σ(β[Δ(y_w) − Δ(y_l)]) with
+    Δ(y) = Σ_t (log π(y_t) − log π_ref(y_t)): position n belongs to sequence inputs["row"][n];
+    sequences 2i and 2i + 1 are pair i's chosen and rejected responses."""
+    logp = logits_of(hidden, weight).log_softmax(-1).gather(1, inputs["target_ids"][:, None])[:, 0]
+    log_ratio = logp - inputs["reference_logprob"].to(logp.dtype)
+    pairs = int(inputs["row"].max()) // 2 + 1
+    total = logp.new_zeros(())
+    for i in range(pairs):
+        chosen = log_ratio[inputs["row"] == 2 * i].sum()
+        rejected = log_ratio[inputs["row"] == 2 * i + 1].sum()
+        total = total - torch.nn.functional.logsigmoid(params.beta * (chosen - rejected))
+    return total / pairs

@@ -17,8 +17,8 @@ LAYERS = [
     ("data and process", ["data", "runtime", "trackers", "memory", "optim"]),
     ("models and folders", ["models", "scale", "runfolder", "eval_record"]),
     ("model passes", ["generation", "scoring", "policy"]),
-    ("evaluation and checks", ["eval", "preflight", "rft"]),
-    ("loop parts", ["signals", "rl_checks", "rl_metrics", "rollouts", "loop"]),
+    ("evaluation and checks", ["eval", "preflight", "rft", "pref_data"]),
+    ("loop parts", ["signals", "rl_checks", "rl_metrics", "rollouts", "loop", "preference"]),
     ("commands", ["rl", "train", "report", "report_rows", "report_cells", "report_plots", "claims", "recipes"]),
     ("cli", ["cli"]),
 ]

@@ -68,8 +68,11 @@ class DataConfig(RowsConfig):
     # Conversational data (data/conversation.py): "messages" = response_field holds whole
     # conversations, loss on the response_role turns; "prompt-completion" = TRL's pairs (plain
     # strings, no template; or message lists through the template).
-    format: Literal["prompt-response", "messages", "prompt-completion"] = "prompt-response"
+    # "preference" = (chosen, rejected) response pairs of one prompt for dpo (data/preference.py)
+    format: Literal["prompt-response", "messages", "prompt-completion", "preference"] = "prompt-response"
     train_turns: Literal["all", "last"] = "all"  # which response_role turns of a conversation are trained
+    chosen_field: str = "chosen"  # data.format preference: the preferred response (`posttrain pref-data` writes it)
+    rejected_field: str = "rejected"  # data.format preference: the dispreferred response
 
 
 @dataclass

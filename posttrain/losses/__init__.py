@@ -16,5 +16,6 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (sft.OBJECTIVE, dft.OBJEC
                                                          grpo.OBJECTIVE, forward_kl.OBJECTIVE)}
 
 OBJECTIVES.update({o.name: o for o in (gspo.OBJECTIVE, cispo.OBJECTIVE, sapo.OBJECTIVE, dcpo.OBJECTIVE)})  # the verifiable-reward policy-loss family (#24)
+OBJECTIVES.update({o.name: o for o in (dpo.OBJECTIVE,)})  # offline preference pairs (#24)
 
 __all__ = ["OBJECTIVES", "Objective", "head_loss"]

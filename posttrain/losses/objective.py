@@ -121,6 +121,8 @@ class Objective:
     # k and support); None: the loop scores top-K only for its diagnostics (scoring.diagnostics_k,
     # the teacher's).
     support: Callable[[Any], Support | None] = no_support
+    # True: trains on (chosen, rejected) pairs, data.format: preference (dpo: data/preference.py)
+    preference_pairs: bool = False
     # current_policy(params, logprob_BT, batch) -> dict of extra [B, T] inputs computed from the
     # CURRENT policy π_θ, no gradient: logprob_BT = log π_θ(y_t) at the batch's loss positions
     # (zero elsewhere), from a no-grad head pass on the hidden states the forward already has
