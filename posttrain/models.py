@@ -151,7 +151,9 @@ def max_positions(cfg: ModelConfig) -> int | None:
 
     if cfg.tiny is not None:
         return cfg.tiny.max_position_embeddings
-    config = Path(cfg.path or "") / "config.json"
+    if cfg.path is None:  # a self-teacher (teacher.source: self) has neither: no config.json in the cwd
+        return None
+    config = Path(cfg.path) / "config.json"
     try:
         value = json.loads(config.read_text()).get("max_position_embeddings")
     except (OSError, ValueError, AttributeError):

@@ -182,6 +182,9 @@ def run_checks(recipe, student, tokenizer, scorer, prompts: list[list[int]], *, 
     """(findings, info lines). models_too: also sample and score (needs the local teacher).
     `prompts` are token ids; None marks a prompt too long to use."""
     teacher_tokenizer, teacher_model = scorer.teacher_tokenizer, scorer.teacher_model
+    if getattr(scorer, "privileged", None) is not None:  # signals.SelfScorer: one model, one tokenizer
+        return [], ["self-teacher (teacher.source: self): the student scores its own rollouts after the privileged "
+                    "prompt; no teacher/student pair to check"]
     if teacher_tokenizer is None:
         return [], [f"no teacher: {recipe.objective.name} learns from no teacher, so there is no pair to check"]
     prompts = [p for p in prompts if p is not None]

@@ -27,6 +27,7 @@ import torch
 from posttrain import preflight
 from posttrain.config import RLRecipe
 from posttrain.data.examples import Example
+from posttrain.data.privileged import context_field_of, privileged_prompts
 from posttrain.data.prompts import PromptRows, draw_prompts, load_prompt_rows, tokenize_prompts
 from posttrain.data.sft import collate, micro_batches
 from posttrain.generation import SamplingSpec, make_backend
@@ -55,7 +56,7 @@ def load_prompts(recipe: RLRecipe, world_size: int) -> PromptRows:
     """validate(), then the prompt rows and their golds, checked: everything before a model loads."""
     validate(recipe, world_size)
     graded = VERIFIABLE_REWARD in needs_of(recipe)
-    rows = load_prompt_rows(recipe.prompts, graded=graded)
+    rows = load_prompt_rows(recipe.prompts, graded=graded, context_field=context_field_of(recipe))
     check_golds(recipe, rows.golds)
     if graded and recipe.prompts.reward == "code":  # no bubblewrap: refused before any folder
         from posttrain.eval.code_sandbox import WEAK_SANDBOX_KEY, check_strong_sandbox
@@ -89,7 +90,8 @@ def rl(recipe: RLRecipe, *, resume: bool = False, allow_changed_recipe: bool = F
     apply_precision(student, recipe.train.precision)
     prompts = tokenize_prompts(recipe.prompts, rows.fields, tokenizer, recipe.rollout.prompts_per_step)
     check_rollout_fits(recipe, max(len(p) for p in prompts if p is not None))  # models.py
-    sources = Sources.open(recipe, needs_of(recipe), runtime, tokenizer, show=runtime.is_main)
+    privileged = privileged_prompts(recipe, rows, tokenizer, prompts)  # teacher.source: self (OPSD); else None
+    sources = Sources.open(recipe, needs_of(recipe), runtime, tokenizer, show=runtime.is_main, privileged=privileged)
     if sources.scorer.teacher_tokenizer is not None:
         check_k(recipe, student.get_output_embeddings().weight.shape[0])
     check_training_memory(student, recipe.train, runtime,
@@ -154,7 +156,8 @@ def check(recipe: RLRecipe) -> None:
     rows = load_prompts(recipe, runtime.world_size)
     student, tokenizer = load_policy(recipe.student, "student", recipe.seed, runtime.device)
     prompts = tokenize_prompts(recipe.prompts, rows.fields, tokenizer, recipe.rollout.prompts_per_step)
-    with Sources.open(recipe, needs_of(recipe), runtime, tokenizer) as sources:
+    privileged = privileged_prompts(recipe, rows, tokenizer, prompts)
+    with Sources.open(recipe, needs_of(recipe), runtime, tokenizer, privileged=privileged) as sources:
         findings, info = preflight.run_checks(recipe, student, tokenizer, sources.scorer, prompts, models_too=True)
     for line in info:
         console.print(escape(f"pre-flight: {line}"), highlight=False, soft_wrap=True)
@@ -191,7 +194,8 @@ def rl_step(trainer: Trainer, step: int, prompt_ids: list[list[int]], references
     with runtime.accelerator.autocast():
         signals, diagnostics = fetch_signals(trainer.sources, trainer.policy, batch, group_B, [c.text for c in flat],
                                              [references[int(g)] for g in group_B],
-                                             None if groups.rewards is None else [r for g in groups.rewards for r in g])
+                                             None if groups.rewards is None else [r for g in groups.rewards for r in g],
+                                             prompt_ids=[prompt_ids[int(g)] for g in group_B])
     batch["old_logprob"] = signals.old_logprob_BT  # every on-policy loss reads π_old (ratios, rewards)
     gap_sum = rollout_logprob_gap_sum(flat, rollouts, batch, spec)
     if objective.prepare is not None:

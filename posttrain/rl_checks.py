@@ -8,7 +8,7 @@ May import: config, losses, data (templates), errors, models, trackers, eval (ma
 from __future__ import annotations
 
 from posttrain.config import RLRecipe
-from posttrain.data.templates import resolve_template
+from posttrain.data.templates import resolve_context_template, resolve_template
 from posttrain.errors import UserError
 from posttrain.losses import OBJECTIVES
 from posttrain.losses.objective import STUDENT_TOPK, TEACHER_SOURCES, VERIFIABLE_REWARD
@@ -30,6 +30,7 @@ def validate(recipe: RLRecipe, world_size: int = 1) -> None:
                         key="objective.name")
     needs = needs_of(recipe)
     _check_sources(recipe, needs)
+    _check_self_teacher(recipe)
     _check_code_reward(recipe, needs)
     _check_grouped(recipe, needs)
     _check_scoring(recipe)
@@ -53,6 +54,35 @@ def _check_sources(recipe: RLRecipe, needs: frozenset[str]) -> None:
     if not needs & TEACHER_SOURCES and recipe.scoring.backend == "vllm":
         raise UserError(f": vllm scoring serves a teacher, and {name} has none; use scoring.backend: hf",
                         key="scoring.backend")
+
+
+SELF_ONLY_KEYS = ("weights", "context_field", "context_template")
+
+
+def _check_self_teacher(recipe: RLRecipe) -> None:
+    """teacher.source: self (OPSD) reads the student, scored locally; the keys that say how are
+    for a self-teacher only, and a separate model's keys are not for one."""
+    teacher = recipe.teacher
+    if teacher is None:
+        return
+    if teacher.source != "self":
+        for key in SELF_ONLY_KEYS:
+            if getattr(teacher, key) is not None:
+                raise UserError(": is only for teacher.source: self (the student as its own teacher, OPSD); remove it, "
+                                "or set teacher.source: self", key=f"teacher.{key}")
+        return
+    for key in ("path", "tiny", "tokenizer"):
+        if getattr(teacher, key) is not None:
+            raise UserError(": teacher.source: self is the student itself (student.path); remove it, or drop "
+                            "teacher.source to learn from a separate model", key=f"teacher.{key}")
+    if recipe.scoring.backend == "vllm":
+        raise UserError(": a self-teacher is the student, scored locally; use scoring.backend: hf",
+                        key="scoring.backend")
+    if teacher.context_template is not None:
+        try:
+            resolve_context_template(teacher.context_template)
+        except ValueError as err:
+            raise UserError(str(err), key="teacher.context_template") from None
 
 
 def _check_code_reward(recipe: RLRecipe, needs: frozenset[str]) -> None:

@@ -55,13 +55,18 @@ def score_tokens(model, batch: dict, *, k: int = 0, at_ids_BTJ: torch.Tensor | N
 
 @torch.no_grad()
 def score_pair(student, teacher, batch: dict, *, k: int, chunk_tokens: int = 1024,
-               matmul_dtype: torch.dtype | None = None, temperature: float = 1.0) -> dict[str, torch.Tensor]:
+               matmul_dtype: torch.dtype | None = None, temperature: float = 1.0,
+               teacher_batch: dict | None = None) -> dict[str, torch.Tensor]:
     """Student (π_old) and teacher in one chunked pass over the loss positions: both models'
     log-probs of the sampled token, both top-K supports with each model's log-probs on the
     other's, the student's entropy, and the exact per-position reverse KL Σ_v π(v)(log π − log q).
-    (Padded vocabulary rows beyond the smaller head are ignored; they are never real tokens.)"""
+    (Padded vocabulary rows beyond the smaller head are ignored; they are never real tokens.)
+    `teacher_batch`: what the teacher reads instead of `batch` (a self-teacher's privileged
+    prompt + the same responses: data/privileged.py); its loss positions are the batch's, in order."""
     hidden_student_NH, weight_student_VH = hidden_at_loss_positions(student, batch, temperature)
-    hidden_teacher_NH, weight_teacher_VH = hidden_at_loss_positions(teacher, batch, temperature)
+    hidden_teacher_NH, weight_teacher_VH = hidden_at_loss_positions(teacher, teacher_batch or batch, temperature)
+    if hidden_teacher_NH.shape[0] != hidden_student_NH.shape[0]:
+        raise RuntimeError("the teacher's batch has a different number of loss positions")  # a wiring bug
     vocab = min(weight_student_VH.shape[0], weight_teacher_VH.shape[0])
     mask_BT = batch["loss_mask"]
     targets_N = batch["target_ids"][mask_BT]

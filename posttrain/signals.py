@@ -9,6 +9,9 @@ rollout batch's `TokenSignals` are built (`fetch_signals`).
                                chunked pass (scoring.score_pair): every field, and the exact reverse KL
                VLLMScorer      a vLLM teacher's own top-K (prompt_logprobs), the student scored
                                on it (no exact KL, no student top-K: validate() refuses those)
+               SelfScorer      OPSD (teacher.source: self): the student itself, or a frozen copy
+                               of it, reading each rollout after its privileged prompt
+                               (data/privileged.py), scored with π_old as HFPairScorer does
   reference  the starting student, frozen, for a KL penalty (REFERENCE_TOKEN)
   grader     the math grader's worker pool, or the code sandbox (VERIFIABLE_REWARD)
 
@@ -26,10 +29,11 @@ import torch
 
 from posttrain.config import RLRecipe
 from posttrain.errors import UserError
+from posttrain.data.privileged import PrivilegedPrompts
 from posttrain.losses import OBJECTIVES
 from posttrain.losses.objective import REFERENCE_TOKEN, TEACHER_SOURCES, VERIFIABLE_REWARD, Support, TokenSignals
 from posttrain.losses.support import student_logprob_on_support, support_slots
-from posttrain.models import load_policy
+from posttrain.models import load_policy, max_positions
 from posttrain.preflight import vocabulary_findings
 from posttrain.progress import console
 from posttrain.runtime import Runtime
@@ -58,12 +62,14 @@ class Scorer:
     def __init__(self, k: int, settings: dict):
         self.k, self.settings = k, settings  # settings: chunk_tokens, matmul_dtype, temperature
 
-    def score(self, student, batch: dict, group_B: torch.Tensor) -> TokenSignals:
+    def score(self, student, batch: dict, group_B: torch.Tensor, prompt_ids: list[list[int]] | None = None
+              ) -> TokenSignals:
+        """`prompt_ids`: each rollout's prompt token ids (read by the self-teacher only)."""
         raise NotImplementedError
 
 
 class StudentScorer(Scorer):
-    def score(self, student, batch, group_B):
+    def score(self, student, batch, group_B, prompt_ids=None):
         old = score_tokens(student, batch, k=0, entropy=True, **self.settings)
         return TokenSignals(old_logprob_BT=old["token_logprob"], entropy_BT=old["entropy"], group_B=group_B)
 
@@ -73,7 +79,7 @@ class HFPairScorer(Scorer):
         super().__init__(k, settings)
         self.teacher_model, self.teacher_tokenizer = model, tokenizer
 
-    def score(self, student, batch, group_B):
+    def score(self, student, batch, group_B, prompt_ids=None):
         with gathered(self.teacher_model):
             return TokenSignals(group_B=group_B, **score_pair(student, self.teacher_model, batch, k=self.k, **self.settings))
 
@@ -83,7 +89,7 @@ class VLLMScorer(Scorer):
         super().__init__(k, settings)
         self.engine, self.teacher_tokenizer = engine, tokenizer
 
-    def score(self, student, batch, group_B):
+    def score(self, student, batch, group_B, prompt_ids=None):
         teach = self.engine.score(batch)  # at temperature 1 (validate() refuses at_rollout_temperature)
         old = score_tokens(student, batch, k=self.k, at_ids_BTJ=teach["topk_ids"], entropy=True, **self.settings)
         return TokenSignals(
@@ -94,12 +100,33 @@ class VLLMScorer(Scorer):
             student_topk_ids_BTK=old["topk_ids"], student_topk_logprob_BTK=old["topk_logprob"])
 
 
-def open_scorer(recipe: RLRecipe, needs: frozenset[str], runtime: Runtime, student_tokenizer) -> Scorer:
+class SelfScorer(Scorer):
+    """OPSD's teacher: the student's current weights (π_old at scoring time: no second model;
+    teacher_model stays None) or a frozen copy of the starting student (teacher.weights: frozen),
+    scoring the same response tokens after each rollout's privileged prompt."""
+
+    def __init__(self, k, settings, tokenizer, privileged: PrivilegedPrompts, frozen=None):
+        super().__init__(k, settings)
+        self.teacher_model, self.teacher_tokenizer, self.privileged = frozen, tokenizer, privileged
+
+    def score(self, student, batch, group_B, prompt_ids=None):
+        teacher_batch = self.privileged.view(batch, prompt_ids)
+        teacher = student if self.teacher_model is None else self.teacher_model
+        with gathered(self.teacher_model):
+            return TokenSignals(group_B=group_B, **score_pair(student, teacher, batch, k=self.k,
+                                                              teacher_batch=teacher_batch, **self.settings))
+
+
+def open_scorer(recipe: RLRecipe, needs: frozenset[str], runtime: Runtime, student_tokenizer,
+                privileged: PrivilegedPrompts | None = None) -> Scorer:
+    """`privileged`: the self-teacher's prompts (data/privileged.py), with teacher.source: self."""
     support = support_of(recipe)
     settings = dict(chunk_tokens=recipe.scoring.chunk_tokens, matmul_dtype=runtime.matmul_dtype,
                     temperature=scoring_temperature(recipe))
     if not needs & TEACHER_SOURCES:
         return StudentScorer(support.k, settings)
+    if recipe.teacher.source == "self":
+        return _open_self_scorer(recipe, runtime, student_tokenizer, privileged, support.k, settings)
     model, tokenizer = load_policy(recipe.teacher, "teacher", recipe.seed + 1, "cpu", dtype=_frozen_dtype(recipe, runtime))
     fatal = [f for f in vocabulary_findings(student_tokenizer, tokenizer, None, model) if f.fatal]
     if fatal:
@@ -110,6 +137,22 @@ def open_scorer(recipe: RLRecipe, needs: frozenset[str], runtime: Runtime, stude
         engine = VLLMTeacher(recipe.teacher.path, k=support.k, gpu_memory_utilization=recipe.scoring.gpu_memory_utilization)
         return VLLMScorer(support.k, settings, engine, tokenizer)
     return HFPairScorer(support.k, settings, place_teacher(model.eval().requires_grad_(False), runtime), tokenizer)
+
+
+def _open_self_scorer(recipe: RLRecipe, runtime: Runtime, tokenizer, privileged: PrivilegedPrompts, k: int,
+                      settings: dict) -> SelfScorer:
+    positions = max_positions(recipe.student)
+    if positions is not None and privileged.longest + recipe.rollout.max_new_tokens > positions:
+        raise UserError(f": the longest privileged prompt ({privileged.longest} tokens) plus rollout.max_new_tokens "
+                        f"({recipe.rollout.max_new_tokens}) must fit the student's {positions} positions",
+                        key="teacher.context_field")
+    frozen = None
+    if recipe.teacher.weights == "frozen":
+        # the trained student's weight dtype, as the KL reference: at step 1 frozen == current exactly
+        dtype = torch.bfloat16 if recipe.train.precision == "bf16-pure" else torch.float32
+        model, _ = load_policy(recipe.student, "student", recipe.seed, "cpu", dtype=dtype)
+        frozen = place_teacher(model.eval().requires_grad_(False), runtime)
+    return SelfScorer(k, settings, tokenizer, privileged, frozen)
 
 
 def _frozen_dtype(recipe: RLRecipe, runtime: Runtime) -> torch.dtype:
@@ -130,8 +173,10 @@ class Sources:
     sandbox: object | None = None  # eval.code_sandbox.CodeSandbox: prompts.reward code
 
     @classmethod
-    def open(cls, recipe: RLRecipe, needs: frozenset[str], runtime: Runtime, tokenizer, show: bool = True) -> Sources:
-        sources = cls(needs=needs, scorer=open_scorer(recipe, needs, runtime, tokenizer), support=support_of(recipe))
+    def open(cls, recipe: RLRecipe, needs: frozenset[str], runtime: Runtime, tokenizer, show: bool = True,
+             privileged: PrivilegedPrompts | None = None) -> Sources:
+        sources = cls(needs=needs, scorer=open_scorer(recipe, needs, runtime, tokenizer, privileged),
+                      support=support_of(recipe))
         if REFERENCE_TOKEN in needs:
             # the trained student's weight dtype (fp32 unless bf16-pure), so the KL starts at 0
             dtype = torch.bfloat16 if recipe.train.precision == "bf16-pure" else torch.float32
@@ -174,13 +219,15 @@ class Sources:
 
 
 def fetch_signals(sources: Sources, policy, batch, group_B, texts: list[str], references: list,
-                  rewards: list[float] | None = None) -> tuple[TokenSignals, dict[str, float]]:
+                  rewards: list[float] | None = None, prompt_ids: list[list[int]] | None = None
+                  ) -> tuple[TokenSignals, dict[str, float]]:
     """The one place a rollout batch's TokenSignals are built: the scorer (π_old, the teacher),
     then the reference policy and the grader where declared (`rewards`: graded already, by
-    dynamic sampling). Returns (signals, support diagnostics)."""
+    dynamic sampling; `prompt_ids`: each rollout's prompt, for a self-teacher). Returns
+    (signals, support diagnostics)."""
     student = policy.module.model if hasattr(policy, "module") else policy.model
     with gathered(policy):  # under FSDP2 the student is scored outside its wrapped forward
-        signals = sources.scorer.score(student, batch, group_B)
+        signals = sources.scorer.score(student, batch, group_B, prompt_ids)
     if sources.reference is not None:
         with gathered(sources.reference):
             signals.reference_logprob_BT = score_tokens(sources.reference, batch, k=0,

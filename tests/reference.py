@@ -223,6 +223,16 @@ def dcpo_smooth_advantages(steps: list[list[float]], epsilon: float) -> list[flo
 TOKEN_REFERENCES = {"cispo": cispo_token, "sapo": sapo_token, "dcpo": dcpo_token}
 
 
+def self_teacher_logprobs(model, prompt: list[int], response: list[int]) -> list[torch.Tensor]:
+    """OPSD's teacher (arXiv 2601.18734) at each response token: the model's own full-vocabulary
+    log-probs [V] after `prompt` (the privileged one) + the response so far, one plain float64
+    forward of the whole sequence, read position by position (no chunking, no batching)."""
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].double()
+    return [logits[len(prompt) + j - 1].log_softmax(-1) for j in range(len(response))]
+
+
 def dpo(hidden, weight, inputs, params):
     """DPO (arXiv 2305.18290, eq. 7), the mean over pairs of −log σ(β[Δ(y_w) − Δ(y_l)]) with
     Δ(y) = Σ_t (log π(y_t) − log π_ref(y_t)): position n belongs to sequence inputs["row"][n];

@@ -20,6 +20,7 @@ from posttrain.config.schema import (  # noqa: F401
     OptimConfig, PromptsConfig, RolloutConfig, RowsConfig, SamplingConfig, ScoringConfig, SyntheticConfig,
     TinyModelConfig, TrainLoopConfig, TrainRecipe, VllmConfig,
 )
+from posttrain.config.schema import TeacherConfig  # noqa: F401  (teacher.source: self, OPSD)
 from posttrain.config.loader import (  # noqa: F401
     _Where, _apply_override, _build, _coerce, _describe, dump_yaml, from_dict, load_recipe, parse_yaml, read_utf8,
     to_dict,

@@ -35,6 +35,18 @@ class ModelConfig:
 
 
 @dataclass
+class TeacherConfig(ModelConfig):
+    """An on-policy recipe's teacher: a separate model (path or tiny), or, with source: self, the
+    student itself scoring the same response tokens after its prompt re-rendered with privileged
+    context (OPSD, arXiv 2601.18734: data/privileged.py). The last three keys are for self only."""
+
+    source: Literal["model", "self"] = "model"
+    weights: Literal["current", "frozen"] | None = None  # self: current (π_old at scoring time; default) or frozen (the starting student)
+    context_field: str | None = None  # self: the prompt rows' field the teacher also sees (default "solution")
+    context_template: str | None = None  # self: the teacher's user turn: "opsd" (default) or a format string with {question} and {context}
+
+
+@dataclass
 class SyntheticConfig:
     """The built-in step-by-step arithmetic task (see posttrain/data/synthetic.py)."""
 
@@ -222,7 +234,7 @@ class RLRecipe:
     name: RunName
     student: ModelConfig
     objective: ObjectiveConfig
-    teacher: ModelConfig | None = None  # required exactly when the objective uses a teacher signal (opd, lsm)
+    teacher: TeacherConfig | None = None  # required exactly when the objective uses a teacher signal (opd, lsm)
     seed: int = 0
     out_dir: str = "runs"
     prompts: PromptsConfig = field(default_factory=PromptsConfig)

@@ -27,6 +27,7 @@ class PromptRows:
 
     fields: list
     references: list
+    contexts: list[str] | None = None  # teacher.source: self (OPSD): each row's privileged context field
 
     @property
     def golds(self) -> list[str]:
@@ -34,9 +35,10 @@ class PromptRows:
         return self.references if self.references and isinstance(self.references[0], str) else []
 
 
-def load_prompt_rows(cfg: PromptsConfig, graded: bool) -> PromptRows:
+def load_prompt_rows(cfg: PromptsConfig, graded: bool, context_field: str | None = None) -> PromptRows:
     """The rows' prompt fields, validated; with `graded`, each row's reference (prompts.reward
-    math: prompts.answer_field; code: the problem the sandbox runs)."""
+    math: prompts.answer_field; code: the problem the sandbox runs); with `context_field`, each
+    row's privileged context for a self-teacher (data/privileged.py)."""
     rows = load_rows(cfg.source, cfg.split, cfg.synthetic, cfg.max_examples, "prompts.source",
                      dedupe_field=cfg.prompt_field if cfg.dedupe else None)
     if rows and cfg.prompt_field not in rows[0]:
@@ -47,11 +49,26 @@ def load_prompt_rows(cfg: PromptsConfig, graded: bool) -> PromptRows:
     if bad is not None:  # str(None) or str(42) would otherwise become the prompt text
         raise UserError(f": row {bad}'s {cfg.prompt_field!r} is {fields[bad]!r}; a prompt is non-empty text, or a "
                         "list of chat messages {role, content} with text values", key="prompts.prompt_field")
+    contexts = _contexts(rows, context_field) if context_field is not None else None
     if not graded:
-        return PromptRows(fields, [None] * len(rows))
+        return PromptRows(fields, [None] * len(rows), contexts)
     if cfg.reward == "code":
-        return PromptRows(fields, _code_problems(rows, cfg.prompt_field))
-    return PromptRows(fields, _golds(rows, cfg.answer_field))
+        return PromptRows(fields, _code_problems(rows, cfg.prompt_field), contexts)
+    return PromptRows(fields, _golds(rows, cfg.answer_field), contexts)
+
+
+def _contexts(rows: list[dict], context_field: str) -> list[str]:
+    """Each row's privileged context: non-empty text (an empty one would make the teacher the
+    student itself for that prompt, silently: reward 0)."""
+    if rows and context_field not in rows[0]:
+        raise UserError(f": the prompt rows have no field {context_field!r} for the self-teacher's privileged context; "
+                        f"fields: {', '.join(rows[0])}", key="teacher.context_field")
+    bad = next((i for i, row in enumerate(rows) if not isinstance(row.get(context_field), str)
+                or not row[context_field].strip()), None)
+    if bad is not None:
+        raise UserError(f": row {bad}'s {context_field!r} is {rows[bad].get(context_field)!r}; the self-teacher's "
+                        "context is non-empty text (e.g. the reference solution)", key="teacher.context_field")
+    return [row[context_field] for row in rows]
 
 
 def _golds(rows: list[dict], answer_field: str) -> list[str]:

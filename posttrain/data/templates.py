@@ -18,6 +18,16 @@ LSM_MATH_TEMPLATE = (
     "\\boxed{{}}.\n"
 )
 
+# OPSD authors' code (siyan-zhao/OPSD, data_collator.py, reason_first off, the default): the
+# self-teacher's user turn: the problem, the reference solution, their transition prompt and the
+# boxed-answer instruction, through the chat template. {context}: the row's solution.
+OPSD_TEACHER_TEMPLATE = (
+    "{question}\n\nHere is a reference solution to this problem:\n{context}\n"
+    "\n\nAfter understanding the reference solution and the rationale behind each step, now articulate your own "
+    "step-by-step reasoning that derives the same final answer to the problem below:\n"
+    "\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+)
+
 # ----------------------------------------------------------------------------------------------
 # Recipe keys `prompts.template` (a name below, or a format string with {question}) and
 # `prompts.clean` (field cleaning before the template).
@@ -56,6 +66,27 @@ def resolve_template(template: str) -> str:
                          f"got {template!r}")
     try:
         template.format(question="")
+    except (KeyError, IndexError, ValueError) as err:
+        raise ValueError(f"is not a valid format string ({err}); write a literal brace as {{{{ or }}}}") from None
+    return template
+
+
+# Recipe key `teacher.context_template` (teacher.source: self): a name below, or a format string
+# with {question} and {context}.
+CONTEXT_TEMPLATES = {"opsd": OPSD_TEACHER_TEMPLATE}
+
+
+def resolve_context_template(template: str) -> str:
+    """A context template name's text, or the string itself if it is a format string with both
+    {question} and {context}. Raises ValueError naming what is allowed."""
+    if template in CONTEXT_TEMPLATES:
+        return CONTEXT_TEMPLATES[template]
+    missing = [f"{{{name}}}" for name in ("question", "context") if f"{{{name}}}" not in template]
+    if missing:
+        raise ValueError(f"must be one of: {', '.join(CONTEXT_TEMPLATES)}, or a format string containing {{question}} "
+                         f"and {{context}} (missing {' and '.join(missing)}); got {template!r}")
+    try:
+        template.format(question="", context="")
     except (KeyError, IndexError, ValueError) as err:
         raise ValueError(f"is not a valid format string ({err}); write a literal brace as {{{{ or }}}}") from None
     return template
