@@ -97,6 +97,26 @@ def pref_data(
     run(eval_dir, out, max_pairs_per_problem, seed, given_completions)
 
 
+@app.command("teacher-cache")
+def teacher_cache(
+    teacher: str = typer.Option(..., "--teacher", help="The teacher checkpoint folder (or Hub id)."),
+    data: Path = typer.Option(..., "--data", help="The prompt/response file (.jsonl, .json or .parquet) to score."),
+    k: int = typer.Option(32, "--k", min=1, help="Top-K ids and log-probs kept per response token."),
+    out: Path = typer.Option(..., "--out", help="The cache folder (a partial one of the same inputs is resumed)."),
+    prompt_field: str = typer.Option("problem", "--prompt-field", help="As the train recipe's data.prompt_field."),
+    response_field: str = typer.Option("solution", "--response-field", help="As data.response_field."),
+    max_length: int = typer.Option(1024, "--max-length", min=1, help="As data.max_length."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Examples per teacher forward pass."),
+    shard_tokens: int = typer.Option(1 << 18, "--shard-tokens", min=1, help="Response tokens per shard file."),
+) -> None:
+    """Score a prompt/response set once with a teacher; its top-K per response token, for `train` with kd_topk."""
+    from posttrain.config import DataConfig
+    from posttrain.teacher_cache import write_teacher_cache
+
+    cfg = DataConfig(prompt_field=prompt_field, response_field=response_field, max_length=max_length)
+    write_teacher_cache(teacher, data, k, out, data_cfg=cfg, batch_size=batch_size, shard_tokens=shard_tokens)
+
+
 @app.command(name="eval")
 def evaluate(
     model: str = typer.Option(None, "--model", "-m", help="Checkpoint directory or Hub id to evaluate."),

@@ -18,6 +18,7 @@ LAYERS = [
     ("models and folders", ["models", "scale", "runfolder", "eval_record"]),
     ("model passes", ["generation", "scoring", "policy"]),
     ("evaluation and checks", ["eval", "preflight", "rft", "pref_data"]),
+    ("teacher cache", ["teacher_cache", "teacher_cache_reader"]),  # teacher-cache writes it, train reads it
     ("loop parts", ["signals", "rl_checks", "rl_metrics", "rollouts", "loop", "preference"]),
     ("commands", ["rl", "train", "report", "report_rows", "report_cells", "report_plots", "claims", "recipes"]),
     ("cli", ["cli"]),

@@ -77,6 +77,7 @@ class DataConfig(RowsConfig):
     # last turn with this role is used.
     response_role: str = "assistant"
     max_length: PositiveInt = 1024  # prompt + response tokens; longer examples are cut at the end
+    teacher_cache: str | None = None  # a `posttrain teacher-cache` folder of this data file (objective kd_topk)
     # Conversational data (data/conversation.py): "messages" = response_field holds whole
     # conversations, loss on the response_role turns; "prompt-completion" = TRL's pairs (plain
     # strings, no template; or message lists through the template).

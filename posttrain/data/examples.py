@@ -13,6 +13,9 @@ class Example:
     # Conversations (data/conversation.py): the trained token ranges [start, end); None: all
     # tokens from prompt_len on.
     loss_spans: list[tuple[int, int]] | None = None
+    # Per trained token, in order, values an objective reads (a teacher cache's top-K:
+    # teacher_cache_reader.py): name -> [loss_tokens, ...] tensor; collate puts them at the loss positions.
+    per_token: dict | None = None
 
     @property
     def loss_tokens(self) -> int:

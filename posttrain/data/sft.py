@@ -189,7 +189,12 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         attention_mask[row, :n] = 1
         for start, end in ex.loss_spans or [(ex.prompt_len, n + 1)]:
             loss_mask[row, start - 1 : end - 1] = True  # position t − 1 predicts token t
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "target_ids": target_ids, "loss_mask": loss_mask}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "target_ids": target_ids, "loss_mask": loss_mask}
+    for key, value in (examples[0].per_token or {}).items():  # [B, T, ...], zero off the loss positions
+        batch[key] = value.new_zeros(len(examples), length, *value.shape[1:])
+        for row, ex in enumerate(examples):
+            batch[key][row][loss_mask[row]] = ex.per_token[key]
+    return batch
 
 
 def micro_batches(examples: list, micro_batch_size: int, micro_batch_tokens: int | None, length=len) -> list[list]:

@@ -34,7 +34,7 @@ def full_vocab(params):
 
 
 def targets(params, logits_CV, inputs, scratch_CV):
-    return inputs["support_ids"]
+    return inputs["support_ids"].long()  # int32 in the cache
 
 
 def token_loss(params, scores_CK, ids_CK, inputs):
