@@ -3,7 +3,8 @@ checked against values recorded when they were known right (as torchtune pins it
 
 A refactor of the loops, the engine or an objective that changes any number here changes what
 posttrain computes; if the change is intended, say why in the commit and re-record the values
-(POSTTRAIN_PRINT_PINNED=1 prints the new ones). CPU, one thread, fp32: bit-stable runs.
+(POSTTRAIN_PRINT_PINNED=1 prints the new ones). CPU, one thread, fp32: bit-stable on one machine,
+within the tolerances below across machines.
 """
 
 import json
@@ -58,21 +59,22 @@ PINNED = {
 }
 
 
-# The tolerance, from the arithmetic. Every pinned number is a mean of per-token terms of size
-# O(1) (log-probs, ρ·A with |A| ≤ 2, entropies) computed in fp32, one thread: unit roundoff
-# u = 2^-24 ≈ 6e-8. Another install (a torch or BLAS whose kernels reduce in another order) moves
-# each term by a few u of the TERMS' scale, not of their mean, which can be small by cancellation
-# (a GRPO loss is Σ −A·ρ with Σ A ≈ 0). Measured: re-running the grpo cases with the LM head in
-# chunks of 5 and 7 tokens (another summation order) moved no number by more than 4.5e-8
-# absolutely or 6.4e-7 relatively. Adam does not amplify this: its first step is lr·g/(|g| + ε) =
-# lr·sign(g), unchanged by a perturbation of g unless g itself is at rounding level, which is
-# why a case whose groups all have zero advantage (every gradient component rounding noise,
-# normalised into full random-signed steps) is not pinned (hence test_grpo_cases_carry_signal).
-# So: rel 1e-5 (~160 u, 15x the measured relative move) and abs 1e-6 (~16 u of an O(1) term,
-# 20x the measured absolute move); a real change (a sign, a clip, an aggregation, a missed
-# token) moves these numbers by 1e-3 or more. Discrete parts (sampled tokens, rewards) stay put
-# unless a perturbation of ~1e-6 crosses a sampling boundary: ~200 draws × 1e-6, about 1 in 5000.
-REL, ABS = 1e-5, 1e-6
+# The tolerance, from measurement. Every pinned number is a mean of per-token terms of size O(1)
+# (log-probs, ρ·A with |A| ≤ 2, entropies) in fp32, one thread: unit roundoff u = 2^-24 ≈ 6e-8.
+# Within one machine the runs are bit-stable, and another summation order (the LM head in chunks
+# of 5 and 7 tokens) moved no number by more than 4.5e-8 absolutely or 6.4e-7 relatively. Across
+# machines the CPU's kernels differ (AVX-512 vs AVX2 paths of MKL and ATen), and the fixtures'
+# own training (a few SFT steps at lr 1e-2; the boxer: 60 steps) amplifies that rounding before
+# the pinned run starts. Measured on 2026-12-05, the values pinned on the earlier machine against
+# a Xeon with AVX-512: sft/dft ≤ 2.4e-7 relative, opd/lsm ≤ 2.2e-6, otr 4.0e-5 relative (1.3e-6
+# absolute, grad_norm), grpo/grpo-kl 3.7e-4 relative (6.5e-6 absolute, the loss of the second
+# update, a mean of −A·ρ whose Σ A ≈ 0 cancels). The tolerances are 10× those moves: rel 4e-4 /
+# abs 1.3e-5, and rel 4e-3 / abs 6.5e-5 for the GRPO cases (built on the 60-step boxer). A real
+# change still shows: one token more or less in a mean over ~150 moves it by ~7e-3, a sign, a clip
+# bound or an aggregation by 1e-2 or more. Discrete parts (sampled tokens, rewards) stay put
+# unless a perturbation crosses a sampling boundary: ~200 draws × 1e-5, about 1 in 500.
+REL, ABS = 4e-4, 1.3e-5
+CHAOTIC_FIXTURE = {"grpo": (4e-3, 6.5e-5), "grpo-kl": (4e-3, 6.5e-5)}  # case -> (rel, abs)
 
 
 @pytest.fixture(scope="module")
@@ -157,11 +159,12 @@ def test_pinned_losses(tmp_path, models, case):
         print(f"\nPINNED {case!r}: {got!r}")
     assert case in PINNED, f"no pinned values for {case}: {got}"
     want = PINNED[case]
+    rel, abs_ = CHAOTIC_FIXTURE.get(case, (REL, ABS))
     assert len(got) == len(want)
     for got_row, want_row in zip(got, want):
         assert got_row.keys() == want_row.keys()
         for key, value in want_row.items():
-            assert got_row[key] == pytest.approx(value, rel=REL, abs=ABS), (case, key, got_row, want_row)
+            assert got_row[key] == pytest.approx(value, rel=rel, abs=abs_), (case, key, got_row, want_row)
 
 
 def test_grpo_cases_carry_signal():
