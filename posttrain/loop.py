@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import shlex
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,9 @@ class Saver:
     scheduler: object
     runtime: Runtime
     train_cfg: object
+    # {file name: state} saved in each checkpoint beside the model, gathered by every process at
+    # save time (rl: the critic's critic.pt); None: nothing more
+    extra_files: Callable[[], dict[str, dict]] | None = None
 
     def periodic(self, done: int, total: int, nonfinite_streak: int) -> None:
         """train.save_every: a checkpoint after every save_every steps before the last, but never
@@ -111,7 +115,10 @@ class Saver:
         every = self.train_cfg.save_every
         if every and done % every == 0 and done < total and nonfinite_streak == 0:
             save_checkpoint(self.run_dir, done, self.model, self.tokenizer, self.optimizer, self.scheduler, self.runtime,
-                            self.train_cfg.keep_checkpoints)
+                            self.train_cfg.keep_checkpoints, self._extra())
+
+    def _extra(self) -> dict[str, dict]:
+        return self.extra_files() if self.extra_files is not None else {}
 
     def final(self, steps: int, resumed_from: Path | None = None) -> None:
         """The last checkpoint (and, for LoRA, the merged model), then runs/<name>/final pointing to
@@ -120,7 +127,7 @@ class Saver:
         if resumed_from is not None and resumed_from.name == f"step-{steps:06d}" and (run_dir / "final").exists():
             return
         final = save_checkpoint(run_dir, steps, self.model, self.tokenizer, self.optimizer, self.scheduler, self.runtime,
-                                self.train_cfg.keep_checkpoints)
+                                self.train_cfg.keep_checkpoints, self._extra())
         if self.train_cfg.lora is not None:
             final = save_merged_lora(run_dir, self.model, self.tokenizer, self.runtime)
         if self.runtime.is_main:

@@ -10,10 +10,11 @@ Per step the data flows one way, top to bottom (`rl_step`):
   4. objective.prepare(batch, signals): rewards / advantages / supports, once for the whole batch
   5. PPO epochs × mini-batches; each mini-batch is one optimizer step, its per-token losses
      aggregated over the whole mini-batch (all processes) as train.loss_aggregation says
+     (and, for an objective with a value model, one critic step on the same rows: critic.py)
   6. the new weights reach the generation backend; metrics (rl_metrics.py); checkpoint
 Every recipe check is rl_checks.validate, run before any model loads (and by `rl --check`).
 May import anything below it: config, data, losses, models, generation, scoring, signals,
-rl_checks, rl_metrics, loop, preflight, policy, optim, runfolder, runtime, scale, seeds, progress.
+rl_checks, rl_metrics, loop, preflight, policy, optim, runfolder, runtime, scale, seeds, progress, critic.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 
 from posttrain import preflight
 from posttrain.config import RLRecipe
+from posttrain.critic import Critic
 from posttrain.data.examples import Example
 from posttrain.data.privileged import context_field_of, privileged_prompts
 from posttrain.data.prompts import PromptRows, draw_prompts, load_prompt_rows, tokenize_prompts
@@ -33,7 +35,7 @@ from posttrain.data.sft import collate, micro_batches
 from posttrain.generation import SamplingSpec, make_backend
 from posttrain.losses import OBJECTIVES
 from posttrain.losses.aggregation import top_entropy_mask
-from posttrain.losses.objective import VERIFIABLE_REWARD
+from posttrain.losses.objective import VALUE, VERIFIABLE_REWARD
 from posttrain.loop import (
     Saver, accumulate_gradients, apply_precision, check_training_memory, count_nonfinite, open_logs, open_run,
     optimizer_step,
@@ -43,7 +45,7 @@ from posttrain.optim import build_scheduler
 from posttrain.policy import PolicyLoss
 from posttrain.progress import StepProgress, console, summary_table
 from posttrain.rl_checks import check_golds, check_k, needs_of, single_token_ids, validate
-from posttrain.rl_metrics import rollout_logprob_gap_sum, step_row, step_sums, summary_rows
+from posttrain.rl_metrics import rollout_logprob_gap_sum, step_row, step_sums, summary_rows, value_sums
 from posttrain.rollouts import sample_groups
 from posttrain.runfolder import load_trainer_state
 from posttrain.runtime import Runtime, make_runtime
@@ -103,7 +105,8 @@ def rl(recipe: RLRecipe, *, resume: bool = False, allow_changed_recipe: bool = F
     trainer.pool = (prompts, rows.references) if recipe.rollout.dynamic_sampling else None
     metrics, rollout_log = open_logs(run_dir, runtime, recipe, command or ["rl"], checkpoint, start_step,
                                      "metrics.jsonl", "rollouts.jsonl")  # rollouts.jsonl: two responses per step
-    saver = Saver(run_dir, student, tokenizer, trainer.optimizer, trainer.scheduler, runtime, recipe.train)
+    saver = Saver(run_dir, student, tokenizer, trainer.optimizer, trainer.scheduler, runtime, recipe.train,
+                  extra_files=sources.critic.checkpoint_files if sources.critic is not None else None)
     started, row, nonfinite_streak = time.time(), {}, 0
     with sources, StepProgress(f"rl {recipe.name}", recipe.train.steps, start_step, enabled=runtime.is_main) as progress:
         for step in range(start_step, recipe.train.steps):
@@ -143,6 +146,8 @@ def _build(recipe: RLRecipe, runtime: Runtime, student, tokenizer, sources: Sour
                                          "seed": recipe.seed})
     if checkpoint is not None:
         backend.update_weights(student)
+    if VALUE in sources.needs:  # the value model, its optimizer and schedule (posttrain/critic.py)
+        sources.critic = Critic.build(recipe, runtime, recipe.train.steps * updates_per_step, checkpoint)
     trainer = Trainer(recipe, runtime, policy, optimizer, scheduler, backend, sources, tokenizer, mask_ids)
     return trainer, start_step
 
@@ -212,7 +217,10 @@ def rl_step(trainer: Trainer, step: int, prompt_ids: list[list[int]], references
     times["train"] = time.time() - clock
     # 6. metrics (sums over processes, then per-token or per-rollout means) over all response tokens
     sums = step_sums(signals, response_mask, batch["loss_mask"], flat, diagnostics, stats, gap_sum, groups.stats)
+    sums.update(value_sums(signals, batch, response_mask))  # the critic's inputs, when there is one
     row = step_row(runtime.sum_across_ranks(sums), losses, grad_norms, lr, times)
+    if trainer.sources.critic is not None:
+        row.update(trainer.sources.critic.metrics())
     row["skipped"] = skipped  # per update: NaN/inf loss or grad norm, not applied
     texts = [trainer.tokenizer.decode(r.token_ids[r.prompt_len :]) for r in rollouts[:2]]
     return row, texts
@@ -248,10 +256,12 @@ def ppo_update(trainer: Trainer, batch: dict, rows, stats: dict, step: int, firs
         seed = micro_batch_seed(recipe.seed, step, runtime.rank, first_micro + index)
         return policy(micro, generator=torch.Generator(device=runtime.device).manual_seed(seed), stats=stats)
 
-    loss_total, _ = accumulate_gradients(policy, runtime, [_select_rows(batch, g) for g in groups],
-                                         recipe.train.loss_aggregation, forward)
+    micro = [_select_rows(batch, g) for g in groups]
+    loss_total, _ = accumulate_gradients(policy, runtime, micro, recipe.train.loss_aggregation, forward)
     grad_norm, skipped = optimizer_step(policy, trainer.optimizer, trainer.scheduler, runtime, recipe.optim.grad_clip,
                                         loss_total)
+    if trainer.sources.critic is not None:  # the value model regresses on the same rows (VALUE)
+        trainer.sources.critic.update(micro)
     return runtime.sum_across_ranks({"l": loss_total})["l"], grad_norm, skipped
 
 

@@ -11,7 +11,7 @@ from posttrain.config import RLRecipe
 from posttrain.data.templates import resolve_context_template, resolve_template
 from posttrain.errors import UserError
 from posttrain.losses import OBJECTIVES
-from posttrain.losses.objective import STUDENT_TOPK, TEACHER_SOURCES, VERIFIABLE_REWARD
+from posttrain.losses.objective import STUDENT_TOPK, TEACHER_SOURCES, VALUE, VERIFIABLE_REWARD
 from posttrain.models import check_rollout_fits
 from posttrain.progress import console
 from posttrain.trackers import check_installed
@@ -33,6 +33,7 @@ def validate(recipe: RLRecipe, world_size: int = 1) -> None:
     _check_self_teacher(recipe)
     _check_code_reward(recipe, needs)
     _check_grouped(recipe, needs)
+    _check_critic(recipe, needs)
     _check_scoring(recipe)
     _check_sizes(recipe, world_size)
     check_rollout_fits(recipe)  # models.py: a prompt plus the new tokens within the models' positions
@@ -100,11 +101,14 @@ def _check_code_reward(recipe: RLRecipe, needs: frozenset[str]) -> None:
 
 
 def _check_grouped(recipe: RLRecipe, needs: frozenset[str]) -> None:
-    """A verifiable reward (grpo): each rollout's advantage is relative to its prompt's other rollouts."""
+    """A verifiable reward (grpo): each rollout's advantage is relative to its prompt's other rollouts
+    (not with a value model, ppo: its baseline is the critic's V, so one rollout per prompt is fine)."""
     if VERIFIABLE_REWARD not in needs:
         if recipe.rollout.dynamic_sampling:
             raise UserError(f": drops groups whose rewards are all equal, and {recipe.objective.name} has no verifiable "
                             "reward; remove it", key="rollout.dynamic_sampling")
+        return
+    if VALUE in needs:
         return
     name = recipe.objective.name
     if recipe.rollout.samples_per_prompt < 2:
@@ -113,6 +117,17 @@ def _check_grouped(recipe: RLRecipe, needs: frozenset[str]) -> None:
     if recipe.rollout.temperature == 0:
         raise UserError(f": greedy rollouts of one prompt are identical, so every {name} advantage is 0; sample at "
                         "temperature > 0", key="rollout.temperature")
+
+
+def _check_critic(recipe: RLRecipe, needs: frozenset[str]) -> None:
+    """A critic section exactly when the objective learns a value model (ppo)."""
+    name = recipe.objective.name
+    if VALUE in needs and recipe.critic is None:
+        raise UserError(f"is required: {name} learns a value model (critic) beside the policy; add a critic section "
+                        "with its lr (critic.lr; verl's default 1.0e-5, 10x its actor's lr)", key="critic")
+    if VALUE not in needs and recipe.critic is not None:
+        raise UserError(f": {name} learns no value model, so the critic would be ignored; remove the critic section",
+                        key="critic")
 
 
 def _check_scoring(recipe: RLRecipe) -> None:

@@ -43,6 +43,7 @@ def step_row(sums: dict[str, float], losses: list[float], grad_norms: list[float
     return {
         "loss": sum(losses) / max(len(losses), 1), "lr": lr, "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
         **teacher_metrics(sums, tokens), **verifiable_reward_metrics(sums),
+        **value_metrics(sums),
         "entropy": sums["entropy_sum"] / tokens,
         "response_length": sums["length_sum"] / count, "truncated_frac": sums["truncated"] / count,
         "repetition_frac": sums["repetition"] / count, "response_tokens": tokens,
@@ -99,6 +100,31 @@ def verifiable_reward_metrics(sums: dict) -> dict[str, float]:
             "zero_advantage_group_frac": sums["vr_flat_groups"] / max(sums["vr_groups"], 1.0)}
 
 
+def value_sums(signals: TokenSignals, batch: dict, mask_BT) -> dict[str, float]:
+    """Per-process sums over the response tokens for the value model's metrics (none without
+    one): V_old, the returns R, the advantages A = R − V_old before whitening (after it their mean
+    is 0 by construction), and the squares that give the explained variance
+    1 − Var(R − V_old) / Var(R) (verl's critic/vf_explained_var)."""
+    if signals.value_BT is None:
+        return {}
+    value_N, return_N = signals.value_BT[mask_BT].double(), batch["value_return"][mask_BT].double()
+    error_N = return_N - value_N
+    return {"v_tokens": float(mask_BT.sum()), "v_value_sum": float(value_N.sum()), "v_return_sum": float(return_N.sum()),
+            "v_return_square_sum": float((return_N**2).sum()), "v_error_sum": float(error_N.sum()),
+            "v_error_square_sum": float((error_N**2).sum())}
+
+
+def value_metrics(sums: dict) -> dict[str, float]:
+    if "v_tokens" not in sums:
+        return {}
+    tokens = max(sums["v_tokens"], 1.0)
+    return_var = sums["v_return_square_sum"] / tokens - (sums["v_return_sum"] / tokens) ** 2
+    error_var = sums["v_error_square_sum"] / tokens - (sums["v_error_sum"] / tokens) ** 2
+    return {"value_mean": sums["v_value_sum"] / tokens, "return_mean": sums["v_return_sum"] / tokens,
+            "advantage_mean": sums["v_error_sum"] / tokens,
+            "explained_variance": 1.0 - error_var / (return_var + 1e-5)}  # verl's ε
+
+
 def rollout_logprob_gap_sum(completions, rollouts, batch, spec: SamplingSpec) -> float | None:
     """Σ |log-prob the generation backend recorded − the student's π_old| over the loss positions.
     ≈ 0 unless the engine samples from other weights than the student's (a missed weight sync) or
@@ -123,6 +149,8 @@ def summary_rows(row: dict, steps: int, start_step: int, started: float, run_dir
     if "verifiable_reward_mean" in row:
         rows += [("verifiable reward mean / std", f"{row['verifiable_reward_mean']:.3f} / {row['verifiable_reward_std']:.3f}"),
                  ("groups with zero advantage", f"{row['zero_advantage_group_frac']:.2f}")]
+    if "value_loss" in row:
+        rows.append(("value loss / explained variance", f"{row['value_loss']:.4f} / {row['explained_variance']:.3f}"))
     if row:
         rows.append(("repetition / truncated", f"{row['repetition_frac']:.2f} / {row['truncated_frac']:.2f}"))
     return rows + [("wall time", f"{time.time() - started:.1f} s"), ("checkpoint", str(run_dir / "final"))]

@@ -237,8 +237,10 @@ def _utf8_text(path: Path) -> str:
         raise UserError(f"{path}: not UTF-8 text (not a file posttrain wrote, or damaged)") from None
 
 
-def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, runtime, keep: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, runtime, keep: int,
+                    extra_files: dict[str, dict] | None = None) -> Path:
     """Write checkpoints/step-NNNNNN atomically (all ranks call this; rank 0 writes).
+    `extra_files`: {file name: state} saved beside the model with torch.save (PPO's critic.pt).
 
     Weights that are not finite are never written (a diverged run must not replace a good
     checkpoint); a write that fails (disk full, file-size limit) removes its temporary folder and
@@ -249,8 +251,8 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, sched
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state, optim_state = get_state_dict(model, optimizer, options=options)
     final = run_dir / "checkpoints" / f"step-{step:06d}"
-    problem = _write_checkpoint(run_dir, final, step, model, model_state, optim_state, tokenizer, scheduler, keep) \
-        if runtime.is_main else None
+    problem = _write_checkpoint(run_dir, final, step, model, model_state, optim_state, tokenizer, scheduler, keep,
+                                extra_files or {}) if runtime.is_main else None
     # every process stops alike (rank 0 alone raising would leave the others waiting forever)
     if runtime.sum_across_ranks({"failed": float(problem is not None)})["failed"]:
         raise UserError(problem or f"checkpoint {final} could not be written (see the first process's error)")
@@ -258,9 +260,11 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, sched
     return final
 
 
-def _write_checkpoint(run_dir, final, step, model, model_state, optim_state, tokenizer, scheduler, keep) -> str | None:
+def _write_checkpoint(run_dir, final, step, model, model_state, optim_state, tokenizer, scheduler, keep,
+                      extra_files) -> str | None:
     """Rank 0's part of save_checkpoint; returns what went wrong, or None."""
-    bad = nonfinite_tensors(model_state)
+    bad = nonfinite_tensors(model_state) + [f"{name}: {key}" for name, extra in extra_files.items()
+                                            for key in nonfinite_tensors(extra.get("model", {}))]
     if bad:
         return (f"step {step}: the weights are not finite ({bad[0]}{' and others' if len(bad) > 1 else ''}); "
                 f"checkpoint not written; {_newest_left(run_dir)}")
@@ -275,6 +279,8 @@ def _write_checkpoint(run_dir, final, step, model, model_state, optim_state, tok
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         }
         torch.save(state, tmp / STATE_FILE)
+        for name, extra in extra_files.items():
+            torch.save(extra, tmp / name)
         write_manifest(tmp)
     except Exception as err:  # OSError (ENOSPC, EFBIG), or the same wrapped by torch/safetensors
         shutil.rmtree(tmp, ignore_errors=True)
@@ -415,16 +421,27 @@ def _without_tied_copies(state: dict, model) -> dict:
 
 def load_trainer_state(checkpoint: Path, model, optimizer, scheduler, runtime) -> int:
     """Restore optimizer, scheduler and RNG from a checkpoint; returns its step."""
+    state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
+    restore_optimizer(model, optimizer, scheduler, state["optimizer"], state["scheduler"], runtime)
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return int(state["step"])
+
+
+def restore_optimizer(model, optimizer, scheduler, optimizer_state: dict, scheduler_state: dict, runtime) -> None:
+    """Load a saved optimizer and schedule into `optimizer` and `scheduler` (of `model`), keeping
+    the recipe's hyperparameters in force."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
     # The recipe's hyperparameters (lr, betas, weight decay, schedule length) stay in force: the
     # saved state would otherwise bring back the old ones, and a recipe changed on resume
     # (--allow-changed-recipe) would be recorded but silently not used.
     recipe_hparams = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=runtime.world_size > 1)
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"], options=options)
-    scheduler.load_state_dict(state["scheduler"])
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=optimizer_state, options=options)
+    scheduler.load_state_dict(scheduler_state)
     for group, hparams in zip(optimizer.param_groups, recipe_hparams):
         group.update(hparams)
     scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
@@ -432,11 +449,6 @@ def load_trainer_state(checkpoint: Path, model, optimizer, scheduler, runtime) -
                           for base, rule in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
     for group, lr in zip(optimizer.param_groups, scheduler._last_lr):
         group["lr"] = lr
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return int(state["step"])
 
 
 def mark_final(run_dir: Path, checkpoint: Path) -> None:

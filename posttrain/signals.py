@@ -14,6 +14,7 @@ rollout batch's `TokenSignals` are built (`fetch_signals`).
                                (data/privileged.py), scored with π_old as HFPairScorer does
   reference  the starting student, frozen, for a KL penalty (REFERENCE_TOKEN)
   grader     the math grader's worker pool, or the code sandbox (VERIFIABLE_REWARD)
+  critic     the value model's V_old (VALUE): posttrain/critic.py, built and trained by rl
 
 What is fetched is what the objective declares (objective.needs) at the width it declares
 (objective.support); the loop never branches on an objective's name. A new teacher signal is
@@ -28,10 +29,12 @@ from dataclasses import dataclass
 import torch
 
 from posttrain.config import RLRecipe
-from posttrain.errors import UserError
 from posttrain.data.privileged import PrivilegedPrompts
+from posttrain.errors import UserError
 from posttrain.losses import OBJECTIVES
-from posttrain.losses.objective import REFERENCE_TOKEN, TEACHER_SOURCES, VERIFIABLE_REWARD, Support, TokenSignals
+from posttrain.losses.objective import (
+    REFERENCE_TOKEN, TEACHER_SOURCES, VALUE, VERIFIABLE_REWARD, Support, TokenSignals,
+)
 from posttrain.losses.support import student_logprob_on_support, support_slots
 from posttrain.models import load_policy, max_positions
 from posttrain.preflight import vocabulary_findings
@@ -170,6 +173,9 @@ class Sources:
     support: Support  # the top-K kind and width scored and measured (support_of)
     reference: torch.nn.Module | None = None  # the starting student, frozen (KL to a reference)
     grader: object | None = None  # eval.math_grader.MathGrader (a worker pool): prompts.reward math
+    # posttrain.critic.Critic, the value model (VALUE): built, trained and checkpointed by rl with
+    # its own optimizer, so set there (rl._build), not here
+    critic: object | None = None
     sandbox: object | None = None  # eval.code_sandbox.CodeSandbox: prompts.reward code
 
     @classmethod
@@ -235,6 +241,8 @@ def fetch_signals(sources: Sources, policy, batch, group_B, texts: list[str], re
     if VERIFIABLE_REWARD in sources.needs:
         graded = rewards if rewards is not None else sources.verifiable_rewards(references, texts)
         signals.verifiable_reward_B = torch.tensor(graded, device=batch["loss_mask"].device)
+    if VALUE in sources.needs:  # the critic before this step's updates
+        signals.value_BT = sources.critic.values(batch)
     if signals.teacher_topk_ids_BTK is None:  # no teacher scored: no support to measure
         return signals, {}
     return signals, support_diagnostics(signals, sources.support.kind, batch["loss_mask"])

@@ -121,6 +121,38 @@ REFERENCES = {"sft": sft, "dft": dft, "otr": otr, "opd": opd, "lsm": lsm, "forwa
               "kd_topk": jsd}
 
 
+# --- PPO with a value model (#24): from Schulman et al. 2017 (PPO) and 2015 (GAE) ---------------
+
+
+def ppo(hidden, weight, inputs, params):
+    """PPO-clip on given advantages, with the dual clip −A·c for A < 0 (verl's clip_ratio_c)."""
+    logp = logits_of(hidden, weight).log_softmax(-1).gather(1, inputs["target_ids"][:, None])[:, 0]
+    adv = inputs["advantage"].to(logp.dtype)
+    ratio = (logp - inputs["old_logprob"].to(logp.dtype)).exp()
+    per_token = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - params.clip_low, 1 + params.clip_high))
+    if params.dual_clip is not None:
+        per_token = torch.where(adv < 0, torch.minimum(per_token, -adv * params.dual_clip), per_token)
+    return per_token.sum()
+
+
+REFERENCES["ppo"] = ppo
+
+
+def gae(rewards: list[float], values: list[float], gamma: float, lam: float) -> tuple[list[float], list[float]]:
+    """One response's (A_t, R_t) as the GAE paper writes them, a sum per position, no recursion:
+    δ_t = r_t + γ V_{t+1} − V_t (V after the last token 0), A_t = Σ_k (γλ)^k δ_{t+k}, R_t = A_t + V_t."""
+    n = len(rewards)
+    deltas = [rewards[t] + gamma * (values[t + 1] if t + 1 < n else 0.0) - values[t] for t in range(n)]
+    advantages = [sum((gamma * lam) ** k * deltas[t + k] for k in range(n - t)) for t in range(n)]
+    return advantages, [a + v for a, v in zip(advantages, values)]
+
+
+def clipped_value_loss(value, old_value, returns, clip):
+    """½ max((V − R)², (clip(V, V_old − ε, V_old + ε) − R)²) per position, clip written with min/max."""
+    clipped = torch.minimum(torch.maximum(value, old_value - clip), old_value + clip)
+    return 0.5 * torch.maximum((value - returns) ** 2, (clipped - returns) ** 2)
+
+
 def full_reverse_kl(hidden, weight, teacher_logprob_NV):
     logp = logits_of(hidden, weight).log_softmax(-1)
     return (logp.exp() * (logp - teacher_logprob_NV)).sum()

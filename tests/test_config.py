@@ -51,7 +51,7 @@ def test_wrong_type_names_the_expected_type(tmp_path):
 def test_bad_choice_lists_the_allowed_values(tmp_path):
     path = write_recipe(tmp_path, tiny_train_recipe(tmp_path, train={"precision": "fp8"}))
     assert "must be one of: auto, fp32, bf16" in error_of(path)
-    path = write_recipe(tmp_path, tiny_train_recipe(tmp_path, objective={"name": "ppo"}))
+    path = write_recipe(tmp_path, tiny_train_recipe(tmp_path, objective={"name": "rloo"}))
     assert "'objective.name' must be one of: sft, dft, otr, opd, lsm" in error_of(path)
 
 

@@ -223,6 +223,16 @@ class ScoringConfig:
 
 
 @dataclass
+class CriticConfig:
+    """The value model of an objective that declares one (ppo: posttrain/critic.py): the student's
+    architecture and starting weights with a scalar head, trained on each PPO mini-batch by its own
+    AdamW, which is the recipe's `optim` (betas, weight decay, grad clip, schedule) at this lr."""
+
+    lr: PositiveFloat  # required (verl's critic.optim.lr is 1e-5, 10x its actor's 1e-6)
+    clip_value: PositiveFloat | None = 0.5  # ε_v of the clipped value loss (verl's cliprange_value); null: unclipped
+
+
+@dataclass
 class RLLoopConfig(LoopConfig):
     steps: PositiveInt = 100
     mini_batch_size: PositiveInt = 64  # rollouts per optimizer step (PPO mini-batch), over all processes
@@ -243,6 +253,7 @@ class RLRecipe:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: RLLoopConfig = field(default_factory=RLLoopConfig)
+    critic: CriticConfig | None = None  # required exactly when the objective learns a value model (ppo)
     # Experiment trackers that get a copy of every metrics row (posttrain/trackers.py); none: []
     report_to: list[Tracker] = field(default_factory=list)
 

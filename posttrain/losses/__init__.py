@@ -11,11 +11,13 @@ from posttrain.losses import jsd, kd_topk
 from posttrain.losses import dpo
 from posttrain.losses.engine import head_loss
 from posttrain.losses.objective import Objective
+from posttrain.losses import ppo
 
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (sft.OBJECTIVE, dft.OBJECTIVE, otr.OBJECTIVE, opd.OBJECTIVE, lsm.OBJECTIVE,
                                                          grpo.OBJECTIVE, forward_kl.OBJECTIVE)}
 
 OBJECTIVES.update({o.name: o for o in (gspo.OBJECTIVE, cispo.OBJECTIVE, sapo.OBJECTIVE, dcpo.OBJECTIVE)})  # the verifiable-reward policy-loss family (#24)
 OBJECTIVES.update({o.name: o for o in (dpo.OBJECTIVE,)})  # offline preference pairs (#24)
+OBJECTIVES.update({o.name: o for o in (ppo.OBJECTIVE,)})  # PPO with a value model and GAE (#24)
 
 __all__ = ["OBJECTIVES", "Objective", "head_loss"]

@@ -36,15 +36,20 @@ TEACHER_TOKEN = "teacher_token_logprob"  # log q(y_t) of the sampled token
 TEACHER_TOPK = "teacher_topk"  # the teacher's top-k ids and log-probs (k = params.k)
 STUDENT_TOPK = "student_topk"  # π_old's top-k ids (k = params.k) and the teacher's log-probs there
 REFERENCE_TOKEN = "reference_logprob"  # log π_ref(y_t): the starting student, frozen (KL penalties)
+# V_old(s_t) per position from the value model (posttrain/critic.py), which the loop builds, trains on
+# each PPO mini-batch and checkpoints only for an objective that declares it. Such an objective's
+# prepare returns the critic's inputs: "value_return" (R_t, its regression target), "old_value"
+# (V_old) and "value_mask" (the positions it regresses on).
+VALUE = "value"
 VERIFIABLE_REWARD = "verifiable_reward"  # 1/0 per rollout: the grader on its text vs the prompt's answer
+# per rollout, its prompt's verifiable rewards in earlier steps (DCPO's smooth standardisation): the
+# loop keeps them across steps and resumes (rl_history.py); signals.reward_history
+PROMPT_HISTORY = "prompt_reward_history"
 TEACHER_SOURCES = frozenset({TEACHER_TOKEN, TEACHER_TOPK, STUDENT_TOPK})
 
 
 @dataclass
 class TokenSignals:
-# per rollout, its prompt's verifiable rewards in earlier steps (DCPO's smooth standardisation): the
-# loop keeps them across steps and resumes (rl_history.py); signals.reward_history
-PROMPT_HISTORY = "prompt_reward_history"
     """Everything the on-policy loop fetched for one rollout batch, without gradients: built in
     one place (signals.fetch_signals) for every scorer. Per-token fields are [B, T, ...] at the
     loss positions (zero elsewhere); a field is None when no declared source produced it."""
@@ -61,17 +66,18 @@ PROMPT_HISTORY = "prompt_reward_history"
     teacher_logprob_at_student_topk_BTK: torch.Tensor | None = None
     exact_reverse_kl_BT: torch.Tensor | None = None  # Σ_v π_old(v)(log π_old − log q): local teacher only
     reference_logprob_BT: torch.Tensor | None = None
+    value_BT: torch.Tensor | None = None  # V_old(s_t): the critic before this step's updates (VALUE)
     verifiable_reward_B: torch.Tensor | None = None
+    # added to the verifiable reward before the group advantage (DAPO's overlong penalty); None: none
+    reward_shaping_B: torch.Tensor | None = None
+    # PROMPT_HISTORY: per rollout, its prompt's PAST "steps", "count" (rollouts), "sum" (Σr), "square_sum" (Σr²), [B] each
+    reward_history: dict[str, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
 class Support:
     """What an objective trains on besides the sampled token, for the loop to fetch and measure:
     `k` ids per position (the width of the teacher's and π_old's top-K the scorer returns) and
-    # added to the verifiable reward before the group advantage (DAPO's overlong penalty); None: none
-    reward_shaping_B: torch.Tensor | None = None
-    # PROMPT_HISTORY: per rollout, its prompt's PAST "steps", "count" (rollouts), "sum" (Σr), "square_sum" (Σr²), [B] each
-    reward_history: dict[str, torch.Tensor] | None = None
     whose top-K the support is (teacher / student / union / overlap: losses/support.py)."""
 
     kind: str
