@@ -13,6 +13,7 @@ import torch
 
 from posttrain.losses import head_loss
 from posttrain.losses.engine import head_token_logprob
+from posttrain.losses.engine import head_probe
 from posttrain.models import decoder_and_head
 
 NOT_PER_TOKEN = ("input_ids", "attention_mask", "loss_mask", "position_ids")
@@ -61,5 +62,11 @@ class PolicyLoss(torch.nn.Module):
                                        chunk_tokens=self.chunk_tokens, matmul_dtype=self.matmul_dtype)
         logprob_BT = logprob_N.new_zeros(mask_BT.shape)
         logprob_BT[mask_BT] = logprob_N
+        if self.objective.current_policy_probe is not None:  # values of π_θ's whole distribution (tdpo)
+            inputs_N = {k: v[mask_BT] for k, v in batch.items() if k not in NOT_PER_TOKEN}
+            probes_N = head_probe(hidden_NH.detach(), weight_VH, self.objective.current_policy_probe, self.params,
+                                  inputs_N, chunk_tokens=self.chunk_tokens, matmul_dtype=self.matmul_dtype)
+            batch = {**batch, **{key: value_N.new_zeros(mask_BT.shape).masked_scatter_(mask_BT, value_N)
+                                 for key, value_N in probes_N.items()}}
         extra_BT = self.objective.current_policy(self.params, logprob_BT, batch)
         return {key: value[mask_BT] for key, value in extra_BT.items()}

@@ -82,7 +82,7 @@ def train(recipe: TrainRecipe, *, resume: bool = False, allow_changed_recipe: bo
     examples, data_counts = (build_pairs if pairs else build_examples)(rows, tokenizer, recipe.data)
     if pairs:  # π_ref: the start model's log-probs, once, before any update (posttrain/preference.py)
         attach_reference_logprobs(model, examples, tokenizer.pad_token_id, runtime, recipe.train.micro_batch_size,
-                                  run_dir, resumed=checkpoint is not None)
+                                  run_dir, resumed=checkpoint is not None, kind=objective.preference_pairs)
     batch_size = recipe.train.batch_size
     steps_per_epoch, total_steps = _step_counts(recipe, len(examples), runtime.world_size)
     examples = cache.attach(examples) if cache is not None else examples  # the teacher's top-K per response token
@@ -130,7 +130,7 @@ def train(recipe: TrainRecipe, *, resume: bool = False, allow_changed_recipe: bo
 
 
 def _check_preference(recipe: TrainRecipe, objective) -> None:
-    """dpo trains on pairs (data.format: preference) and averages over pairs (seq-mean-token-sum:
+    """dpo/tdpo train on pairs (data.format: preference) and average over pairs (seq-mean-token-sum:
     losses/dpo.py); a pair is two rows of one micro-batch, which packing and the per-response
     entropy mask would break."""
     pairs = recipe.data.format == "preference"
@@ -138,7 +138,7 @@ def _check_preference(recipe: TrainRecipe, objective) -> None:
         raise UserError(f": {objective.name!r} trains on preference pairs; set data.format: preference (with "
                         "data.chosen_field and data.rejected_field; `posttrain pref-data` writes such rows)", key="data.format")
     if pairs and not objective.preference_pairs:
-        raise UserError(f": preference pairs train only a preference objective (dpo), not {objective.name!r}",
+        raise UserError(f": preference pairs train only a preference objective (dpo, tdpo), not {objective.name!r}",
                         key="data.format")
     if not pairs:
         return

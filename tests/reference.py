@@ -278,3 +278,26 @@ def dpo(hidden, weight, inputs, params):
         rejected = log_ratio[inputs["row"] == 2 * i + 1].sum()
         total = total - torch.nn.functional.logsigmoid(params.beta * (chosen - rejected))
     return total / pairs
+
+
+def tdpo(hidden, weight, inputs, params):
+    """TDPO (arXiv 2404.11999; the authors' tdpo_loss): per sequence Δ = Σ_t (log π(y_t) − log π_ref(y_t))
+    and the sequential KL D = Σ_t Σ_v π_ref(v)(log π_ref(v) − log π(v)) from π_ref's full rows
+    inputs["reference_vocab_logprob"]; TDPO1 z = Δ_w − Δ_l − (D_l − D_w), TDPO2 z = Δ_w − Δ_l −
+    α(D_l − sg[D_w]); the mean over pairs of −log σ(β z). Rows as in dpo()."""
+    logp_full = logits_of(hidden, weight).log_softmax(-1)
+    ref_full = inputs["reference_vocab_logprob"].to(logp_full.dtype)
+    targets = inputs["target_ids"][:, None]
+    log_ratio = (logp_full.gather(1, targets) - ref_full.gather(1, targets))[:, 0]
+    kl = (ref_full.exp() * (ref_full - logp_full)).sum(-1)
+    pairs = int(inputs["row"].max()) // 2 + 1
+    total = logp_full.new_zeros(())
+    for i in range(pairs):
+        chosen, rejected = inputs["row"] == 2 * i, inputs["row"] == 2 * i + 1
+        margin = log_ratio[chosen].sum() - log_ratio[rejected].sum()
+        if params.variant == "tdpo1":
+            z = margin - (kl[rejected].sum() - kl[chosen].sum())
+        else:
+            z = margin - params.alpha * (kl[rejected].sum() - kl[chosen].sum().detach())
+        total = total - torch.nn.functional.logsigmoid(params.beta * z)
+    return total / pairs

@@ -252,4 +252,4 @@ def test_dpo_refusals_are_one_line(tmp_path):
     assert "gamma" in said and "beta" in said
     assert "set data.format: preference" in refused(recipe, "data.format=prompt-response")
     assert "set train.loss_aggregation: seq-mean-token-sum" in refused(recipe, "train.loss_aggregation=token-mean")
-    assert "train only a preference objective (dpo), not 'sft'" in refused({**recipe, "objective": {"name": "sft"}})
+    assert "train only a preference objective (dpo, tdpo), not 'sft'" in refused({**recipe, "objective": {"name": "sft"}})

@@ -26,6 +26,8 @@ class PreferencePair:
     rejected: Example
     # log π_ref of each response token (chosen, rejected), from the start model; None until computed
     reference_logprob: tuple[list[float], list[float]] | None = None
+    # tdpo: log π_ref over the whole vocabulary at each response token, [tokens, V] per side
+    reference_vocab_logprob: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def loss_tokens(self) -> int:
@@ -77,7 +79,8 @@ def sequences(pairs: list[PreferencePair]) -> list[Example]:
 
 def collate_pairs(pairs: list[PreferencePair], pad_id: int) -> dict[str, torch.Tensor]:
     """collate() of the pairs' rows (chosen, rejected, ...), plus `preference_chosen` (1 on a
-    chosen row, 0 on a rejected one) and, once computed, `reference_logprob` at the loss positions."""
+    chosen row, 0 on a rejected one) and, once computed, `reference_logprob` ([B, T]) and
+    `reference_vocab_logprob` ([B, T, V], tdpo) at the loss positions."""
     batch = collate(sequences(pairs), pad_id)
     rows, length = batch["input_ids"].shape
     batch["preference_chosen"] = (torch.arange(rows) % 2 == 0).float().unsqueeze(1).expand(rows, length).contiguous()
@@ -86,4 +89,8 @@ def collate_pairs(pairs: list[PreferencePair], pad_id: int) -> dict[str, torch.T
         values = [torch.tensor(v, dtype=torch.float32) for pair in pairs for v in pair.reference_logprob]
         reference_BT[batch["loss_mask"]] = torch.cat(values)
         batch["reference_logprob"] = reference_BT
+    if all(pair.reference_vocab_logprob is not None for pair in pairs):
+        values = torch.cat([v for pair in pairs for v in pair.reference_vocab_logprob])
+        batch["reference_vocab_logprob"] = values.new_zeros(rows, length, values.shape[1])
+        batch["reference_vocab_logprob"][batch["loss_mask"]] = values
     return batch

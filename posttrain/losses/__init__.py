@@ -8,7 +8,7 @@ aggregation (aggregation.py: per-token weights chosen by the recipe's train.loss
 from posttrain.losses import dft, forward_kl, grpo, lsm, opd, otr, sft
 from posttrain.losses import cispo, dcpo, gspo, sapo
 from posttrain.losses import jsd, kd_topk
-from posttrain.losses import dpo
+from posttrain.losses import dpo, tdpo
 from posttrain.losses.engine import head_loss
 from posttrain.losses.objective import Objective
 from posttrain.losses import ppo
@@ -17,7 +17,7 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (sft.OBJECTIVE, dft.OBJEC
                                                          grpo.OBJECTIVE, forward_kl.OBJECTIVE)}
 
 OBJECTIVES.update({o.name: o for o in (gspo.OBJECTIVE, cispo.OBJECTIVE, sapo.OBJECTIVE, dcpo.OBJECTIVE)})  # the verifiable-reward policy-loss family (#24)
-OBJECTIVES.update({o.name: o for o in (dpo.OBJECTIVE,)})  # offline preference pairs (#24)
+OBJECTIVES.update({o.name: o for o in (dpo.OBJECTIVE, tdpo.OBJECTIVE)})  # offline preference pairs (#24)
 OBJECTIVES.update({o.name: o for o in (ppo.OBJECTIVE,)})  # PPO with a value model and GAE (#24)
 
 __all__ = ["OBJECTIVES", "Objective", "head_loss"]

@@ -41,9 +41,9 @@ class Params:
     beta: PositiveFloat = 0.1  # β, the strength of the implicit KL to π_ref (the DPO paper's 0.1)
 
 
-def pair_loss(params, delta_chosen_P: torch.Tensor, delta_rejected_P: torch.Tensor) -> torch.Tensor:
-    """L per pair from the summed log-ratios Δ(y_w), Δ(y_l)."""
-    return -torch.nn.functional.logsigmoid(params.beta * (delta_chosen_P - delta_rejected_P))
+def pair_loss(params, delta_P2: torch.Tensor) -> torch.Tensor:
+    """L per pair from the summed log-ratios [Δ(y_w), Δ(y_l)] of each pair."""
+    return -torch.nn.functional.logsigmoid(params.beta * (delta_P2[:, 0] - delta_P2[:, 1]))
 
 
 def sequence_sums(values_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
@@ -62,28 +62,38 @@ def check_pairs(batch) -> torch.Tensor:
     return chosen_B
 
 
+def pair_losses_and_gradients(loss_of, params, sums_B: dict[str, torch.Tensor]):
+    """(L per pair [P], {name: ∂L/∂sum [P, 2]}) for a pair loss `loss_of(params, **{name: [P, 2]})`
+    of per-sequence sums, by autograd on those few numbers (a stop-gradient inside loss_of gives 0)."""
+    leaves = {name: value_B.view(-1, 2).detach().requires_grad_(True) for name, value_B in sums_B.items()}
+    with torch.enable_grad():
+        loss_P = loss_of(params, **leaves)
+        grads = torch.autograd.grad(loss_P.sum(), list(leaves.values()), allow_unused=True)
+    return loss_P.detach(), {name: torch.zeros_like(leaf) if grad is None else grad
+                             for (name, leaf), grad in zip(leaves.items(), grads)}
+
+
 def current_policy(params, logprob_BT, batch):
     """Each token's share of its pair's loss, the exact gradient coefficient, and the pair metrics'
     shares, from π_θ's current log-probs (no gradient) and π_ref's."""
     mask_BT = batch["loss_mask"]
     check_pairs(batch)
     delta_B = sequence_sums(logprob_BT - batch["reference_logprob"].to(logprob_BT.dtype), mask_BT)
-    delta_P2 = delta_B.view(-1, 2).detach().requires_grad_(True)
-    with torch.enable_grad():
-        loss_P = pair_loss(params, delta_P2[:, 0], delta_P2[:, 1])
-        (grad_P2,) = torch.autograd.grad(loss_P.sum(), delta_P2)
-    return per_token_inputs(params, loss_P.detach(), grad_P2, delta_P2.detach(), mask_BT)
+    loss_P, grads = pair_losses_and_gradients(pair_loss, params, {"delta_P2": delta_B})
+    return per_token_inputs(loss_P, {"dpo_coefficient": grads["delta_P2"]}, params.beta * delta_B.view(-1, 2), mask_BT)
 
 
-def per_token_inputs(params, loss_P, grad_P2, delta_P2, mask_BT) -> dict[str, torch.Tensor]:
-    """The per-row quantities spread over each row's loss positions ([B, T], zero elsewhere)."""
+def per_token_inputs(loss_P, coefficients: dict[str, torch.Tensor], reward_P2, mask_BT) -> dict[str, torch.Tensor]:
+    """The per-row quantities spread over each row's loss positions ([B, T], zero elsewhere): the
+    loss share L / n_s, each coefficient 2 ∂L/∂(sequence sum) (the 2: see the module docstring),
+    and the pair metrics' shares value / (the pair's tokens)."""
     tokens_B = mask_BT.sum(dim=1).double().clamp(min=1)
     pair_tokens_B = tokens_B.view(-1, 2).sum(dim=1).repeat_interleave(2)
-    reward_P2 = params.beta * delta_P2
     per_pair = {PAIRS: torch.ones_like(loss_P), "pair_reward_chosen": reward_P2[:, 0],
                 "pair_reward_rejected": reward_P2[:, 1], "pair_reward_margin": reward_P2[:, 0] - reward_P2[:, 1],
                 "pair_reward_accuracy": (reward_P2[:, 0] > reward_P2[:, 1]).double()}
-    per_row = {"dpo_value": loss_P.repeat_interleave(2) / tokens_B, "dpo_coefficient": 2.0 * grad_P2.reshape(-1)}
+    per_row = {"dpo_value": loss_P.repeat_interleave(2) / tokens_B,
+               **{name: 2.0 * grad_P2.reshape(-1) for name, grad_P2 in coefficients.items()}}
     per_row.update({key: value.repeat_interleave(2) / pair_tokens_B for key, value in per_pair.items()})
     mask = mask_BT.double()
     return {key: value.unsqueeze(1) * mask for key, value in per_row.items()}
@@ -98,5 +108,5 @@ def token_loss(params, logp_CJ, targets_CJ, inputs):
 
 OBJECTIVE = Objective(
     name="dpo", summary="DPO: −log σ(β[(log π/π_ref)(chosen) − (log π/π_ref)(rejected)]) on preference pairs",
-    Params=Params, token_loss=token_loss, current_policy=current_policy, preference_pairs=True,
+    Params=Params, token_loss=token_loss, current_policy=current_policy, preference_pairs="token",
 )

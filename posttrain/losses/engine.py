@@ -183,6 +183,31 @@ def head_token_logprob(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, target_
     return logprob_N
 
 
+@torch.no_grad()
+def head_probe(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, probe, params: Any, inputs: dict[str, torch.Tensor],
+               *, chunk_tokens: int | None = None, matmul_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """probe(params, logp_CV, inputs_C) -> {name: [C]} on each chunk's full-vocabulary
+    log-softmax(h Wᵀ), no gradient, concatenated to [N]: per-token quantities of the current
+    policy's whole distribution (Objective.current_policy_probe: TDPO's KL(π_ref ‖ π_θ) per
+    position). One [chunk, V] buffer, turned into log-probs in place."""
+    n_tokens, hidden_size = hidden_NH.shape
+    vocab = weight_VH.shape[0]
+    acc_dtype = torch.float64 if hidden_NH.dtype == torch.float64 else torch.float32
+    weight_mm = weight_VH.detach().to(matmul_dtype or weight_VH.dtype)
+    chunk = _chunk_size(chunk_tokens, max(n_tokens, 1), vocab, hidden_size, None)
+    logits_buf = torch.empty(min(chunk, max(n_tokens, 1)), vocab, dtype=acc_dtype, device=hidden_NH.device)
+    scratch_buf = torch.empty(min(SCRATCH_ROWS, chunk), vocab, dtype=acc_dtype, device=hidden_NH.device)
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, max(n_tokens, 1), chunk):
+        end = min(start + chunk, n_tokens)
+        z_CV = logits_buf[: end - start]
+        _matmul_into(z_CV, hidden_NH[start:end].detach().to(weight_mm.dtype), weight_mm.t())
+        logp_CV = z_CV.sub_(_softmax_stats(z_CV, scratch_buf)[0])
+        for key, value_C in probe(params, logp_CV, {k: v[start:end] for k, v in inputs.items()}).items():
+            parts.setdefault(key, []).append(value_C)
+    return {key: torch.cat(values) for key, values in parts.items()}
+
+
 def _chunk_size(requested, n_tokens, vocab, hidden_size, support_width: int | None) -> int:
     """Tokens per chunk: `requested`, or as many as fit the buffer budget. support_width: ids per
     position on the support path (None: the dense path)."""

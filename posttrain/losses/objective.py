@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -127,8 +127,10 @@ class Objective:
     # k and support); None: the loop scores top-K only for its diagnostics (scoring.diagnostics_k,
     # the teacher's).
     support: Callable[[Any], Support | None] = no_support
-    # True: trains on (chosen, rejected) pairs, data.format: preference (dpo: data/preference.py)
-    preference_pairs: bool = False
+    # Trains on (chosen, rejected) pairs, data.format: preference (data/preference.py), with the start
+    # model's "token" log-probs of each response token (dpo) or its full "vocab" distribution at each
+    # response position (tdpo) as π_ref (posttrain/preference.py); None: not a pair objective.
+    preference_pairs: Literal["token", "vocab"] | None = None
     # current_policy(params, logprob_BT, batch) -> dict of extra [B, T] inputs computed from the
     # CURRENT policy π_θ, no gradient: logprob_BT = log π_θ(y_t) at the batch's loss positions
     # (zero elsewhere), from a no-grad head pass on the hidden states the forward already has
@@ -136,3 +138,7 @@ class Objective:
     # GSPO's sg[s_i] (losses/gspo.py), a DPO sequence log-ratio. A sequence never straddles two
     # micro-batches, so a per-row reduction of logprob_BT sees the whole sequence.
     current_policy: Callable[..., dict[str, torch.Tensor]] | None = None
+    # current_policy_probe(params, logp_CV, inputs_C) -> {name: [C]}: per-token values of π_θ's FULL
+    # log-softmax at the loss positions (no gradient, engine.head_probe), handed to current_policy
+    # in its batch as [B, T] tensors under their names (tdpo: KL(π_ref ‖ π_θ) at each position).
+    current_policy_probe: Callable[..., dict[str, torch.Tensor]] | None = None
