@@ -166,13 +166,13 @@ def optimizer_step(policy, optimizer, scheduler, runtime: Runtime, grad_clip: fl
 
 
 def accumulate_gradients(policy, runtime: Runtime, micro_batches: list[dict], loss_aggregation: str,
-                         forward) -> tuple[float, GlobalCounts]:
+                         forward, length_norm: int | None = None) -> tuple[float, GlobalCounts]:
     """The one micro-batch accumulation of every loop: each micro-batch's tokens get their
     train.loss_aggregation weights from the sizes of the whole global batch (all micro-batches of
     all processes), `forward(index, micro_batch)` returns its Σ_t w_t ℓ_t, and backward runs per
     micro-batch with the gradient all-reduce only on the last. Returns (this process's weighted
-    loss sum, the global counts)."""
-    counts = global_counts([b["loss_mask"] for b in micro_batches], runtime)
+    loss sum, the global counts). length_norm: the constant L of seq-mean-token-sum-norm (rl)."""
+    counts = dataclasses.replace(global_counts([b["loss_mask"] for b in micro_batches], runtime), length_norm=length_norm)
     loss_total = 0.0
     for i, batch in enumerate(micro_batches):
         weights, divisor = micro_batch_aggregation(loss_aggregation, batch["loss_mask"], counts)

@@ -12,11 +12,12 @@ from __future__ import annotations
 import torch
 
 from posttrain.losses import head_loss
-from posttrain.losses.engine import head_token_logprob
+from posttrain.losses.engine import LOSS_WEIGHT, head_token_logprob
 from posttrain.losses.engine import head_probe
 from posttrain.models import decoder_and_head
 
 NOT_PER_TOKEN = ("input_ids", "attention_mask", "loss_mask", "position_ids")
+IMPORTANCE_WEIGHT = "importance_weight"  # [B, T]: rollout.importance_cap's min(π_old / π_rollout, C)
 
 
 class PolicyLoss(torch.nn.Module):
@@ -48,6 +49,9 @@ class PolicyLoss(torch.nn.Module):
         hidden_NH = hidden_BTH[mask_BT] if temperature == 1.0 else hidden_BTH[mask_BT] / temperature
         if self.objective.current_policy is not None:
             inputs.update(self.current_policy_inputs(hidden_NH, weight_VH, batch))
+        if IMPORTANCE_WEIGHT in inputs:  # truncated IS (rl_shaping.py): a per-token factor on any objective's loss
+            weight_N = inputs.pop(IMPORTANCE_WEIGHT)
+            inputs[LOSS_WEIGHT] = weight_N * inputs[LOSS_WEIGHT] if LOSS_WEIGHT in inputs else weight_N
         return head_loss(
             hidden_NH, weight_VH, self.objective, self.params, inputs,
             chunk_tokens=self.chunk_tokens, generator=generator, matmul_dtype=self.matmul_dtype, stats=stats,

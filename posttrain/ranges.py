@@ -38,7 +38,8 @@ Probability = Annotated[float, Bounds(low=0, high=1)]  # [0, 1]
 OpenFraction = Annotated[float, Bounds(low=0, high=1, high_open=True)]  # [0, 1)
 Share = Annotated[float, Bounds(low=0, high=1, low_open=True)]  # (0, 1]: top-p, GPU memory share
 # How per-token losses become one scalar per optimizer step (see posttrain/losses/aggregation.py).
-LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "microbatch-token-mean"]
+LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "microbatch-token-mean",
+                          "seq-mean-token-sum-norm"]  # the last: rl only (Dr. GRPO's constant length)
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ from posttrain.progress import StepProgress, console, summary_table
 from posttrain.rl_checks import check_golds, check_k, needs_of, single_token_ids, validate
 from posttrain.rl_metrics import rollout_logprob_gap_sum, step_row, step_sums, summary_rows, value_sums
 from posttrain.rollouts import sample_groups
+from posttrain.rl_shaping import open_history, shape_batch, shaping_metrics
 from posttrain.runfolder import load_trainer_state
 from posttrain.runtime import Runtime, make_runtime
 from posttrain.scale import gathered, wrap_for_training
@@ -81,6 +82,7 @@ class Trainer:
     tokenizer: object
     mask_ids: list[int]  # train.mask_first_tokens as ids
     pool: tuple[list, list] | None = None  # (prompt ids, references) to draw more from: rollout.dynamic_sampling
+    history: object | None = None  # rl_shaping.PromptHistory: each prompt's past rewards (PROMPT_HISTORY, DCPO)
 
 
 def rl(recipe: RLRecipe, *, resume: bool = False, allow_changed_recipe: bool = False,
@@ -103,6 +105,7 @@ def rl(recipe: RLRecipe, *, resume: bool = False, allow_changed_recipe: bool = F
     preflight.at_start(recipe, student, tokenizer, sources.scorer, prompts, runtime)  # refuses fatal problems
     trainer, start_step = _build(recipe, runtime, student, tokenizer, sources, mask_ids, checkpoint)
     trainer.pool = (prompts, rows.references) if recipe.rollout.dynamic_sampling else None
+    trainer.history = open_history(run_dir, start_step, runtime, needs_of(recipe))  # None unless declared
     metrics, rollout_log = open_logs(run_dir, runtime, recipe, command or ["rl"], checkpoint, start_step,
                                      "metrics.jsonl", "rollouts.jsonl")  # rollouts.jsonl: two responses per step
     saver = Saver(run_dir, student, tokenizer, trainer.optimizer, trainer.scheduler, runtime, recipe.train,
@@ -203,6 +206,9 @@ def rl_step(trainer: Trainer, step: int, prompt_ids: list[list[int]], references
                                              prompt_ids=[prompt_ids[int(g)] for g in group_B])
     batch["old_logprob"] = signals.old_logprob_BT  # every on-policy loss reads π_old (ratios, rewards)
     gap_sum = rollout_logprob_gap_sum(flat, rollouts, batch, spec)
+    # overlong shaping, truncated IS weights, the prompt history, where asked for (rl_shaping.py)
+    shaping = shape_batch(recipe, trainer.history, step, batch, signals, flat, rollouts,
+                          [prompt_ids[int(g)] for g in group_B])
     if objective.prepare is not None:
         batch.update(objective.prepare(params, batch, signals))
     response_mask = batch["loss_mask"]
@@ -222,6 +228,7 @@ def rl_step(trainer: Trainer, step: int, prompt_ids: list[list[int]], references
     if trainer.sources.critic is not None:
         row.update(trainer.sources.critic.metrics())
     row["skipped"] = skipped  # per update: NaN/inf loss or grad norm, not applied
+    row.update(shaping_metrics(runtime.sum_across_ranks(shaping)) if shaping else {})
     texts = [trainer.tokenizer.decode(r.token_ids[r.prompt_len :]) for r in rollouts[:2]]
     return row, texts
 
@@ -257,7 +264,8 @@ def ppo_update(trainer: Trainer, batch: dict, rows, stats: dict, step: int, firs
         return policy(micro, generator=torch.Generator(device=runtime.device).manual_seed(seed), stats=stats)
 
     micro = [_select_rows(batch, g) for g in groups]
-    loss_total, _ = accumulate_gradients(policy, runtime, micro, recipe.train.loss_aggregation, forward)
+    loss_total, _ = accumulate_gradients(policy, runtime, micro, recipe.train.loss_aggregation, forward,
+                                         length_norm=recipe.rollout.max_new_tokens)  # L of seq-mean-token-sum-norm
     grad_norm, skipped = optimizer_step(policy, trainer.optimizer, trainer.scheduler, runtime, recipe.optim.grad_clip,
                                         loss_total)
     if trainer.sources.critic is not None:  # the value model regresses on the same rows (VALUE)

@@ -36,6 +36,7 @@ def validate(recipe: RLRecipe, world_size: int = 1) -> None:
     _check_critic(recipe, needs)
     _check_scoring(recipe)
     _check_sizes(recipe, world_size)
+    _check_shaping(recipe, needs, world_size)
     check_rollout_fits(recipe)  # models.py: a prompt plus the new tokens within the models' positions
     check_installed(recipe.report_to)  # trackers.py: a missing tracker package, before anything runs
 
@@ -154,6 +155,29 @@ def _check_sizes(recipe: RLRecipe, world_size: int) -> None:
     if rollouts % mini or mini % world_size:
         raise UserError(f"({mini}) must divide the rollouts per step ({rollouts}) and be a multiple of the number of "
                         "processes", key="train.mini_batch_size")
+
+
+def _check_shaping(recipe: RLRecipe, needs: frozenset[str], world_size: int) -> None:
+    """rl_shaping.py's options: each only where it means something."""
+    from posttrain.losses.objective import PROMPT_HISTORY
+
+    rollout, name = recipe.rollout, recipe.objective.name
+    if rollout.overlong_buffer is not None:
+        if VERIFIABLE_REWARD not in needs:
+            raise UserError(f": shapes a verifiable reward, and {name} has none; remove it", key="rollout.overlong_buffer")
+        if rollout.overlong_buffer >= rollout.max_new_tokens:
+            raise UserError(f"({rollout.overlong_buffer}) must be below rollout.max_new_tokens ({rollout.max_new_tokens}): "
+                            "the penalty starts at max_new_tokens − overlong_buffer", key="rollout.overlong_buffer")
+    if rollout.importance_cap is not None:
+        if rollout.top_p < 1.0 or rollout.top_k:
+            raise UserError(": the backend's log-probs are of the top-p/top-k truncated distribution, which π_old is "
+                            "not; sample with top_p 1 and top_k 0", key="rollout.importance_cap")
+        if rollout.temperature != 1.0 and not recipe.scoring.at_rollout_temperature:
+            raise UserError(f": the backend's log-probs are at temperature {rollout.temperature:g} and π_old at 1; set "
+                            "scoring.at_rollout_temperature: true", key="rollout.importance_cap")
+    if PROMPT_HISTORY in needs and world_size > 1:
+        raise UserError(f": {name}'s smooth standardisation keeps each prompt's reward history in one process; run it "
+                        "on one process, or set objective.smooth_std: false", key="objective.smooth_std")
 
 
 def check_golds(recipe: RLRecipe, golds: list[str]) -> None:

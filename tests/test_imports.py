@@ -19,7 +19,7 @@ LAYERS = [
     ("model passes", ["generation", "scoring", "policy"]),
     ("evaluation and checks", ["eval", "preflight", "rft", "pref_data"]),
     ("teacher cache", ["teacher_cache", "teacher_cache_reader"]),  # teacher-cache writes it, train reads it
-    ("loop parts", ["signals", "rl_checks", "rl_metrics", "rollouts", "loop", "preference", "critic"]),
+    ("loop parts", ["signals", "rl_checks", "rl_metrics", "rl_shaping", "rollouts", "loop", "preference", "critic"]),
     ("commands", ["rl", "train", "report", "report_rows", "report_cells", "report_plots", "claims", "recipes"]),
     ("cli", ["cli"]),
 ]

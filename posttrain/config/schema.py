@@ -204,6 +204,14 @@ class RolloutConfig(SamplingConfig):
     # more prompts until the step has prompts_per_step groups, at most max_draws batches (rollouts.py)
     dynamic_sampling: bool = False
     max_draws: PositiveInt = 3
+    # DAPO's overlong reward shaping (verifiable rewards; rl_shaping.py): a response longer than
+    # max_new_tokens − overlong_buffer gets a penalty growing linearly to −overlong_penalty at
+    # max_new_tokens, added to its reward before the group advantage. null: off (DAPO: 4096 of 20480)
+    overlong_buffer: PositiveInt | None = None
+    overlong_penalty: PositiveFloat = 1.0  # the penalty at max_new_tokens (verl's overlong_buffer.penalty_factor)
+    # truncated importance sampling (verl, TRL for vLLM rollouts): each token's loss × min(π_old / π_rollout, cap),
+    # π_rollout the backend's log-prob of the sampled token. null: off
+    importance_cap: PositiveFloat | None = None
     vllm: VllmConfig = field(default_factory=VllmConfig)
 
 

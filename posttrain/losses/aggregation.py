@@ -16,6 +16,10 @@ whatever the split, for every mode whose weights do not depend on the split.
                          batches of the global batch over all processes (the DFT authors' SFT
                          trainer: each micro-batch token-averaged, then the mean over micro-
                          batches). By definition this depends on how the batch is split.
+  seq-mean-token-sum-norm  w_t = 1 / (B · L)          L: a constant length, the rollouts' max_new_tokens
+                         (Dr. GRPO, arXiv 2503.20783: Σ_i Σ_t ℓ_{i,t} / (G · L), no per-response
+                         length normaliser; verl's mode of this name). On-policy only: offline
+                         there is no max response length to hold constant.
 
 A sequence with no loss tokens adds nothing (verl would divide by zero there) but still counts in B.
 """
@@ -27,6 +31,8 @@ from dataclasses import dataclass
 import torch
 
 MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "microbatch-token-mean")
+LENGTH_NORM = "seq-mean-token-sum-norm"  # Dr. GRPO's constant normaliser: rl only (GlobalCounts.length_norm)
+RL_MODES = (*MODES, LENGTH_NORM)
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,7 @@ class GlobalCounts:
     tokens: int  # loss tokens
     sequences: int
     micro_batches: int
+    length_norm: int | None = None  # L of seq-mean-token-sum-norm (rl: rollout.max_new_tokens); None elsewhere
 
 
 def token_weights(mode: str, loss_mask_BT: torch.Tensor, counts: GlobalCounts) -> torch.Tensor:
@@ -51,7 +58,15 @@ def token_weights(mode: str, loss_mask_BT: torch.Tensor, counts: GlobalCounts) -
         return mask_BT / max(counts.sequences, 1)
     if mode == "microbatch-token-mean":
         return mask_BT / (max(float(mask_BT.sum()), 1.0) * max(counts.micro_batches, 1))
-    raise ValueError(f"unknown loss aggregation {mode!r}; allowed: {', '.join(MODES)}")
+    if mode == LENGTH_NORM:
+        return mask_BT / (max(counts.sequences, 1) * _length_norm(counts))
+    raise ValueError(f"unknown loss aggregation {mode!r}; allowed: {', '.join(RL_MODES)}")
+
+
+def _length_norm(counts: GlobalCounts) -> int:
+    if not counts.length_norm:
+        raise ValueError(f"{LENGTH_NORM} needs the constant length L (GlobalCounts.length_norm): on-policy only")
+    return counts.length_norm
 
 
 def micro_batch_aggregation(mode: str, loss_mask_BT: torch.Tensor, counts: GlobalCounts) -> tuple[torch.Tensor | None, int]:
@@ -65,15 +80,19 @@ def micro_batch_aggregation(mode: str, loss_mask_BT: torch.Tensor, counts: Globa
         return None, max(counts.tokens, 1)
     if mode == "seq-mean-token-sum":
         return None, max(counts.sequences, 1)
+    if mode == LENGTH_NORM:
+        return None, max(counts.sequences, 1) * _length_norm(counts)
     return token_weights(mode, loss_mask_BT, counts).float(), 1
 
 
-def aggregate(mode: str, loss_BT: torch.Tensor, micro_batch_masks: list[torch.Tensor]) -> torch.Tensor:
+def aggregate(mode: str, loss_BT: torch.Tensor, micro_batch_masks: list[torch.Tensor],
+              length_norm: int | None = None) -> torch.Tensor:
     """The aggregated loss of per-token losses given for the whole global batch at once:
     loss_BT stacks the micro-batches' rows in order, `micro_batch_masks` their masks. A plain
     reference of what the weights compute (the tests check the loops against it)."""
     masks_BT = torch.cat(micro_batch_masks)
-    counts = GlobalCounts(tokens=int(masks_BT.sum()), sequences=masks_BT.shape[0], micro_batches=len(micro_batch_masks))
+    counts = GlobalCounts(tokens=int(masks_BT.sum()), sequences=masks_BT.shape[0], micro_batches=len(micro_batch_masks),
+                          length_norm=length_norm)
     weights_BT = torch.cat([token_weights(mode, m, counts) for m in micro_batch_masks])
     return (weights_BT * loss_BT.to(torch.float64)).sum()
 

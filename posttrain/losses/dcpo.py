@@ -20,7 +20,7 @@ With i = the number of steps the prompt has been drawn in (this one included):
 so a prompt whose rollouts all agree this step still trains (with (1/i) A_total) once it has
 disagreed before. The history is an explicit input (signals.reward_history, declared by the
 PROMPT_HISTORY need): per rollout, its prompt's past steps, rollouts, Σr and Σr², kept by the
-loop (rl_history.py) and replayed on resume. We keep the exact sums, so σ_total is the unbiased
+loop (rl_shaping.py) and replayed on resume. We keep the exact sums, so σ_total is the unbiased
 std of every reward seen (as GRPO's group std); the official code merges per-step means and
 stds as equal-weight mixtures, which gives the same μ_total and a σ_total that differs only in
 the n/(n − 1) convention. A std of 0 gives an advantage of 0 (as the official code).

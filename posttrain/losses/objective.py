@@ -43,7 +43,7 @@ REFERENCE_TOKEN = "reference_logprob"  # log π_ref(y_t): the starting student, 
 VALUE = "value"
 VERIFIABLE_REWARD = "verifiable_reward"  # 1/0 per rollout: the grader on its text vs the prompt's answer
 # per rollout, its prompt's verifiable rewards in earlier steps (DCPO's smooth standardisation): the
-# loop keeps them across steps and resumes (rl_history.py); signals.reward_history
+# loop keeps them across steps and resumes (rl_shaping.py); signals.reward_history
 PROMPT_HISTORY = "prompt_reward_history"
 TEACHER_SOURCES = frozenset({TEACHER_TOKEN, TEACHER_TOPK, STUDENT_TOPK})
 
