@@ -4,6 +4,7 @@ in float64 and fp32; π_θ = π_ref → log 2; the stop-gradient of TDPO2; the C
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -87,8 +88,16 @@ def test_train_tdpo_through_the_cli(tmp_path):
                                         "rejected": f"\\boxed{{{i + 2}}}"}) + "\n" for i in range(4)))
     recipe = _dpo_recipe(tmp_path, data)
     recipe["objective"] = {"name": "tdpo", "beta": 0.1, "alpha": 0.5, "variant": "tdpo2"}
-    run_cli("train", "--recipe", str(write_recipe(tmp_path, recipe)))
-    metrics = metrics_of(tmp_path / "runs" / "dpo")
+    recipe["train"].update(save_every=1, keep_checkpoints=4)
+    path = write_recipe(tmp_path, recipe)
+    run_cli("train", "--recipe", str(path))
+    run_dir = tmp_path / "runs" / "dpo"
+    metrics = metrics_of(run_dir)
+    # resumed after step 2: π_ref comes from the run folder (not the step-2 checkpoint), so the run is the same
+    for gone in ("checkpoints/step-000003", "checkpoints/step-000004", "final"):
+        shutil.rmtree(run_dir / gone) if (run_dir / gone).is_dir() else (run_dir / gone).unlink()
+    run_cli("train", "--recipe", str(path), "--resume")
+    assert [row["loss"] for row in metrics_of(run_dir)] == pytest.approx([row["loss"] for row in metrics], rel=1e-6)
     assert len(metrics) == 4 and metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert metrics[0]["kl_reference"] == pytest.approx(0.0, abs=1e-5) and metrics[-1]["kl_reference"] > 0
     assert metrics[-1]["pair_reward_margin"] > 0
