@@ -159,9 +159,13 @@ def _check_sizes(recipe: RLRecipe, world_size: int) -> None:
 
 def _check_shaping(recipe: RLRecipe, needs: frozenset[str], world_size: int) -> None:
     """rl_shaping.py's options: each only where it means something."""
+    from posttrain.losses.aggregation import LENGTH_NORM
     from posttrain.losses.objective import PROMPT_HISTORY
 
     rollout, name = recipe.rollout, recipe.objective.name
+    if recipe.train.loss_aggregation == LENGTH_NORM and VALUE in needs:
+        raise UserError(f": the value model of {name} aggregates its loss with the same mode and has no constant "
+                        "length; use seq-mean-token-sum or token-mean", key="train.loss_aggregation")
     if rollout.overlong_buffer is not None:
         if VERIFIABLE_REWARD not in needs:
             raise UserError(f": shapes a verifiable reward, and {name} has none; remove it", key="rollout.overlong_buffer")

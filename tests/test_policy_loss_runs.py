@@ -142,6 +142,8 @@ def test_shaping_enters_the_group_advantage():
     ({"rollout": {"overlong_buffer": 256}}, "rollout.overlong_buffer"),  # not below max_new_tokens (256)
     ({"rollout": {"importance_cap": 2.0, "top_p": 0.9}}, "rollout.importance_cap"),
     ({"rollout": {"importance_cap": 2.0, "temperature": 0.7}}, "rollout.importance_cap"),
+    ({"objective": {"name": "ppo"}, "critic": {"lr": 1e-5}, "train": {"loss_aggregation": LENGTH_NORM}},
+     "train.loss_aggregation"),  # the critic shares the mode and has no L
 ])
 def test_shaping_options_are_refused_where_they_mean_nothing(settings, key):
     from posttrain.rl_checks import validate
