@@ -134,6 +134,12 @@ def test_shaping_enters_the_group_advantage():
     signals.reward_shaping_B = torch.tensor([0.0, -0.5, 0.0, -1.0], dtype=torch.float64)
     advantage = grpo.prepare(grpo.Params(normalize_std=False), batch, signals)["advantage"][:, 0]
     torch.testing.assert_close(advantage, torch.tensor([1.0, 0.5, 0.0, -1.0]) - 0.125)
+    # ppo (a value model, GAE): the shaped reward is the last token's reward (γ = λ = 1, V = 0: A_t = r_i)
+    from posttrain.losses import ppo
+
+    signals.value_BT = torch.zeros(4, 2)
+    returns = ppo.prepare(ppo.Params(gamma=1.0, lam=1.0), batch, signals)["value_return"]
+    torch.testing.assert_close(returns[:, 0], torch.tensor([1.0, 0.5, 0.0, -1.0]))
 
 
 @pytest.mark.parametrize("settings,key", [

@@ -34,6 +34,7 @@ from typing import Annotated
 
 import torch
 
+from posttrain.losses.grpo import shaped_rewards
 from posttrain.losses.objective import REFERENCE_TOKEN, VALUE, VERIFIABLE_REWARD, Objective
 from posttrain.losses.policy_gradient import ClipParams, clipped_surrogate
 from posttrain.ranges import Bounds, NonNegativeFloat, Probability
@@ -55,7 +56,7 @@ def needs(params):
 
 def prepare(params, batch, signals):
     mask_BT = batch["loss_mask"]
-    reward_BT = token_rewards(signals.verifiable_reward_B.double(), mask_BT)
+    reward_BT = token_rewards(shaped_rewards(signals), mask_BT)  # the grader's r plus rollout.overlong_buffer's shaping
     if params.kl_coef > 0:
         kl_BT = signals.old_logprob_BT.double() - signals.reference_logprob_BT.double()
         reward_BT = reward_BT - params.kl_coef * kl_BT * mask_BT
