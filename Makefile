@@ -85,14 +85,16 @@ RESULTS ?= results/mini
 SEEDS ?= 0 1 2
 OFFLINE := sft dft otr otr-beta0
 ONLINE := opd opd-mask lsm lsm-norenorm lsm-student-topk
-RL := grpo
+RL := grpo ppo
 RFT := rft dft-rft
+PREF := dpo
 BASE_ARGS ?=
 TEACHER_ARGS ?=
 TRAIN_ARGS ?=
 DISTILL_ARGS ?=
 RL_ARGS ?=
 RFT_ARGS ?= $(TRAIN_ARGS)
+PREF_ARGS ?= $(TRAIN_ARGS)
 # RFT: k samples of each of the first N training problems from the base, graded; the correct ones
 # are the RFT runs' data (drawn once: the seeds vary the fine-tuning only).
 RFT_SAMPLE_ARGS ?= --limit 2048 --samples 4 --temperature 1.0 --max-new-tokens 96 --workers 1
@@ -105,7 +107,8 @@ OFFLINE_RUNS := $(foreach r,$(OFFLINE),$(foreach s,$(SEEDS),$(r)-seed$(s)))
 ONLINE_RUNS := $(foreach r,$(ONLINE),$(foreach s,$(SEEDS),$(r)-seed$(s)))
 RL_RUNS := $(foreach r,$(RL),$(foreach s,$(SEEDS),$(r)-seed$(s)))
 RFT_RUNS := $(foreach r,$(RFT),$(foreach s,$(SEEDS),$(r)-seed$(s)))
-EVALS := $(foreach r,base teacher $(OFFLINE_RUNS) $(ONLINE_RUNS) $(RL_RUNS) $(RFT_RUNS),$(MINI)/$(r)/eval/results.json)
+PREF_RUNS := $(foreach r,$(PREF),$(foreach s,$(SEEDS),$(r)-seed$(s)))
+EVALS := $(foreach r,base teacher $(OFFLINE_RUNS) $(ONLINE_RUNS) $(RL_RUNS) $(RFT_RUNS) $(PREF_RUNS),$(MINI)/$(r)/eval/results.json)
 
 .PHONY: mini-runs reproduce-base-seed
 mini-runs: $(EVALS)
@@ -135,12 +138,21 @@ endef
 $(foreach r,$(OFFLINE),$(foreach s,$(SEEDS),$(eval $(call OFFLINE_RULE,$(r),$(s)))))
 $(foreach r,$(ONLINE),$(foreach s,$(SEEDS),$(eval $(call ONLINE_RULE,$(r),$(s)))))
 $(foreach r,$(RL),$(foreach s,$(SEEDS),$(eval $(call RL_RULE,$(r),$(s)))))
+define PREF_RULE
+$(MINI)/$(1)-seed$(2)/final: $(MINI)/base/pref-data.jsonl
+	$(POSTTRAIN) train --recipe recipes/mini/$(1).yaml out_dir=$(MINI) name=$(1)-seed$(2) seed=$(2) model.path=$(MINI)/base/final data.source=$(MINI)/base/pref-data.jsonl $(PREF_ARGS) --resume
+endef
 $(foreach r,$(RFT),$(foreach s,$(SEEDS),$(eval $(call RFT_RULE,$(r),$(s)))))
+$(foreach r,$(PREF),$(foreach s,$(SEEDS),$(eval $(call PREF_RULE,$(r),$(s)))))
 
 # RFT data: sample the training problems from the base (eval resumes an interrupted sampling), keep the correct ones
 $(MINI)/base/rft-data.jsonl: $(MINI)/base/final
 	$(POSTTRAIN) eval --model $(MINI)/base/final --benchmark synthetic_train $(RFT_SAMPLE_ARGS) --out $(MINI)/base/rft-samples
 	$(POSTTRAIN) rft-data $(MINI)/base/rft-samples --out $@
+
+# DPO data: the same graded samples (drawn once, by the rule above), a correct and an incorrect answer of one problem per pair
+$(MINI)/base/pref-data.jsonl: $(MINI)/base/rft-data.jsonl
+	$(POSTTRAIN) pref-data $(MINI)/base/rft-samples --out $@
 
 $(MINI)/%/eval/results.json: $(MINI)/%/final
 	$(POSTTRAIN) eval --model $(MINI)/$*/final $(EVAL_ARGS)
@@ -157,6 +169,7 @@ reproduce-smoke: $(STAMP)
 	$(MAKE) reproduce-table MINI=runs/smoke RESULTS=results/smoke SEEDS=0 \
 	  BASE_ARGS="train.max_steps=400" TEACHER_ARGS="train.max_steps=30" TRAIN_ARGS="train.max_steps=10" \
 	  DISTILL_ARGS="train.steps=4" RL_ARGS="train.steps=4" RFT_ARGS="train.max_steps=10 train.batch_size=2 train.micro_batch_size=2" \
+	  PREF_ARGS="train.max_steps=10 train.batch_size=2 train.micro_batch_size=2" \
 	  RFT_SAMPLE_ARGS="--limit 512 --samples 4 --temperature 1.0 --max-new-tokens 64 --workers 1" EVAL_ARGS="--benchmark synthetic,synthetic_ood --samples 2 --limit 16 --max-new-tokens 64 --workers 1"
 
 # How much the base's and the teacher's own seeds move the mini tables: the whole pipeline again from a

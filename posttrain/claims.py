@@ -57,6 +57,9 @@ CLAIMS = [
           "dft-rft", "rft"),
     Claim("dft-rft>grpo", "DFT on RFT data beats GRPO", "DFT Table 2 (35.43 vs 32.00)", "dft-rft", "grpo"),
     Claim("grpo>rft", "GRPO beats RFT", "DFT Table 2 (32.00 vs 23.97)", "grpo", "rft"),
+    # Fixed on 2026-12-05, before the first DPO and PPO runs of the mini set existed.
+    Claim("dft-rft>ppo", "DFT on RFT data beats PPO", "DFT Table 2 (35.43 vs 28.66)", "dft-rft", "ppo"),
+    Claim("dft-rft>dpo", "DFT on RFT data beats DPO", "DFT Table 2 (35.43 vs 23.20)", "dft-rft", "dpo"),
 ]
 
 # Checks of the testbed, not of a paper: tested the same way, outside the claims' Holm family.

@@ -14,7 +14,8 @@ DFT_TABLE2 = "DFT Table 2"
 SOURCES = {
     DFT_TABLE2: "DFT paper (arXiv 2508.05629) Table 2, offline RL setting: Qwen2.5-Math-1.5B averages; SFT (= RFT) "
                 "and DFT there train on the model's own verified samples (our rft-data), not on reference "
-                "demonstrations; PPO 28.66 and DPO 23.20 are in that table too, and posttrain runs neither",
+                "demonstrations; DPO (23.20) trains on pairs of the model's own correct and incorrect samples "
+                "(our pref-data), PPO (28.66) on-policy with a value model",
     DFT_TABLE1: "DFT paper (arXiv 2508.05629) Table 1: Qwen2.5-Math-1.5B, Average@16 over MATH500, Minerva, "
                 "OlympiadBench, AIME24, AMC23",
     OTR_HEADLINE: "OTR paper (arXiv 2509.26313): +1.24 average over SFT in-domain; β = 0 \"almost always worse\"",
@@ -45,9 +46,11 @@ def offline_paper_row(role: str, objective: str | None = None, params: dict | No
 def table2_paper_row(method: str, data: str = "", params: dict | None = None, rollout: dict | None = None) -> tuple[str, str]:
     """(paper value, source) for a row of the Table-2-shaped table, chosen by the objective AND what the
     run trained on. data: 'demonstrations' (reference solutions), 'own correct samples' (rft-data
-    output) or 'on-policy'. The paper's Table 2 trains SFT (= RFT) and DFT on the model's own verified
-    samples; DFT on reference demonstrations is its Table-1 setup. Only plain GRPO (group-normalised
-    advantages, no dynamic sampling) gets the paper's GRPO number: variants are other methods."""
+    output), 'own graded pairs' (pref-data's correct/incorrect pairs of the model's own samples: DPO)
+    or 'on-policy' (GRPO, PPO).
+    The paper's Table 2 trains SFT (= RFT) and DFT on the model's own verified samples; DFT on
+    reference demonstrations is its Table-1 setup. Only plain GRPO (group-normalised advantages, no
+    dynamic sampling) gets the paper's GRPO number: variants are other methods."""
     params, rollout = params or {}, rollout or {}
     if method == "base":
         return "not in Table 2 (Table 1: 15.92)", DFT_TABLE1
@@ -56,6 +59,10 @@ def table2_paper_row(method: str, data: str = "", params: dict | None = None, ro
         if method in values:
             return values[method], DFT_TABLE2
         return f"not in Table 2 ({method} on RFT data)", DFT_TABLE2
+    if data == "own graded pairs":
+        if method == "dpo":
+            return "23.20", DFT_TABLE2
+        return f"not in Table 2 ({method} on preference pairs)", DFT_TABLE2
     if data == "demonstrations":
         if method == "sft":
             return "not in Table 2 (Table 1: 18.01)", DFT_TABLE1
@@ -68,6 +75,8 @@ def table2_paper_row(method: str, data: str = "", params: dict | None = None, ro
         if variant:
             return f"not in Table 2 (GRPO variant: {', '.join(variant)})", DFT_TABLE2
         return "32.00", DFT_TABLE2
+    if method == "ppo":
+        return "28.66", DFT_TABLE2
     return "not in Table 2", DFT_TABLE2
 
 

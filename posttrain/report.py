@@ -36,7 +36,8 @@ def report(paths: list[Path], out: Path, with_papers: bool = True, split_protoco
     by_final = {resolve(run.path / "final"): run for run in runs}
     from_base = [r for r in runs if r.command == "train" and source_run(r, "model", by_final) is not None]
     rft = [r for r in from_base if is_rft(r)]
-    offline = [r for r in from_base if r not in rft]
+    pairs = [r for r in from_base if (r.config.get("data") or {}).get("format") == "preference"]  # DPO, TDPO
+    offline = [r for r in from_base if r not in rft and r not in pairs]
     distilled = [r for r in runs if r.command == "distill"]
     rl = [r for r in runs if r.command == "rl"]
     benchmarks = sorted({b for r in runs for b in r.scores()}, key=lambda b: (b not in BENCHMARK_LABELS, b))
@@ -52,8 +53,8 @@ def report(paths: list[Path], out: Path, with_papers: bool = True, split_protoco
                                "paper: Qwen2.5-Math-1.5B Average@16", "offline", context))
     if distilled:
         sections.append(_distill_table(distilled, by_final, context))
-    if rft or rl:
-        sections.append(_table2(offline, rft, rl, by_final, context))
+    if rft or rl or pairs:
+        sections.append(_table2(offline, rft, pairs, rl, by_final, context))
     if benchmarks:
         sections.append(_claims(runs, benchmarks, summary))
     if any(run.metrics for run in runs):
@@ -100,17 +101,17 @@ def _distill_table(distilled, by_final, context) -> str:
                   rows, "paper: 7B student, math average", "distill", context, extra=_distill_extras)
 
 
-def _table2(offline, rft, rl, by_final, context) -> str:
-    """Base, SFT, DFT, OTR, RFT-data runs (SFT = RFT, DFT on RFT data) and GRPO variants from one base
-    model, shaped like DFT Table 2 (the paper's PPO and DPO rows are not run here). The paper column
-    follows what a run trained on: DFT on the model's own correct samples is the paper's Table-2 DFT;
-    DFT on the reference demonstrations is the Table-1 setup."""
+def _table2(offline, rft, pairs, rl, by_final, context) -> str:
+    """Base, SFT, DFT, OTR, RFT-data runs (SFT = RFT, DFT on RFT data), preference-pair runs (DPO),
+    and on-policy runs without a teacher (GRPO and its variants, PPO) from one base model, shaped like
+    DFT Table 2. The paper column follows what a run trained on: DFT on the model's own correct
+    samples is the paper's Table-2 DFT; DFT on the reference demonstrations is the Table-1 setup."""
     start_of = lambda run: source_run(run, "student" if run.command == "rl" else "model", by_final)  # noqa: E731
-    starts = [start_of(r) for r in rft + rl + offline]
+    starts = [start_of(r) for r in rft + pairs + rl + offline]
     base = max(starts, key=lambda run: sum(other is run for other in starts))  # the model most runs started from
     # one base model: runs started from another model are left out of this table (named below it)
-    others = [r.name for r in rft + rl + offline if start_of(r) is not base]
-    offline, rft, rl = ([r for r in group if start_of(r) is base] for group in (offline, rft, rl))
+    others = [r.name for r in rft + pairs + rl + offline if start_of(r) is not base]
+    offline, rft, pairs, rl = ([r for r in group if start_of(r) is base] for group in (offline, rft, pairs, rl))
     rows = [("base model", [base], table2_paper_row("base"))] if base is not None else []
     for variant, group in variants(offline):
         objective = group[0].config["objective"]
@@ -118,10 +119,12 @@ def _table2(offline, rft, rl, by_final, context) -> str:
             rows.append((variant, group, table2_paper_row(objective["name"], "demonstrations", objective)))
     rows += [(variant, group, table2_paper_row(group[0].config["objective"]["name"], "own correct samples",
                                                group[0].config["objective"])) for variant, group in variants(rft)]
+    rows += [(variant, group, table2_paper_row(group[0].config["objective"]["name"], "own graded pairs",
+                                               group[0].config["objective"])) for variant, group in variants(pairs)]
     rows += [(variant, group, table2_paper_row(group[0].config["objective"]["name"], "on-policy",
                                                group[0].config["objective"], group[0].config.get("rollout")))
              for variant, group in variants(rl)]
-    table = _table("Offline and online RL baselines from one base model (shaped like DFT Table 2; PPO and DPO not run)",
+    table = _table("Offline and online RL baselines from one base model (shaped like DFT Table 2)",
                    rows, "paper: Qwen2.5-Math-1.5B average", "table2", context)
     if others:
         table += f"\n\nNot in this table (started from another model than {base.name if base else 'the base'}): {', '.join(others)}"

@@ -35,7 +35,7 @@ def test_recipe_validates_and_has_a_header(path):
 def test_the_makefile_runs_every_mini_variant():
     makefile = (REPO / "Makefile").read_text()
     listed = set(re.search(r"^OFFLINE := (.*)$", makefile, re.M).group(1).split())
-    for variable in ("ONLINE", "RL", "RFT"):
+    for variable in ("ONLINE", "RL", "RFT", "PREF"):
         listed |= set(re.search(rf"^{variable} := (.*)$", makefile, re.M).group(1).split())
     shipped = {p.stem for p in (REPO / "recipes" / "mini").glob("*.yaml")} - {"base", "teacher"}
     assert listed == shipped

@@ -113,6 +113,11 @@ def test_table2_rows_base_sft_dft_otr_rft_grpo_with_seeds(tmp_path):
                                                         "data": {"source": str(rft_data)}, "train": {}}), a + 1, b)
         _eval(_run(runs, f"grpo-seed{seed}", "rl", {"student": model, "teacher": None,
                                                     "objective": {"name": "grpo"}, "train": {}}), a + 2, b)
+        _eval(_run(runs, f"ppo-seed{seed}", "rl", {"student": model, "teacher": None, "critic": {"lr": 1e-3},
+                                                   "objective": {"name": "ppo"}, "train": {}}), a - 1, b)
+        _eval(_run(runs, f"dpo-seed{seed}", "train", {"model": model, "objective": {"name": "dpo"},
+                                                      "data": {"source": str(plain_data), "format": "preference"},
+                                                      "train": {}}), a - 2, b)
     other_base = _run(runs, "other-base", "train", {"model": {"tiny": {}}, "objective": {"name": "sft"}, "train": {}})
     _eval(_run(runs, "grpo-other-seed0", "rl", {"student": {"path": str(other_base / "final")}, "teacher": None,
                                                 "objective": {"name": "grpo"}, "train": {}}), 99.0, 99.0)
@@ -124,14 +129,17 @@ def test_table2_rows_base_sft_dft_otr_rft_grpo_with_seeds(tmp_path):
     table2 = text[text.index("shaped like DFT Table 2"):]
     table2 = table2[: table2.index("\n### ")]  # up to the next table (compute)
     rows = {line.split("|")[1].strip(): line for line in table2.splitlines() if line.startswith("| ")}
-    assert list(rows)[1:] == ["base model", "sft", "tuned", "grpo"]  # after the header; otr-beta0 is not a Table 2 row
+    # after the header; otr-beta0 is not a Table 2 row, DPO is (by its data: preference pairs), not a Table 1 row
+    assert list(rows)[1:] == ["base model", "sft", "tuned", "dpo", "grpo", "ppo"]
     # no samples.jsonl here: the seed mean without an interval (said under the table)
     assert "| 2 | 33.0 | 13.0 |" in rows["tuned"] and "| 23.97 |" in rows["tuned"]  # RFT by its data
     assert "| 32.00 |" in rows["grpo"] and "| 34.0 |" in rows["grpo"]
     assert "no per-problem samples (eval/samples.jsonl)" in table2
     assert "not in Table 2 (Table 1: 15.92)" in rows["base model"]
-    assert "PPO 28.66 and DPO 23.20 are in that table too, and posttrain runs neither" in text
-    assert [r["method"] for r in summary["tables"]["table2"]] == ["base model", "sft", "tuned", "grpo"]
+    assert "| 23.20 |" in rows["dpo"] and "| 28.66 |" in rows["ppo"] and "| 31.0 |" in rows["ppo"]
+    assert [r["method"] for r in summary["tables"]["table2"]] == ["base model", "sft", "tuned", "dpo", "grpo", "ppo"]
+    offline_table = text[text.index("shaped like DFT Table 1"):text.index("shaped like DFT Table 2")]
+    assert "| dpo |" not in offline_table
     assert "Not in this table (started from another model than base): grpo-other-seed0" in text
     assert "tuned" not in [r["method"] for r in summary["tables"]["offline"]]
     assert (summary["compute"]["tuned-seed0"]["generate_s"], summary["compute"]["tuned-seed0"]["score_s"]) == (30.0, 2.0)
