@@ -5,19 +5,33 @@ its name; every objective goes through the same chunked head engine (engine.py) 
 aggregation (aggregation.py: per-token weights chosen by the recipe's train.loss_aggregation).
 """
 
-from posttrain.losses import dft, forward_kl, grpo, lsm, opd, otr, sft
-from posttrain.losses import cispo, dcpo, gspo, sapo
-from posttrain.losses import jsd, kd_topk
-from posttrain.losses import dpo, tdpo
+from posttrain.losses import (
+    cispo, dcpo, dft, dpo, forward_kl, grpo, gspo, jsd, kd_topk, lsm, opd, otr, ppo, sapo, sft, tdpo,
+)
 from posttrain.losses.engine import head_loss
 from posttrain.losses.objective import Objective
-from posttrain.losses import ppo
 
-OBJECTIVES: dict[str, Objective] = {o.name: o for o in (sft.OBJECTIVE, dft.OBJECTIVE, otr.OBJECTIVE, opd.OBJECTIVE, lsm.OBJECTIVE,
-                                                         grpo.OBJECTIVE, forward_kl.OBJECTIVE)}
-
-OBJECTIVES.update({o.name: o for o in (gspo.OBJECTIVE, cispo.OBJECTIVE, sapo.OBJECTIVE, dcpo.OBJECTIVE)})  # the verifiable-reward policy-loss family (#24)
-OBJECTIVES.update({o.name: o for o in (dpo.OBJECTIVE, tdpo.OBJECTIVE)})  # offline preference pairs (#24)
-OBJECTIVES.update({o.name: o for o in (ppo.OBJECTIVE,)})  # PPO with a value model and GAE (#24)
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
+    # demonstrations (posttrain train)
+    sft.OBJECTIVE,
+    dft.OBJECTIVE,
+    otr.OBJECTIVE,
+    kd_topk.OBJECTIVE,  # a teacher cache's top-K (posttrain teacher-cache)
+    # preference pairs (posttrain train, data.format: preference)
+    dpo.OBJECTIVE,
+    tdpo.OBJECTIVE,
+    # on-policy, a teacher scores the rollouts (posttrain rl / distill)
+    opd.OBJECTIVE,
+    lsm.OBJECTIVE,
+    forward_kl.OBJECTIVE,
+    jsd.OBJECTIVE,
+    # on-policy, a verifiable reward (posttrain rl)
+    grpo.OBJECTIVE,
+    gspo.OBJECTIVE,
+    cispo.OBJECTIVE,
+    sapo.OBJECTIVE,
+    dcpo.OBJECTIVE,
+    ppo.OBJECTIVE,
+)}
 
 __all__ = ["OBJECTIVES", "Objective", "head_loss"]

@@ -123,14 +123,6 @@ class Objective:
     # prepare(params, batch, signals: TokenSignals) -> dict of extra [B, T, ...] inputs, once per
     # rollout batch (on-policy objectives: rewards, advantages, supports).
     prepare: Callable[..., dict[str, torch.Tensor]] | None = None
-    # support(params) -> Support | None: the top-K width and kind the objective reads (lsm: its
-    # k and support); None: the loop scores top-K only for its diagnostics (scoring.diagnostics_k,
-    # the teacher's).
-    support: Callable[[Any], Support | None] = no_support
-    # Trains on (chosen, rejected) pairs, data.format: preference (data/preference.py), with the start
-    # model's "token" log-probs of each response token (dpo) or its full "vocab" distribution at each
-    # response position (tdpo) as π_ref (posttrain/preference.py); None: not a pair objective.
-    preference_pairs: Literal["token", "vocab"] | None = None
     # current_policy(params, logprob_BT, batch) -> dict of extra [B, T] inputs computed from the
     # CURRENT policy π_θ, no gradient: logprob_BT = log π_θ(y_t) at the batch's loss positions
     # (zero elsewhere), from a no-grad head pass on the hidden states the forward already has
@@ -142,3 +134,11 @@ class Objective:
     # log-softmax at the loss positions (no gradient, engine.head_probe), handed to current_policy
     # in its batch as [B, T] tensors under their names (tdpo: KL(π_ref ‖ π_θ) at each position).
     current_policy_probe: Callable[..., dict[str, torch.Tensor]] | None = None
+    # support(params) -> Support | None: the top-K width and kind the objective reads (lsm: its
+    # k and support); None: the loop scores top-K only for its diagnostics (scoring.diagnostics_k,
+    # the teacher's).
+    support: Callable[[Any], Support | None] = no_support
+    # Trains on (chosen, rejected) pairs, data.format: preference (data/preference.py), with the start
+    # model's "token" log-probs of each response token (dpo) or its full "vocab" distribution at each
+    # response position (tdpo) as π_ref (posttrain/preference.py); None: not a pair objective.
+    preference_pairs: Literal["token", "vocab"] | None = None
