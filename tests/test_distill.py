@@ -6,31 +6,12 @@ import statistics
 import pytest
 import torch
 
-from posttrain.config import RLRecipe, TrainRecipe, from_dict
+from posttrain.config import RLRecipe, from_dict
 from posttrain.rl import first_occurrence_mask, rl
 from posttrain.losses.objective import TokenSignals
 from posttrain.scoring import has_repetition_loop, score_tokens
 from posttrain.signals import support_diagnostics
-from tests.helpers import TINY, load_weights, run_cli, tiny_train_recipe, write_recipe, metrics_of
-
-TEACHER = {**TINY, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 256}
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """A tiny teacher trained on the synthetic task, and a smaller student pretrained on its easy
-    split: in-distribution but worse, as in the papers (in-process: these are only fixtures)."""
-    from posttrain.train import train
-
-    tmp = tmp_path_factory.mktemp("models")
-    teacher = tiny_train_recipe(tmp, name="teacher", data={"synthetic": {"split": "in_domain", "num_examples": 4096}},
-                                optim={"lr": 1e-2}, train={"epochs": 2, "batch_size": 32, "micro_batch_size": 32})
-    teacher["model"]["tiny"] = dict(TEACHER)
-    student = tiny_train_recipe(tmp, name="student", data={"synthetic": {"split": "pretrain", "num_examples": 4096}},
-                                optim={"lr": 1e-2}, train={"epochs": 1, "batch_size": 32, "micro_batch_size": 32})
-    for recipe in (teacher, student):
-        train(from_dict(TrainRecipe, recipe, "fixture"))
-    return tmp / "runs" / "teacher" / "final", tmp / "runs" / "student" / "final"
+from tests.helpers import TINY, load_weights, run_cli, write_recipe, metrics_of
 
 
 def distill_recipe(tmp_path, models, objective, name="d", steps=2, **sections):

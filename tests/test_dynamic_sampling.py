@@ -10,7 +10,6 @@ from posttrain.generation import Completion, SamplingSpec
 from posttrain.rl_checks import validate
 from posttrain.rollouts import sample_groups
 from tests.helpers import TINY, metrics_of, run_cli, write_recipe
-from tests.test_distill import models  # noqa: F401  (a module fixture: a tiny student that can answer)
 from tests.test_grpo import _grpo_recipe
 
 

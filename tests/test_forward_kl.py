@@ -8,7 +8,7 @@ import torch
 from posttrain.losses import OBJECTIVES, forward_kl, head_loss
 from posttrain.losses.objective import TEACHER_TOPK, Support
 from tests.helpers import metrics_of, run_cli, write_recipe
-from tests.test_distill import distill_recipe, models  # noqa: F401  (models is a fixture)
+from tests.test_distill import distill_recipe
 from tests.test_losses import K, engine_run, inputs_for, make_problem, reference_run
 
 CASES = [forward_kl.Params(k=K), forward_kl.Params(k=K, renormalize=False)]

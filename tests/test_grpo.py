@@ -12,7 +12,6 @@ from posttrain.config import RLRecipe, from_dict
 from posttrain.errors import UserError
 from posttrain.losses import OBJECTIVES, grpo
 from tests.helpers import BENCHMARKS, TINY, run_cli, token_signals, write_recipe, metrics_of
-from tests.test_distill import models  # noqa: F401  (a module fixture: a tiny student that can answer)
 
 
 def test_group_advantages_are_normalised_within_each_prompt():

@@ -11,7 +11,7 @@ import torch
 from posttrain.losses import OBJECTIVES, forward_kl, head_loss, jsd, lsm, opd
 from posttrain.losses.objective import TEACHER_TOPK, Support
 from tests.helpers import metrics_of, run_cli, token_signals, write_recipe
-from tests.test_distill import distill_recipe, models  # noqa: F401  (models is a fixture)
+from tests.test_distill import distill_recipe
 from tests.test_losses import K, engine_run, inputs_for, make_problem, reference_run
 
 CASES = [jsd.Params(k=K, beta=beta, renormalize=renormalize)

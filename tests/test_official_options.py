@@ -16,7 +16,7 @@ from posttrain.errors import UserError
 from posttrain.losses import lsm, opd
 from tests.helpers import load_weights, run_cli, token_signals, write_recipe
 from tests.helpers import metrics_of
-from tests.test_distill import distill_recipe, models  # noqa: F401  (models is a fixture)
+from tests.test_distill import distill_recipe
 
 # A DAPO-Math-17k prompt, verbatim in form (the dataset's user turn).
 DAPO_PROMPT = (

@@ -19,7 +19,6 @@ from posttrain.rl_checks import validate
 from posttrain.runtime import make_runtime
 from tests import reference
 from tests.helpers import TINY, load_weights, metrics_of, run_cli, token_signals, write_recipe
-from tests.test_distill import models  # noqa: F401  (a module fixture: a tiny student that can answer)
 from tests.test_losses import engine_run, make_problem, reference_run
 
 # --- GAE -------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from posttrain.data.sft import Example
 from posttrain.models import CHATML_TEMPLATE, build_tiny_model, build_tiny_tokenizer, load_tokenizer
 from posttrain.preflight import determinism_findings, end_of_turn_id
 from tests.helpers import TINY, run_cli, write_recipe, metrics_of
-from tests.test_distill import distill_recipe, models  # noqa: F401  (the trained teacher/student fixture)
+from tests.test_distill import distill_recipe
 
 
 def teacher_with_template(tmp_path, models, template):  # noqa: F811

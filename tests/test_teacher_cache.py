@@ -25,7 +25,6 @@ from posttrain.teacher_cache_reader import open_cache
 from posttrain.scoring import score_pair
 from posttrain.train import train
 from tests.helpers import TINY, metrics_of, run_cli, write_recipe
-from tests.test_distill import models  # noqa: F401  (a fixture: a trained tiny teacher and student)
 
 K = 8
 

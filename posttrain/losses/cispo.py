@@ -15,27 +15,17 @@ The "clip_frac" stat is the share of tokens whose weight was clipped (they still
 
 from dataclasses import dataclass
 
-from posttrain.losses.grpo import advantage_inputs
-from posttrain.losses.objective import VERIFIABLE_REWARD, Objective
-from posttrain.ranges import NonNegativeFloat, OpenFraction, PositiveFloat
+from posttrain.losses.grpo import GroupAdvantageParams, advantage_inputs, reward_needs
+from posttrain.losses.objective import Objective
+from posttrain.ranges import NonNegativeFloat, OpenFraction
 
 
 @dataclass
-class Params:
+class Params(GroupAdvantageParams):  # normalize_std, std_epsilon: grpo's group advantage
     clip_low: OpenFraction | None = None  # ε_lo; null: no lower bound on the weight (the paper)
     # ε_hi: the weight is capped at 1 + ε_hi. The paper tunes it without publishing the value; 0.28 is
     # DAPO's clip-higher, verl's cispo reads the actor's clip_ratio_high, Trinity-RFT's default is 0.28
     clip_high: NonNegativeFloat = 0.28
-    normalize_std: bool = True  # false: A = r − group mean
-    std_epsilon: PositiveFloat = 1e-6
-
-
-def needs(params):
-    return frozenset({VERIFIABLE_REWARD})
-
-
-def prepare(params, batch, signals):
-    return advantage_inputs(params, batch, signals)
 
 
 def token_loss(params, logp_CJ, targets_CJ, inputs):
@@ -50,5 +40,5 @@ def token_loss(params, logp_CJ, targets_CJ, inputs):
 
 OBJECTIVE = Objective(
     name="cispo", summary="CISPO: GRPO's group advantage, −sg[clip(ρ)]·A·log π (the IS weight clipped, every token trains)",
-    Params=Params, token_loss=token_loss, on_policy=True, needs=needs, prepare=prepare,
+    Params=Params, token_loss=token_loss, on_policy=True, needs=reward_needs, prepare=advantage_inputs,
 )

@@ -136,18 +136,15 @@ def _run(hidden_NH, weight_VH, plan: _Plan, need_weight_grad: bool):
     return loss_sum.to(hidden_NH.dtype if hidden_NH.dtype == torch.float64 else torch.float32), grad_hidden, grad_weight
 
 
-@torch.no_grad()
-def head_entropy(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, *, chunk_tokens: int | None = None,
-                 matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Entropy of softmax(h Wᵀ) for each of the N rows, [N] fp32, no gradient: the same chunked
-    logits buffer and softmax statistics as the loss pass, so nothing of size [N, V] exists."""
+def _no_grad_logit_chunks(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, chunk_tokens: int | None,
+                          matmul_dtype: torch.dtype | None):
+    """(start, end, z_CV, lse_C1, H_C) for each chunk of rows: the loss pass's chunked logits buffer
+    and softmax statistics (log-sum-exp, entropy), in fp32 (fp64 for fp64 inputs), for the no-grad
+    probes below; nothing of size [N, V] exists."""
     n_tokens, hidden_size = hidden_NH.shape
     vocab = weight_VH.shape[0]
     acc_dtype = torch.float64 if hidden_NH.dtype == torch.float64 else torch.float32
     weight_mm = weight_VH.detach().to(matmul_dtype or weight_VH.dtype)
-    entropy_N = torch.empty(n_tokens, dtype=acc_dtype, device=hidden_NH.device)
-    if n_tokens == 0:
-        return entropy_N
     chunk = _chunk_size(chunk_tokens, n_tokens, vocab, hidden_size, None)
     logits_buf = torch.empty(chunk, vocab, dtype=acc_dtype, device=hidden_NH.device)
     scratch_buf = torch.empty(min(SCRATCH_ROWS, chunk), vocab, dtype=acc_dtype, device=hidden_NH.device)
@@ -155,7 +152,23 @@ def head_entropy(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, *, chunk_toke
         end = min(start + chunk, n_tokens)
         z_CV = logits_buf[: end - start]
         _matmul_into(z_CV, hidden_NH[start:end].detach().to(weight_mm.dtype), weight_mm.t())
-        entropy_N[start:end] = _softmax_stats(z_CV, scratch_buf)[1]
+        lse_C1, entropy_C = _softmax_stats(z_CV, scratch_buf)[:2]
+        yield start, end, z_CV, lse_C1, entropy_C
+
+
+def _probe_dtype(hidden_NH: torch.Tensor) -> torch.dtype:
+    return torch.float64 if hidden_NH.dtype == torch.float64 else torch.float32
+
+
+@torch.no_grad()
+def head_entropy(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, *, chunk_tokens: int | None = None,
+                 matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Entropy of softmax(h Wᵀ) for each of the N rows, [N] fp32, no gradient."""
+    entropy_N = torch.empty(hidden_NH.shape[0], dtype=_probe_dtype(hidden_NH), device=hidden_NH.device)
+    if hidden_NH.shape[0] == 0:
+        return entropy_N
+    for start, end, _, _, entropy_C in _no_grad_logit_chunks(hidden_NH, weight_VH, chunk_tokens, matmul_dtype):
+        entropy_N[start:end] = entropy_C
     return entropy_N
 
 
@@ -164,13 +177,12 @@ def head_token_logprob(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, target_
                        chunk_tokens: int | None = None, matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
     """log softmax(h Wᵀ) at each row's target id, [N] (fp32, or fp64 for fp64 inputs), no gradient:
     the loss pass's chunked logits and softmax statistics, so the values are the ones the loss sees."""
-    n_tokens, hidden_size = hidden_NH.shape
-    vocab = weight_VH.shape[0]
-    acc_dtype = torch.float64 if hidden_NH.dtype == torch.float64 else torch.float32
-    weight_mm = weight_VH.detach().to(matmul_dtype or weight_VH.dtype)
-    logprob_N = torch.empty(n_tokens, dtype=acc_dtype, device=hidden_NH.device)
-    if n_tokens == 0:
+    logprob_N = torch.empty(hidden_NH.shape[0], dtype=_probe_dtype(hidden_NH), device=hidden_NH.device)
+    if hidden_NH.shape[0] == 0:
         return logprob_N
+    for start, end, z_CV, lse_C1, _ in _no_grad_logit_chunks(hidden_NH, weight_VH, chunk_tokens, matmul_dtype):
+        logprob_N[start:end] = (z_CV.gather(1, target_ids_N[start:end, None]) - lse_C1).squeeze(1)
+    return logprob_N
     chunk = _chunk_size(chunk_tokens, n_tokens, vocab, hidden_size, None)
     logits_buf = torch.empty(chunk, vocab, dtype=acc_dtype, device=hidden_NH.device)
     scratch_buf = torch.empty(min(SCRATCH_ROWS, chunk), vocab, dtype=acc_dtype, device=hidden_NH.device)
@@ -190,19 +202,12 @@ def head_probe(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, probe, params: 
     log-softmax(h Wᵀ), no gradient, concatenated to [N]: per-token quantities of the current
     policy's whole distribution (Objective.current_policy_probe: TDPO's KL(π_ref ‖ π_θ) per
     position). One [chunk, V] buffer, turned into log-probs in place."""
-    n_tokens, hidden_size = hidden_NH.shape
-    vocab = weight_VH.shape[0]
-    acc_dtype = torch.float64 if hidden_NH.dtype == torch.float64 else torch.float32
-    weight_mm = weight_VH.detach().to(matmul_dtype or weight_VH.dtype)
-    chunk = _chunk_size(chunk_tokens, max(n_tokens, 1), vocab, hidden_size, None)
-    logits_buf = torch.empty(min(chunk, max(n_tokens, 1)), vocab, dtype=acc_dtype, device=hidden_NH.device)
-    scratch_buf = torch.empty(min(SCRATCH_ROWS, chunk), vocab, dtype=acc_dtype, device=hidden_NH.device)
+    if hidden_NH.shape[0] == 0:  # the probe's keys, empty
+        empty_0V = hidden_NH.new_empty(0, weight_VH.shape[0], dtype=_probe_dtype(hidden_NH))
+        return probe(params, empty_0V, inputs)
     parts: dict[str, list[torch.Tensor]] = {}
-    for start in range(0, max(n_tokens, 1), chunk):
-        end = min(start + chunk, n_tokens)
-        z_CV = logits_buf[: end - start]
-        _matmul_into(z_CV, hidden_NH[start:end].detach().to(weight_mm.dtype), weight_mm.t())
-        logp_CV = z_CV.sub_(_softmax_stats(z_CV, scratch_buf)[0])
+    for start, end, z_CV, lse_C1, _ in _no_grad_logit_chunks(hidden_NH, weight_VH, chunk_tokens, matmul_dtype):
+        logp_CV = z_CV.sub_(lse_C1)
         for key, value_C in probe(params, logp_CV, {k: v[start:end] for k, v in inputs.items()}).items():
             parts.setdefault(key, []).append(value_C)
     return {key: torch.cat(values) for key, values in parts.items()}

@@ -35,8 +35,22 @@ class Params(ClipParams):  # clip_low ε_lo, clip_high ε_hi (DAPO: 0.28): losse
     kl_estimator: Literal["k1", "k3"] = "k3"
 
 
+@dataclass
+class GroupAdvantageParams:
+    """The group-advantage keys of the objectives graded on a verifiable reward that reuse grpo's
+    advantage as it is (gspo, cispo, sapo): their Params inherit these two."""
+
+    normalize_std: bool = True  # false: A = r − group mean (Dr. GRPO)
+    std_epsilon: PositiveFloat = 1e-6  # ε in the std normalisation
+
+
+def reward_needs(params):
+    """The needs of an objective trained on the verifiable reward alone (gspo, cispo, sapo)."""
+    return frozenset({VERIFIABLE_REWARD})
+
+
 def needs(params):
-    return frozenset({VERIFIABLE_REWARD} | ({REFERENCE_TOKEN} if params.kl_coef > 0 else set()))
+    return reward_needs(params) | ({REFERENCE_TOKEN} if params.kl_coef > 0 else set())
 
 
 def prepare(params, batch, signals):

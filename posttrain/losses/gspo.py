@@ -21,26 +21,16 @@ from dataclasses import dataclass
 
 import torch
 
-from posttrain.losses.grpo import advantage_inputs
-from posttrain.losses.objective import VERIFIABLE_REWARD, Objective
+from posttrain.losses.grpo import GroupAdvantageParams, advantage_inputs, reward_needs
+from posttrain.losses.objective import Objective
 from posttrain.losses.policy_gradient import ClipParams, clipped_surrogate
-from posttrain.ranges import NonNegativeFloat, OpenFraction, PositiveFloat
+from posttrain.ranges import NonNegativeFloat, OpenFraction
 
 
 @dataclass
-class Params(ClipParams):
+class Params(GroupAdvantageParams, ClipParams):  # normalize_std, std_epsilon: grpo's group advantage
     clip_low: OpenFraction = 3e-4  # ε_lo on the sequence ratio (GSPO paper §5.1; TRL's GSPO setting)
     clip_high: NonNegativeFloat = 4e-4  # ε_hi (GSPO paper §5.1)
-    normalize_std: bool = True  # false: A = r − group mean
-    std_epsilon: PositiveFloat = 1e-6
-
-
-def needs(params):
-    return frozenset({VERIFIABLE_REWARD})
-
-
-def prepare(params, batch, signals):
-    return advantage_inputs(params, batch, signals)
 
 
 def current_policy(params, logprob_BT, batch):
@@ -63,5 +53,5 @@ def token_loss(params, logp_CJ, targets_CJ, inputs):
 
 OBJECTIVE = Objective(
     name="gspo", summary="GSPO: GRPO's group advantage with a sequence-level importance ratio and clip (GSPO-token form)",
-    Params=Params, token_loss=token_loss, on_policy=True, needs=needs, prepare=prepare, current_policy=current_policy,
+    Params=Params, token_loss=token_loss, on_policy=True, needs=reward_needs, prepare=advantage_inputs, current_policy=current_policy,
 )

@@ -17,25 +17,15 @@ from dataclasses import dataclass
 
 import torch
 
-from posttrain.losses.grpo import advantage_inputs
-from posttrain.losses.objective import VERIFIABLE_REWARD, Objective
+from posttrain.losses.grpo import GroupAdvantageParams, advantage_inputs, reward_needs
+from posttrain.losses.objective import Objective
 from posttrain.ranges import PositiveFloat
 
 
 @dataclass
-class Params:
+class Params(GroupAdvantageParams):  # normalize_std, std_epsilon: grpo's group advantage
     tau_pos: PositiveFloat = 1.0  # τ for positive advantages
     tau_neg: PositiveFloat = 1.05  # τ for negative (and zero) advantages
-    normalize_std: bool = True  # false: A = r − group mean
-    std_epsilon: PositiveFloat = 1e-6
-
-
-def needs(params):
-    return frozenset({VERIFIABLE_REWARD})
-
-
-def prepare(params, batch, signals):
-    return advantage_inputs(params, batch, signals)
 
 
 def token_loss(params, logp_CJ, targets_CJ, inputs):
@@ -51,5 +41,5 @@ def token_loss(params, logp_CJ, targets_CJ, inputs):
 
 OBJECTIVE = Objective(
     name="sapo", summary="SAPO: GRPO's group advantage, a sigmoid gate (4/τ)σ(τ(ρ−1)) instead of the hard clip",
-    Params=Params, token_loss=token_loss, on_policy=True, needs=needs, prepare=prepare,
+    Params=Params, token_loss=token_loss, on_policy=True, needs=reward_needs, prepare=advantage_inputs,
 )
