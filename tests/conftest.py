@@ -1,5 +1,7 @@
 """Fixtures shared by several test modules, built once per session."""
 
+import json
+
 import pytest
 
 from posttrain.config import TrainRecipe, from_dict
@@ -24,3 +26,21 @@ def models(tmp_path_factory):
     for recipe in (teacher, student):
         train(from_dict(TrainRecipe, recipe, "fixture"))
     return tmp / "runs" / "teacher" / "final", tmp / "runs" / "student" / "final"
+
+
+@pytest.fixture(scope="session")
+def boxer(tmp_path_factory):
+    """A tiny student that answers "Compute a - (a-1)." with \\boxed{1} or \\boxed{2}, about half
+    each, so the rewards of a group differ by construction, not by a seed's luck: SFT for a few
+    seconds, in-process (only a fixture)."""
+    from posttrain.train import train
+
+    tmp = tmp_path_factory.mktemp("boxer")
+    rows = tmp / "sft.jsonl"
+    rows.write_text("".join(json.dumps({"problem": f"Compute {a} - {a - 1}.", "solution": f"\\boxed{{{1 + k}}}"}) + "\n"
+                            for a in range(1, 9) for k in (0, 1)))
+    recipe = tiny_train_recipe(tmp, name="student", data={"source": str(rows), "prompt_field": "problem",
+                                                           "response_field": "solution", "max_length": 64},
+                               optim={"lr": 1e-2}, train={"epochs": 100, "batch_size": 16, "micro_batch_size": 16})
+    train(from_dict(TrainRecipe, recipe, "fixture"))
+    return tmp / "runs" / "student" / "final"

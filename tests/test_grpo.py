@@ -75,15 +75,15 @@ def _grpo_recipe(tmp_path, student, **objective):
     }
 
 
-def test_grpo_runs_without_a_teacher_and_reports_its_diagnostics(tmp_path, models):
-    student = models[0]  # the fixture's in-domain model: it solves a few problems, so rewards vary
-    recipe = _grpo_recipe(tmp_path, student, clip_high=0.28, kl_coef=0.05)
-    # The fixture's tiny model writes little but broken arithmetic; what it does write often is a last
-    # \boxed{1}. Prompts whose gold answer is 1 make some rewards 1 by construction of the task, not by
-    # luck of one seed (the synthetic problems it was trained on once gave it a lucky hit, then none).
+def test_grpo_runs_without_a_teacher_and_reports_its_diagnostics(tmp_path, boxer):
+    # The boxer answers "Compute a - (a-1)." with \boxed{1} or \boxed{2}, about half each: rewards of
+    # 1 and 0 in one group by construction of the fixture, on any machine (a model trained on the
+    # synthetic task gave a lucky hit on one CPU and none on another).
+    recipe = _grpo_recipe(tmp_path, boxer, clip_high=0.28, kl_coef=0.05)
     ones = tmp_path / "ones.jsonl"
     ones.write_text("".join(json.dumps({"problem": f"Compute {a} - {a - 1}.", "answer": "1"}) + "\n" for a in range(1, 65)))
     recipe["prompts"] = {"source": str(ones), "prompt_field": "problem", "answer_field": "answer"}
+    recipe["rollout"]["max_new_tokens"] = 24
     run_cli("rl", "--recipe", str(write_recipe(tmp_path, recipe)))
     rows = metrics_of(tmp_path / "runs" / "g")
     assert len(rows) == 2
@@ -93,8 +93,8 @@ def test_grpo_runs_without_a_teacher_and_reports_its_diagnostics(tmp_path, model
             assert key in row, key
         assert 0.0 <= row["verifiable_reward_mean"] <= 1.0 and 0.0 <= row["zero_advantage_group_frac"] <= 1.0
         assert "reverse_kl" not in row and "reward_mean" not in row  # no teacher, no teacher metrics
-    # the rewards are the grader's verdicts on the logged completions' boxed answers
-    assert any(row["verifiable_reward_mean"] > 0 for row in rows), rows
+    # the rewards are the grader's verdicts on the boxed answers: some right, some wrong
+    assert any(0 < row["verifiable_reward_mean"] < 1 for row in rows), rows
 
 
 def test_grpo_refuses_a_teacher_and_opd_requires_one(tmp_path, models):

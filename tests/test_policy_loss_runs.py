@@ -13,23 +13,6 @@ from posttrain.errors import UserError
 from posttrain.losses.aggregation import LENGTH_NORM, GlobalCounts, aggregate, micro_batch_aggregation, token_weights
 from tests.helpers import REPO, TINY, metrics_of, run_cli, tiny_train_recipe, write_recipe
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """(a tiny student that answers the prompts of _ones with \\boxed{1} or \\boxed{2}, about half
-    each, so a group's rewards differ): SFT for a few seconds, in-process (only a fixture)."""
-    from posttrain.train import train
-
-    tmp = tmp_path_factory.mktemp("models")
-    rows = tmp / "sft.jsonl"
-    rows.write_text("".join(json.dumps({"problem": f"Compute {a} - {a - 1}.", "solution": f"\\boxed{{{1 + k}}}"}) + "\n"
-                            for a in range(1, 9) for k in (0, 1)))
-    recipe = tiny_train_recipe(tmp, name="student", data={"source": str(rows), "prompt_field": "problem",
-                                                           "response_field": "solution", "max_length": 64},
-                               optim={"lr": 1e-2}, train={"epochs": 100, "batch_size": 16, "micro_batch_size": 16})
-    train(from_dict(TrainRecipe, recipe, "fixture"))
-    return (tmp / "runs" / "student" / "final",)
-
-
 # dcpo-math runs in test_dcpo_history_is_replayed_on_resume, drgrpo-math in test_the_loop_divides_by_groups_times_max_new_tokens
 EXAMPLES = ["gspo-math", "cispo-math", "sapo-math", "dapo-math"]
 
@@ -54,10 +37,10 @@ def _tiny(tmp_path, student, prompts=8, **rollout):
 
 
 @pytest.mark.parametrize("example", EXAMPLES)
-def test_example_recipe_runs_through_the_cli(tmp_path, models, example):
+def test_example_recipe_runs_through_the_cli(tmp_path, boxer, example):
     # the shipped 1024 is above the tiny max_new_tokens; 20 of 24: the fixture's 6-token answers are in the buffer
     extra = {"overlong_buffer": 20} if example == "dapo-math" else {}
-    run_cli("rl", "--recipe", str(REPO / "recipes" / "examples" / f"{example}.yaml"), *_tiny(tmp_path, models[0], **extra))
+    run_cli("rl", "--recipe", str(REPO / "recipes" / "examples" / f"{example}.yaml"), *_tiny(tmp_path, boxer, **extra))
     rows = metrics_of(tmp_path / "runs" / example)
     assert [row["step"] for row in rows] == [1, 2]
     for row in rows:
@@ -95,12 +78,12 @@ def test_length_norm_is_refused_offline_and_accepted_on_policy(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and not (tmp_path / "runs" / "t").exists()
 
 
-def test_the_loop_divides_by_groups_times_max_new_tokens(tmp_path, models):
+def test_the_loop_divides_by_groups_times_max_new_tokens(tmp_path, boxer):
     """One update over the same rollouts (same seed): seq-mean-token-sum-norm's loss and gradient
     are seq-mean-token-sum's divided by L = rollout.max_new_tokens (24 here)."""
     rows = {}
     for name, mode in (("norm", LENGTH_NORM), ("sum", "seq-mean-token-sum")):
-        args = _tiny(tmp_path, models[0]) + ["objective.name=grpo", f"name={name}", f"train.loss_aggregation={mode}",
+        args = _tiny(tmp_path, boxer) + ["objective.name=grpo", f"name={name}", f"train.loss_aggregation={mode}",
                                              "train.steps=1", "train.mini_batch_size=8", "train.micro_batch_size=3"]
         run_cli("rl", "--recipe", str(REPO / "recipes" / "examples" / "drgrpo-math.yaml"), *args)
         [rows[name]] = metrics_of(tmp_path / "runs" / name)
@@ -200,16 +183,16 @@ def _run_in_process(tmp_path, student, name, shift, **rollout):
     return row
 
 
-def test_truncated_importance_sampling_weights_every_token_by_the_capped_ratio(tmp_path, models):
-    plain = _run_in_process(tmp_path, models[0], "plain", 0.0)
+def test_truncated_importance_sampling_weights_every_token_by_the_capped_ratio(tmp_path, boxer):
+    plain = _run_in_process(tmp_path, boxer, "plain", 0.0)
     assert plain["rollout_logprob_gap"] < 1e-5 and "importance_weight_mean" not in plain  # off by default
     # π_rollout = π_old · e^{0.5}: every weight is e^{-0.5}, so the first update's gradient is e^{-0.5} times the plain one
-    low = _run_in_process(tmp_path, models[0], "low", 0.5, importance_cap=2.0)
+    low = _run_in_process(tmp_path, boxer, "low", 0.5, importance_cap=2.0)
     assert low["rollout_logprob_gap"] == pytest.approx(0.5, abs=1e-4)  # the measured gap is logged
     assert low["importance_weight_mean"] == pytest.approx(0.60653, abs=1e-4) and low["importance_capped_frac"] == 0
     assert low["grad_norm"] == pytest.approx(plain["grad_norm"] * 0.60653, rel=1e-3)
     # π_rollout = π_old · e^{-1}: the ratio e ≈ 2.72 is capped at 2
-    high = _run_in_process(tmp_path, models[0], "high", -1.0, importance_cap=2.0)
+    high = _run_in_process(tmp_path, boxer, "high", -1.0, importance_cap=2.0)
     assert high["importance_weight_mean"] == pytest.approx(2.0, abs=1e-5) and high["importance_capped_frac"] == 1.0
     assert high["grad_norm"] == pytest.approx(plain["grad_norm"] * 2.0, rel=1e-3)
     assert plain["grad_norm"] > 1e-4  # rewards varied: there is a gradient to scale
@@ -218,12 +201,12 @@ def test_truncated_importance_sampling_weights_every_token_by_the_capped_ratio(t
 # --- DCPO's prompt history across a resume -------------------------------------------------------
 
 
-def test_dcpo_history_is_replayed_on_resume(tmp_path, models):
+def test_dcpo_history_is_replayed_on_resume(tmp_path, boxer):
     """Two prompts, both drawn every step: step 3's advantages read two steps of history. A run
     resumed after step 2 (from its checkpoint and prompt_history.jsonl) logs what the straight
     run logs."""
     recipe = str(REPO / "recipes" / "examples" / "dcpo-math.yaml")
-    common = _tiny(tmp_path, models[0], prompts=2) + ["train.save_every=1"]
+    common = _tiny(tmp_path, boxer, prompts=2) + ["train.save_every=1"]
     run_cli("rl", "--recipe", recipe, *common, "name=straight", "train.steps=3")
     run_cli("rl", "--recipe", recipe, *common, "name=resumed", "train.steps=2")
     history = tmp_path / "runs" / "resumed" / "prompt_history.jsonl"
