@@ -102,6 +102,10 @@ def judge(claims: list[Claim], point: dict[str, float], draws: dict[str, np.ndar
 
 
 def _decide(v: Verdict) -> str:
+    if v.detectable == 0:
+        # the bootstrap difference has no spread (every score identical, e.g. both variants at 0% on
+        # every problem): it cannot estimate the noise, so no test can be decided on it
+        return INCONCLUSIVE
     if v.claim.margin is not None:
         if v.p_adjusted < ALPHA:
             return REPRODUCED
@@ -116,7 +120,8 @@ def markdown(verdicts: list[Verdict], title: str) -> str:
              "Each claim's test was fixed before the runs (posttrain/claims.py). Difference = A − B in points of the "
              "average accuracy, with its 95% bootstrap interval (seeds × problems); p: two-sided (non-inferiority: "
              "one-sided) bootstrap p-value, Holm-adjusted over the claims of this table; detectable: the smallest true "
-             "difference the test finds with 80% probability.", "",
+             "difference the test finds with 80% probability (0: the scores do not vary, so the bootstrap cannot "
+             "estimate the noise and the claim is inconclusive).", "",
              "| claim | source | A | B | seeds A/B | A − B [95% CI] | p (Holm) | detectable | verdict |",
              "|---|---|---|---|---|---|---|---|---|"]
     for v in verdicts:

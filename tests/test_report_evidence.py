@@ -137,6 +137,20 @@ def test_a_claim_the_runs_contradict_and_one_they_cannot_decide():
     assert tie.verdict == claims.INCONCLUSIVE and tie.detectable > abs(tie.difference)
 
 
+def test_a_claim_on_scores_that_never_vary_is_inconclusive():
+    """Both variants at 0% on every problem: the bootstrap difference is exactly 0 with no spread. A
+    non-inferiority claim would read as proven (p = 0 of falling below −margin) and "A > B" as a tie;
+    neither test has a noise estimate, so both are inconclusive (32 samples at 0% still allow ~9 points)."""
+    floor = np.zeros((1, 16))
+    table = {"lsm-student-topk": [floor], "lsm": [floor], "dft": [floor], "sft": [floor]}
+    draws = stats.bootstrap(table)
+    points = {k: stats.point(v) for k, v in table.items()}
+    chosen = [c for c in claims.CLAIMS if c.key in ("lsm-student-topk≈lsm", "dft>sft")]
+    verdicts = claims.judge(chosen, points, draws, {k: 1 for k in table})
+    assert [v.verdict for v in verdicts] == [claims.INCONCLUSIVE, claims.INCONCLUSIVE]
+    assert all(v.detectable == 0 for v in verdicts)
+
+
 def test_holm_adjusts_in_order():
     assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
 
