@@ -11,7 +11,7 @@ from posttrain.config import RLRecipe
 from posttrain.data.templates import resolve_context_template, resolve_template
 from posttrain.errors import UserError
 from posttrain.losses import OBJECTIVES
-from posttrain.losses.objective import STUDENT_TOPK, TEACHER_SOURCES, VALUE, VERIFIABLE_REWARD
+from posttrain.losses.objective import PROMPT_HISTORY, STUDENT_TOPK, TEACHER_SOURCES, VALUE, VERIFIABLE_REWARD
 from posttrain.models import check_rollout_fits
 from posttrain.progress import console
 from posttrain.trackers import check_installed
@@ -109,9 +109,16 @@ def _check_grouped(recipe: RLRecipe, needs: frozenset[str]) -> None:
             raise UserError(f": drops groups whose rewards are all equal, and {recipe.objective.name} has no verifiable "
                             "reward; remove it", key="rollout.dynamic_sampling")
         return
+    name = recipe.objective.name
+    if recipe.rollout.dynamic_sampling and needs & {VALUE, PROMPT_HISTORY}:
+        # dynamic sampling drops a group of equal rewards as one whose advantage is 0; with a critic's
+        # baseline (ppo) or a prompt's reward history (dcpo's smooth_std) such a group still trains
+        why = "its critic's value" if VALUE in needs else "the prompt's reward history (objective.smooth_std)"
+        fix = "" if VALUE in needs else ", or set objective.smooth_std: false"
+        raise UserError(f": drops groups whose rewards are all equal as if they trained nothing, but {name}'s advantage "
+                        f"is relative to {why}, so they do train; remove it{fix}", key="rollout.dynamic_sampling")
     if VALUE in needs:
         return
-    name = recipe.objective.name
     if recipe.rollout.samples_per_prompt < 2:
         raise UserError(f": {name} compares each rollout with the other rollouts of its prompt; with 1 every "
                         "advantage is 0 and nothing trains; use ≥ 2", key="rollout.samples_per_prompt")
@@ -160,12 +167,14 @@ def _check_sizes(recipe: RLRecipe, world_size: int) -> None:
 def _check_shaping(recipe: RLRecipe, needs: frozenset[str], world_size: int) -> None:
     """rl_shaping.py's options: each only where it means something."""
     from posttrain.losses.aggregation import LENGTH_NORM
-    from posttrain.losses.objective import PROMPT_HISTORY
 
     rollout, name = recipe.rollout, recipe.objective.name
     if recipe.train.loss_aggregation == LENGTH_NORM and VALUE in needs:
         raise UserError(f": the value model of {name} aggregates its loss with the same mode and has no constant "
                         "length; use seq-mean-token-sum or token-mean", key="train.loss_aggregation")
+    if rollout.overlong_buffer is None and rollout.overlong_penalty != type(rollout).overlong_penalty:  # not the default
+        raise UserError(f"({rollout.overlong_penalty:g}) scales the overlong shaping, which is off; set "
+                        "rollout.overlong_buffer too, or remove it", key="rollout.overlong_penalty")
     if rollout.overlong_buffer is not None:
         if VERIFIABLE_REWARD not in needs:
             raise UserError(f": shapes a verifiable reward, and {name} has none; remove it", key="rollout.overlong_buffer")

@@ -131,6 +131,11 @@ def test_shaping_enters_the_group_advantage():
     ({"rollout": {"importance_cap": 2.0, "temperature": 0.7}}, "rollout.importance_cap"),
     ({"objective": {"name": "ppo"}, "critic": {"lr": 1e-5}, "train": {"loss_aggregation": LENGTH_NORM}},
      "train.loss_aggregation"),  # the critic shares the mode and has no L
+    ({"rollout": {"overlong_penalty": 2.0}}, "rollout.overlong_penalty"),  # the shaping is off: it would be ignored
+    # a group of equal rewards still trains against a critic's V or a prompt's history: dropping it loses signal
+    ({"objective": {"name": "ppo"}, "critic": {"lr": 1e-5}, "rollout": {"dynamic_sampling": True}},
+     "rollout.dynamic_sampling"),
+    ({"objective": {"name": "dcpo"}, "rollout": {"dynamic_sampling": True}}, "rollout.dynamic_sampling"),
 ])
 def test_shaping_options_are_refused_where_they_mean_nothing(settings, key):
     from posttrain.rl_checks import validate
