@@ -120,3 +120,15 @@ def test_resume_under_other_versions_is_recorded(tmp_path, finished_run):
     assert json.loads((run_dir / "versions.json").read_text()) == recorded
     [change] = [json.loads(line) for line in (run_dir / "config_changes.jsonl").read_text().splitlines()]
     assert change["changed"] == {"versions.torch": {"before": "0.0.1", "after": recorded["torch"]}}
+
+
+@pytest.mark.parametrize("objective,unused", [
+    ({"name": "tdpo", "variant": "tdpo1", "alpha": 0.9}, "alpha"),  # α weighs TDPO2's KL term only
+    ({"name": "grpo", "kl_estimator": "k1"}, "kl_estimator"),  # kl_coef 0: no KL term to estimate
+])
+def test_an_objective_key_its_settings_never_read_is_refused(tmp_path, objective, unused):
+    """Accepted and ignored, tdpo1 with alpha 0.9 trained byte-identically to alpha 0.5."""
+    recipe = write_recipe(tmp_path, tiny_train_recipe(tmp_path, objective=objective))
+    line = one_error_line(run_cli("train", "--recipe", str(recipe), check=False))
+    assert f"key 'objective.{unused}' is not used" in line and "remove it" in line
+    assert not (tmp_path / "runs").exists()

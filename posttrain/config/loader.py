@@ -157,7 +157,11 @@ def _objective(raw: Any, key: str, where: _Where) -> ObjectiveConfig:
     if name not in OBJECTIVES:
         where.fail(f"{key}.name", f"must be one of: {', '.join(OBJECTIVES)}; got {name!r}")
     rest = {k: v for k, v in raw.items() if k != "name"}
-    return ObjectiveConfig(name=name, params=_build(OBJECTIVES[name].Params, rest, key, where))
+    params = _build(OBJECTIVES[name].Params, rest, key, where)
+    for unused, why in OBJECTIVES[name].unused_keys(params).items():
+        if unused in rest:
+            where.fail(f"{key}.{unused}", f"is not used {why}; remove it")
+    return ObjectiveConfig(name=name, params=params)
 
 
 def _coerce(value: Any, hint: Any, key: str, where: _Where) -> Any:

@@ -49,6 +49,10 @@ def reward_needs(params):
     return frozenset({VERIFIABLE_REWARD})
 
 
+def unused_keys(params):
+    return {"kl_estimator": "with kl_coef 0 (no KL term)"} if params.kl_coef == 0 else {}
+
+
 def needs(params):
     return reward_needs(params) | ({REFERENCE_TOKEN} if params.kl_coef > 0 else set())
 
@@ -107,5 +111,5 @@ def token_loss(params, logp_CJ, targets_CJ, inputs):
 
 OBJECTIVE = Objective(
     name="grpo", summary="GRPO: group-normalised verifiable reward, PPO-clip (DAPO clip-higher), optional KL to the start",
-    Params=Params, token_loss=token_loss, on_policy=True, needs=needs, prepare=prepare,
+    Params=Params, token_loss=token_loss, on_policy=True, needs=needs, prepare=prepare, unused_keys=unused_keys,
 )

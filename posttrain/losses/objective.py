@@ -101,6 +101,10 @@ def no_support(params: Any) -> Support | None:
     return None
 
 
+def none_unused(params: Any) -> dict[str, str]:
+    return {}
+
+
 @dataclass(frozen=True)
 class Objective:
     """One registered training objective. See losses/sft.py for the smallest example."""
@@ -142,3 +146,7 @@ class Objective:
     # model's "token" log-probs of each response token (dpo) or its full "vocab" distribution at each
     # response position (tdpo) as π_ref (posttrain/preference.py); None: not a pair objective.
     preference_pairs: Literal["token", "vocab"] | None = None
+    # unused_keys(params) -> {key: why}: params keys that these settings never read (tdpo's alpha
+    # under tdpo1). The loader refuses such a key when the recipe sets it: an option that is
+    # accepted and silently ignored reads as an experiment that was not run.
+    unused_keys: Callable[[Any], dict[str, str]] = none_unused

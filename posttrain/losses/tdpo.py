@@ -48,6 +48,10 @@ class Params:
     variant: Literal["tdpo1", "tdpo2"] = "tdpo2"  # the authors' default: if_tdpo2 true
 
 
+def unused_keys(params):
+    return {"alpha": "by variant tdpo1 (α weighs TDPO2's KL term only)"} if params.variant == "tdpo1" else {}
+
+
 def pair_loss(params, delta_P2: torch.Tensor, kl_P2: torch.Tensor) -> torch.Tensor:
     """L per pair from [Δ(y_w), Δ(y_l)] and [D(y_w), D(y_l)]."""
     margin_P = delta_P2[:, 0] - delta_P2[:, 1]
@@ -97,5 +101,5 @@ def token_loss(params, logp_CJ, targets_CJ, inputs):
 OBJECTIVE = Objective(
     name="tdpo", summary="TDPO1/TDPO2: DPO with the sequential full-vocabulary KL(π_ref ‖ π_θ) of each response",
     Params=Params, token_loss=token_loss, targets=targets, current_policy=current_policy,
-    current_policy_probe=probe, preference_pairs="vocab",
+    current_policy_probe=probe, preference_pairs="vocab", unused_keys=unused_keys,
 )
