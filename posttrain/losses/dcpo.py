@@ -2,7 +2,9 @@
 two changes, each a flag here.
 
 Dynamic-adaptive clipping (DAC, the paper's §4.1): the ratio's band depends on the token's old
-probability q = π_old(y_t), from |(ρ − 1) q| ≤ ε instead of |ρ − 1| ≤ ε:
+probability q = π_old(y_t): the band bounds the change of the token's probability weighted by its
+new probability, |ρ − 1| · ρ q ≤ ε (ρ q = π_θ(y_t); a quadratic in ρ), instead of |ρ − 1| ≤ ε.
+Its roots, with the lower one floored at 0.5 where 4 ε_lo > q:
 
     0.5 + ½ √max(1 − 4 ε_lo / q, 0)  ≤  ρ_t  ≤  0.5 + ½ √(1 + 4 ε_hi / q)
 
