@@ -75,7 +75,7 @@ def report(paths: list[Path], out: Path, with_papers: bool = True, split_protoco
 
 def _check_variants(runs: list[Run]) -> None:
     """Seeds of one variant must be one recipe: a row averaging two settings is two rows mixed."""
-    ignored = {"name", "seed", "out_dir", "versions"}
+    ignored = {"name", "seed", "out_dir", "versions", "command"}  # command: how the CLI was called (names, seeds)
     for variant, group in variants(runs):
         first = {k: v for k, v in group[0].config.items() if k not in ignored}
         for run in group[1:]:

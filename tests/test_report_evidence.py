@@ -180,3 +180,12 @@ def test_seeds_of_one_row_must_share_their_recipe(tmp_path):
     with pytest.raises(UserError, match="seeds of one row \\(sft\\) but their recipes differ in optim"):
         report([runs], tmp_path / "out")
     assert base.exists()
+    # the command line each run records differs between seeds by construction (name=…-seedN seed=N):
+    # provenance, not the recipe (the whole mini reproduction was refused on it)
+    for seed in (0, 1):
+        path = runs / f"sft-seed{seed}" / "config.yaml"
+        config = yaml.safe_load(path.read_text())
+        config.pop("optim", None)
+        config["command"] = ["train", "--recipe", "recipes/mini/sft.yaml", f"name=sft-seed{seed}", f"seed={seed}"]
+        path.write_text("# posttrain train\n" + yaml.safe_dump(config))
+    report([runs], tmp_path / "out")
