@@ -153,6 +153,7 @@ def _claims(runs, benchmarks, summary) -> str:
     seeds = {label: len(row.runs) for label, row in usable.items()}
     verdicts = claims_mod.judge(claims_mod.CLAIMS, points, draws, seeds)
     checks = claims_mod.judge(claims_mod.TESTBED_CHECKS, points, draws, seeds)
+    claims_mod.apply_preconditions(verdicts, checks)
     summary["claims"] = claims_mod.summary(verdicts)
     summary["testbed_checks"] = claims_mod.summary(checks)
     return (claims_mod.markdown(verdicts, "Claims of the papers, tested on these runs") + "\n\n"

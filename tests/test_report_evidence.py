@@ -151,6 +151,25 @@ def test_a_claim_on_scores_that_never_vary_is_inconclusive():
     assert all(v.detectable == 0 for v in verdicts)
 
 
+def test_distillation_claims_are_untestable_when_the_teacher_is_not_better():
+    """A teacher 35 points below its student made "distillation improves the student" read as
+    contradicted: a verdict on the paper's claim drawn from a broken testbed."""
+    rng = np.random.default_rng(1)
+    draw = lambda rate: (rng.random((1, 300)) < rate).astype(float)  # noqa: E731
+    table = {"base": [draw(0.4)], "teacher": [draw(0.06)], "opd": [draw(0.25)], "sft": [draw(0.7)]}
+    draws = stats.bootstrap(table)
+    points = {k: stats.point(v) for k, v in table.items()}
+    seeds = {k: 1 for k in table}
+    chosen = [c for c in claims.CLAIMS if c.key in ("opd>student", "sft>base")]
+    verdicts = claims.judge(chosen, points, draws, seeds)
+    checks = claims.judge(claims.TESTBED_CHECKS, points, draws, seeds)
+    assert checks[0].verdict == claims.CONTRADICTED
+    claims.apply_preconditions(verdicts, checks)
+    by_key = {v.claim.key: v for v in verdicts}
+    assert by_key["opd>student"].verdict == claims.UNTESTABLE and by_key["opd>student"].difference < 0
+    assert by_key["sft>base"].verdict == claims.REPRODUCED  # needs no teacher
+
+
 def test_holm_adjusts_in_order():
     assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
 
