@@ -14,7 +14,8 @@ from posttrain.losses.aggregation import LENGTH_NORM, GlobalCounts, aggregate, m
 from tests.helpers import REPO, TINY, metrics_of, run_cli, tiny_train_recipe, write_recipe
 
 # dcpo-math runs in test_dcpo_history_is_replayed_on_resume, drgrpo-math in test_the_loop_divides_by_groups_times_max_new_tokens
-EXAMPLES = ["gspo-math", "cispo-math", "sapo-math", "dapo-math"]
+EXAMPLES = ["gspo-math", pytest.param("cispo-math", marks=pytest.mark.slow), pytest.param("sapo-math", marks=pytest.mark.slow),
+            pytest.param("dapo-math", marks=pytest.mark.slow)]  # one in make test, the others in make test-slow
 
 
 def _ones(tmp_path, count=8):
@@ -78,6 +79,8 @@ def test_length_norm_is_refused_offline_and_accepted_on_policy(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and not (tmp_path / "runs" / "t").exists()
 
 
+# make test-slow (CI runs it): make test keeps one CLI run per family under ~15 min on 2 cores
+@pytest.mark.slow
 def test_the_loop_divides_by_groups_times_max_new_tokens(tmp_path, boxer):
     """One update over the same rollouts (same seed): seq-mean-token-sum-norm's loss and gradient
     are seq-mean-token-sum's divided by L = rollout.max_new_tokens (24 here)."""
@@ -206,6 +209,8 @@ def test_truncated_importance_sampling_weights_every_token_by_the_capped_ratio(t
 # --- DCPO's prompt history across a resume -------------------------------------------------------
 
 
+# make test-slow (CI runs it): make test keeps one CLI run per family under ~15 min on 2 cores
+@pytest.mark.slow
 def test_dcpo_history_is_replayed_on_resume(tmp_path, boxer):
     """Two prompts, both drawn every step: step 3's advantages read two steps of history. A run
     resumed after step 2 (from its checkpoint and prompt_history.jsonl) logs what the straight

@@ -104,6 +104,7 @@ def test_float64_engine_matches_the_reference_to_rounding(name, params):
     assert ref_h.abs().max() > 1e-3  # the case trains something: a test that cannot fail would pass on zeros
 
 
+@pytest.mark.slow  # 10–20 s each; the fp32/float64 value-and-gradient checks against the reference stay in make test
 @pytest.mark.parametrize("name,params", [("sapo", sapo.Params(tau_pos=0.5, tau_neg=3.0)),
                                          ("dcpo", dcpo.Params(clip_low=0.01, clip_high=0.01, dual_clip=2.0))])
 def test_float64_gradcheck(name, params):

@@ -82,6 +82,8 @@ def test_policy_equal_to_reference_gives_log_2():
         assert abs(loss.item() - math.log(2)) < 1e-14
 
 
+# make test-slow (CI runs it): make test keeps one CLI run per family under ~15 min on 2 cores
+@pytest.mark.slow
 def test_train_tdpo_through_the_cli(tmp_path):
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"What is {i} + 1?", "chosen": f"\\boxed{{{i + 1}}}",
