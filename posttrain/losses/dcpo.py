@@ -40,6 +40,7 @@ import torch
 
 from posttrain.losses.grpo import group_advantages, shaped_rewards
 from posttrain.losses.objective import PROMPT_HISTORY, VERIFIABLE_REWARD, Objective
+from posttrain.losses.policy_gradient import dual_clip
 from posttrain.ranges import Bounds, NonNegativeFloat, PositiveFloat
 
 MIN_RATIO_CAP = 10.0  # the official code's upper bound never exceeds max(c, 10)
@@ -112,10 +113,9 @@ def token_loss(params, logp_CJ, targets_CJ, inputs):
     low_C, high_C = ratio_bounds(params, old_C)
     unclipped_C = -advantage_C * ratio_C
     clipped_C = -advantage_C * torch.minimum(torch.maximum(ratio_C, low_C), high_C)
-    loss_C = torch.maximum(unclipped_C, clipped_C)
-    dual_C = (advantage_C < 0) & (loss_C > -advantage_C * params.dual_clip)
-    loss_C = torch.where(dual_C, -advantage_C * params.dual_clip, loss_C)
-    return loss_C, {"clip_frac": ((clipped_C > unclipped_C) | dual_C).to(logp_C.dtype), "ratio": ratio_C.detach(),
+    loss_C, clipped = dual_clip(torch.maximum(unclipped_C, clipped_C), clipped_C > unclipped_C, advantage_C,
+                                params.dual_clip)
+    return loss_C, {"clip_frac": clipped.to(logp_C.dtype), "ratio": ratio_C.detach(),
                     "clip_low_bound": low_C, "clip_high_bound": high_C, "advantage": advantage_C}
 
 

@@ -183,16 +183,6 @@ def head_token_logprob(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, target_
     for start, end, z_CV, lse_C1, _ in _no_grad_logit_chunks(hidden_NH, weight_VH, chunk_tokens, matmul_dtype):
         logprob_N[start:end] = (z_CV.gather(1, target_ids_N[start:end, None]) - lse_C1).squeeze(1)
     return logprob_N
-    chunk = _chunk_size(chunk_tokens, n_tokens, vocab, hidden_size, None)
-    logits_buf = torch.empty(chunk, vocab, dtype=acc_dtype, device=hidden_NH.device)
-    scratch_buf = torch.empty(min(SCRATCH_ROWS, chunk), vocab, dtype=acc_dtype, device=hidden_NH.device)
-    for start in range(0, n_tokens, chunk):
-        end = min(start + chunk, n_tokens)
-        z_CV = logits_buf[: end - start]
-        _matmul_into(z_CV, hidden_NH[start:end].detach().to(weight_mm.dtype), weight_mm.t())
-        lse_C1 = _softmax_stats(z_CV, scratch_buf)[0]
-        logprob_N[start:end] = (z_CV.gather(1, target_ids_N[start:end, None]) - lse_C1).squeeze(1)
-    return logprob_N
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ from typing import Annotated, Literal
 import torch
 
 from posttrain.losses.objective import TEACHER_TOKEN, Objective
-from posttrain.losses.policy_gradient import ClipParams, clipped_surrogate
+from posttrain.losses.policy_gradient import ClipParams, clipped_surrogate, dual_clip
 from posttrain.ranges import Bounds, PositiveFloat, Probability
 
 
@@ -79,11 +79,7 @@ def token_loss(params, logp_CJ, targets_CJ, inputs):
     if not params.ppo_clip:
         return -adv_C * logp_C, stats
     loss_C, ratio_C, clipped = clipped_surrogate(params, logp_C, inputs["old_logprob"], adv_C)
-    if params.dual_clip is not None:
-        bound_C = -adv_C * params.dual_clip
-        dual = (adv_C < 0) & (loss_C > bound_C)
-        loss_C = torch.where(dual, bound_C, loss_C)
-        clipped = clipped | dual
+    loss_C, clipped = dual_clip(loss_C, clipped, adv_C, params.dual_clip)
     return loss_C, {**stats, "clip_frac": clipped.to(logp_C.dtype), "ratio": ratio_C}
 
 

@@ -31,3 +31,14 @@ def clipped_surrogate(params: ClipParams, logp_C: torch.Tensor, old_logprob_C: t
     unclipped_C = -advantage_C * ratio_C
     clipped_C = -advantage_C * ratio_C.clamp(1.0 - params.clip_low, 1.0 + params.clip_high)
     return torch.maximum(unclipped_C, clipped_C), ratio_C, clipped_C > unclipped_C
+
+
+def dual_clip(loss_C: torch.Tensor, clipped_C: torch.Tensor, advantage_C: torch.Tensor,
+              c: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dual clip (Ye et al. 2020; verl's clip_ratio_c): for A < 0 the loss is at most −A·c, so
+    one token whose ratio exploded cannot dominate the step. (loss_C, clipped_C); c None: unchanged."""
+    if c is None:
+        return loss_C, clipped_C
+    bound_C = -advantage_C * c
+    dual_C = (advantage_C < 0) & (loss_C > bound_C)
+    return torch.where(dual_C, bound_C, loss_C), clipped_C | dual_C

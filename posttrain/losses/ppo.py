@@ -36,7 +36,7 @@ import torch
 
 from posttrain.losses.grpo import shaped_rewards
 from posttrain.losses.objective import REFERENCE_TOKEN, VALUE, VERIFIABLE_REWARD, Objective
-from posttrain.losses.policy_gradient import ClipParams, clipped_surrogate
+from posttrain.losses.policy_gradient import ClipParams, clipped_surrogate, dual_clip
 from posttrain.ranges import Bounds, NonNegativeFloat, Probability
 
 WHITEN_EPSILON = 1e-8  # verl's masked_whiten: rsqrt(var + 1e-8)
@@ -102,11 +102,7 @@ def whiten(x_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
 def token_loss(params, logp_CJ, targets_CJ, inputs):
     logp_C, advantage_C = logp_CJ[:, 0], inputs["advantage"].to(logp_CJ.dtype)
     loss_C, ratio_C, clipped_C = clipped_surrogate(params, logp_C, inputs["old_logprob"], advantage_C)
-    if params.dual_clip is not None:
-        bound_C = -advantage_C * params.dual_clip
-        dual_C = (advantage_C < 0) & (loss_C > bound_C)
-        loss_C = torch.where(dual_C, bound_C, loss_C)
-        clipped_C = clipped_C | dual_C
+    loss_C, clipped_C = dual_clip(loss_C, clipped_C, advantage_C, params.dual_clip)
     return loss_C, {"clip_frac": clipped_C.to(logp_C.dtype), "ratio": ratio_C, "advantage": advantage_C}
 
 
