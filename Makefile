@@ -70,6 +70,7 @@ test-vllm: $(VLLM_STAMP)
 # Speed and memory of the chunked LM head vs dense cross-entropy, grading throughput, then
 # generation throughput hf vs vllm (only where .venv-vllm exists: `make test-vllm` builds it).
 bench: $(STAMP) sandbox
+	$(BIN)/python bench/rl_bench.py
 	$(BIN)/python bench/head_bench.py
 	$(BIN)/python bench/grading_bench.py
 	$(BIN)/python bench/packing_bench.py

@@ -30,7 +30,7 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("generate", "score", "train")
 SETTINGS = ["rollout.prompts_per_step=8", "rollout.samples_per_prompt=8", "rollout.max_new_tokens=96",
-            "train.mini_batch_size=32", "train.micro_batch_size=32", "save_every_off=1"]
+            "train.mini_batch_size=32", "train.micro_batch_size=32"]
 
 
 def posttrain(*args: str, python: str = sys.executable) -> None:
@@ -93,7 +93,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="rl_bench_") as tmp:
         work = Path(tmp)
         if args.student and args.teacher:
-            student, teacher, models = args.student.resolve(), args.teacher.resolve(), f"student {args.student}"
+            student, teacher, models = args.student.absolute(), args.teacher.absolute(), f"student {args.student}"
         else:
             student, teacher = short_models(work / "models")
             models = "a mini base trained 200 steps, teacher 60 steps"
@@ -102,7 +102,7 @@ def main() -> None:
             for objective in args.objectives.split(","):
                 results[(objective, backend)] = run_one(objective, backend, student, teacher, args.steps, work / "runs",
                                                         sys.executable)
-    Console().print(table(results, models))
+    Console(width=200).print(table(results, models))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({f"{o}/{b}": r for (o, b), r in results.items()}, indent=1))
 
