@@ -11,7 +11,7 @@ from posttrain.errors import UserError, in_recipe
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-    help="Token-level post-training experiments: train (SFT/DFT/OTR), rl (OPD/LSM/GRPO; alias distill), eval, report.",
+    help="Token-level post-training experiments: train (SFT/DFT/OTR/DPO/...), rl (OPD/LSM/GRPO/PPO/...; alias distill), eval, report.",
 )
 
 RECIPE = typer.Option(..., "--recipe", "-r", help="YAML recipe (see `posttrain recipes`).")
@@ -27,7 +27,8 @@ ALLOW_CHANGED = typer.Option(False, "--allow-changed-recipe", help="With --resum
 @app.command()
 def train(recipe: Path = RECIPE, overrides: list[str] = OVERRIDES, resume: bool = RESUME,
           allow_changed_recipe: bool = ALLOW_CHANGED) -> None:
-    """Train with an offline objective (sft, dft, otr) on demonstrations; writes runs/<name>/."""
+    """Train with an offline objective on demonstrations (sft, dft, otr; kd_topk from a teacher cache) or on
+    preference pairs (dpo, tdpo); writes runs/<name>/."""
     from posttrain.config import TrainRecipe, load_recipe
     from posttrain.train import train as run
 
@@ -39,8 +40,9 @@ def train(recipe: Path = RECIPE, overrides: list[str] = OVERRIDES, resume: bool 
 @app.command()
 def rl(recipe: Path = RECIPE, overrides: list[str] = OVERRIDES, resume: bool = RESUME,
        allow_changed_recipe: bool = ALLOW_CHANGED, check: bool = CHECK) -> None:
-    """On-policy training (opd, lsm, grpo): the student samples; a teacher, a reference policy or a
-    grader scores what the objective declares; writes runs/<name>/."""
+    """On-policy training (opd, lsm, forward_kl, jsd; grpo, gspo, cispo, sapo, dcpo, ppo): the student
+    samples; a teacher, a reference policy, a critic or a grader scores what the objective declares;
+    writes runs/<name>/."""
     from posttrain.config import RLRecipe, load_recipe
     from posttrain.rl import check as check_recipe
     from posttrain.rl import rl as run
