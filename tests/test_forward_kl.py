@@ -9,7 +9,9 @@ from posttrain.losses import OBJECTIVES, forward_kl, head_loss
 from posttrain.losses.objective import TEACHER_TOPK, Support
 from tests.helpers import metrics_of, run_cli, write_recipe
 from tests.test_distill import distill_recipe
-from tests.test_losses import K, engine_run, inputs_for, make_problem, reference_run
+from tests.test_losses import (
+    K, assert_float64_matches_reference, assert_fp32_chunks_match_reference, engine_run, inputs_for, make_problem,
+)
 
 CASES = [forward_kl.Params(k=K), forward_kl.Params(k=K, renormalize=False)]
 
@@ -17,24 +19,12 @@ CASES = [forward_kl.Params(k=K), forward_kl.Params(k=K, renormalize=False)]
 @pytest.mark.parametrize("params", CASES, ids=str)
 @pytest.mark.parametrize("chunk", [1, 7, None])
 def test_chunked_equals_plain_fp32(params, chunk):
-    hidden, weight, batch, _ = make_problem()
-    inputs = inputs_for("forward_kl", params, batch)
-    loss, grad_h, grad_w, _ = engine_run("forward_kl", params, hidden, weight, inputs, chunk)
-    ref_loss, ref_h, ref_w = reference_run("forward_kl", params, hidden, weight, inputs)
-    torch.testing.assert_close(loss, ref_loss, rtol=2e-5, atol=2e-5)
-    torch.testing.assert_close(grad_h, ref_h, rtol=2e-5, atol=2e-5)
-    torch.testing.assert_close(grad_w, ref_w, rtol=2e-5, atol=2e-5)
+    assert_fp32_chunks_match_reference("forward_kl", params, chunk)
 
 
 @pytest.mark.parametrize("params", CASES, ids=str)
 def test_float64_matches_the_formula_to_rounding(params):
-    hidden, weight, batch, _ = make_problem(torch.float64)
-    inputs = inputs_for("forward_kl", params, batch)
-    loss, grad_h, grad_w, _ = engine_run("forward_kl", params, hidden, weight, inputs, chunk=6)
-    ref_loss, ref_h, ref_w = reference_run("forward_kl", params, hidden, weight, inputs)
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-11, atol=1e-11)
-    torch.testing.assert_close(grad_h, ref_h, rtol=1e-10, atol=1e-11)
-    torch.testing.assert_close(grad_w, ref_w, rtol=1e-10, atol=1e-11)
+    assert_float64_matches_reference("forward_kl", params)
 
 
 @pytest.mark.parametrize("params", CASES, ids=str)

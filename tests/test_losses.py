@@ -93,9 +93,9 @@ def reference_run(name, params, hidden, weight, inputs, seed=0):
     return loss.detach(), h.grad, w.grad
 
 
-@pytest.mark.parametrize("name,params", CASES, ids=CASE_IDS)
-@pytest.mark.parametrize("chunk", [1, 7, 13, None])
-def test_chunked_equals_plain_fp32(name, params, chunk):
+def assert_fp32_chunks_match_reference(name, params, chunk):
+    """The engine in fp32 with the LM head in chunks of `chunk` tokens against the float64-written
+    reference: loss and both gradients (the check every objective's test file runs)."""
     hidden, weight, batch, _ = make_problem()
     inputs = inputs_for(name, params, batch)
     loss, grad_h, grad_w, _ = engine_run(name, params, hidden, weight, inputs, chunk)
@@ -105,8 +105,8 @@ def test_chunked_equals_plain_fp32(name, params, chunk):
     torch.testing.assert_close(grad_w, ref_w, rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("name,params", CASES, ids=CASE_IDS)
-def test_float64_matches_reference_to_rounding(name, params):
+def assert_float64_matches_reference(name, params):
+    """The engine in float64 against the reference: equal to rounding, loss and both gradients."""
     hidden, weight, batch, _ = make_problem(torch.float64)
     inputs = inputs_for(name, params, batch)
     loss, grad_h, grad_w, _ = engine_run(name, params, hidden, weight, inputs, chunk=6)
@@ -114,6 +114,17 @@ def test_float64_matches_reference_to_rounding(name, params):
     torch.testing.assert_close(loss, ref_loss, rtol=1e-11, atol=1e-11)
     torch.testing.assert_close(grad_h, ref_h, rtol=1e-10, atol=1e-11)
     torch.testing.assert_close(grad_w, ref_w, rtol=1e-10, atol=1e-11)
+
+
+@pytest.mark.parametrize("name,params", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("chunk", [1, 7, 13, None])
+def test_chunked_equals_plain_fp32(name, params, chunk):
+    assert_fp32_chunks_match_reference(name, params, chunk)
+
+
+@pytest.mark.parametrize("name,params", CASES, ids=CASE_IDS)
+def test_float64_matches_reference_to_rounding(name, params):
+    assert_float64_matches_reference(name, params)
 
 
 GRADCHECK_CASES = [(c, i) for c, i in zip(CASES, CASE_IDS) if c[0] not in ("otr", "dft")]
