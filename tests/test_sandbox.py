@@ -19,6 +19,7 @@ from posttrain.eval import code_sandbox
 from posttrain.eval.code_sandbox import CodeSandbox, assemble_program
 from posttrain.eval.sandbox_wire import WireError, decode, encode
 from tests.helpers import BENCHMARKS, REPO, run_cli
+from tests.sandbox_attacks import THREAD_BOUND
 
 DATA = BENCHMARKS
 HUMANEVAL = DATA / "humaneval.jsonl.gz"
@@ -461,20 +462,10 @@ HOSTILE = {**FORGERS, **INTRUDERS}
 # (~700 at 512 MB as an ordinary user, enough for a few samples to use up a machine's PIDs), nor
 # hold memory outside its address-space limit (System V shared memory: 900 MB at a 512 MB limit).
 CONTAINED = """
-import os as _os, threading as _threading
+import os as _os
 _visible = [p for p in ("/usr/local", "/usr/src", "/usr/include", "/usr/share/doc", "/home", "/work") if _os.path.exists(p)]
 assert not _visible, f"host directories visible: {_visible}"
-_stop, _started = _threading.Event(), 0
-_threading.stack_size(32768)
-try:
-    for _ in range(100):
-        _threading.Thread(target=_stop.wait, daemon=True).start()
-        _started += 1
-except RuntimeError:
-    pass
-_stop.set()
-_threading.stack_size(0)
-assert 32 <= _started < 64, f"{_started} threads: a pool of 32 must work, a bomb must not"
+""" + THREAD_BOUND + """
 import ctypes as _ctypes
 _libc = _ctypes.CDLL(None)
 assert _libc.shmget(0, 2**20, 0o1600) < 0, "System V shared memory: memory outside RLIMIT_AS that outlives the sample"
