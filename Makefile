@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install clean-venv sandbox test test-slow test-vllm bench reproduce-table reproduce-smoke clean-runs
+.PHONY: install clean-venv sandbox test test-slow test-vllm bench bench-trl reproduce-table reproduce-smoke clean-runs
 
 install: $(STAMP)
 
@@ -76,6 +76,23 @@ bench: $(STAMP) sandbox
 	$(BIN)/python bench/packing_bench.py
 	@if [ -f $(VLLM_STAMP) ]; then $(VLLM_BIN)/python bench/generation_bench.py; \
 	else echo "generation bench (hf vs vllm) skipped: no .venv-vllm (make test-vllm builds it)"; fi
+
+# TRL's GRPOTrainer side by side with `posttrain rl` on the mini GRPO recipe (bench/trl_grpo_bench.py),
+# from a third environment: the lock plus trl (its dependencies are all in the lock). Needs the mini
+# base: BENCH_STUDENT=path/to/final (default runs/mini/base/final, from make reproduce-table).
+TRL_VENV := .venv-trl
+TRL_STAMP := $(TRL_VENV)/.installed-stamp
+BENCH_STUDENT ?= runs/mini/base/final
+$(TRL_STAMP): pyproject.toml $(LOCK)
+	$(PYTHON) -m venv $(TRL_VENV)
+	$(TRL_VENV)/bin/python -m pip install -q pip==26.3
+	$(TRL_VENV)/bin/python -m pip install -q $(TORCH)
+	$(TRL_VENV)/bin/python -m pip install -q -c $(LOCK) -e . trl==1.16.0
+	$(TRL_VENV)/bin/python -m pip check
+	touch $(TRL_STAMP)
+
+bench-trl: $(TRL_STAMP)
+	POSTTRAIN_THREADS=1 $(TRL_VENV)/bin/python bench/trl_grpo_bench.py --student $(BENCH_STUDENT)
 
 # ---------------------------------------------------------------------------------------------
 # The CPU-scale ("mini") reproduction: a make DAG, so shared steps run once, two jobs run side by

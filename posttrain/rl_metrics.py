@@ -13,7 +13,7 @@ import torch
 
 from posttrain.generation import SamplingSpec
 from posttrain.losses.objective import TokenSignals
-from posttrain.scoring import has_repetition_loop
+from posttrain.scoring import repetition_loops
 
 
 def step_sums(signals: TokenSignals, mask_BT, trained_BT, completions, diagnostics: dict, stats: dict,
@@ -26,7 +26,7 @@ def step_sums(signals: TokenSignals, mask_BT, trained_BT, completions, diagnosti
         "entropy_sum": float(signals.entropy_BT[mask_BT].sum()),
         "length_sum": float(sum(len(c.token_ids) for c in completions)),
         "truncated": float(sum(c.finish_reason == "length" for c in completions)),
-        "repetition": float(sum(has_repetition_loop(c.token_ids) for c in completions)),
+        "repetition": float(sum(repetition_loops([c.token_ids for c in completions]))),
         "trained_tokens": float(trained_BT.sum()),
         **({"gap_sum": gap_sum} if gap_sum is not None else {}),
         **extra,

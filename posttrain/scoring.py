@@ -108,19 +108,30 @@ def _unmask(values_N, mask_BT):
 def has_repetition_loop(tokens: list[int], max_period: int = 32, min_span: int = 24, min_repeats: int = 3) -> bool:
     """True if some block of ≤ max_period tokens repeats back to back at least `min_repeats`
     times over ≥ min_span tokens: the degenerate loop the LSM paper reports on drifted rollouts."""
-    ids = torch.tensor(tokens)
-    for period in range(1, min(max_period, len(tokens) // min_repeats) + 1):
-        same = (ids[period:] == ids[:-period]).int()
-        # longest run of positions where the sequence equals itself shifted by `period`
-        run = longest_run(same)
-        if run + period >= max(min_span, min_repeats * period):
-            return True
-    return False
+    return repetition_loops([tokens], max_period, min_span, min_repeats)[0]
 
 
-def longest_run(flags: torch.Tensor) -> int:
-    if flags.numel() == 0 or int(flags.max()) == 0:
-        return 0
-    padded = torch.cat([flags.new_zeros(1), flags, flags.new_zeros(1)])
-    changes = torch.diff(padded).nonzero().squeeze(1)
-    return int((changes[1::2] - changes[0::2]).max())
+def repetition_loops(token_lists: list[list[int]], max_period: int = 32, min_span: int = 24,
+                     min_repeats: int = 3) -> list[bool]:
+    """has_repetition_loop for many sequences at once: every period p ≤ max_period of every
+    sequence in one [S, P, L] comparison (a step's 64 rollouts cost one pass, not 64 × 32 small
+    ones). Period p loops when the longest run of positions with ids[t] == ids[t + p] is at least
+    max(min_span, min_repeats·p) − p, and only periods with min_repeats whole blocks count."""
+    if not token_lists:
+        return []
+    lengths_S = torch.tensor([len(t) for t in token_lists])
+    width, periods = int(lengths_S.max()), max_period
+    # padding: distinct negative ids past each sequence's end, so that no padded position equals another
+    padded = [list(t) + list(range(-len(t) - 1, -width - periods - 1, -1)) for t in token_lists]
+    ids_SW = torch.tensor(padded, dtype=torch.long)  # W = width + periods
+    ids_SL = ids_SW[:, :width]
+    shifted_SPL = ids_SW[:, 1:].unfold(1, width, 1)[:, :periods]  # [s, p-1, t] = ids[t + p]
+    period_P = torch.arange(1, periods + 1)
+    same_SPL = shifted_SPL == ids_SL[:, None, :]
+    position_L = torch.arange(width)
+    # run length ending at each position: distance to the last mismatch before it
+    last_miss_SPL = torch.where(same_SPL, -1, position_L).cummax(dim=-1).values
+    longest_SP = (position_L - last_miss_SPL).masked_fill(~same_SPL, 0).max(dim=-1).values
+    needed_P = torch.clamp(period_P * min_repeats, min=min_span)
+    counted_SP = period_P[None, :] <= torch.div(lengths_S, min_repeats, rounding_mode="floor")[:, None]
+    return ((longest_SP + period_P >= needed_P) & counted_SP).any(dim=-1).tolist()

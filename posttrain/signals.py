@@ -24,6 +24,7 @@ scale, scoring, preflight (the vocabulary check), generation, eval (grader, sand
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -177,6 +178,8 @@ class Sources:
     # its own optimizer, so set there (rl._build), not here
     critic: object | None = None
     sandbox: object | None = None  # eval.code_sandbox.CodeSandbox: prompts.reward code
+    # one thread that waits on the grader's processes while this one scores (grade_in_background)
+    grading_thread: ThreadPoolExecutor | None = None
 
     @classmethod
     def open(cls, recipe: RLRecipe, needs: frozenset[str], runtime: Runtime, tokenizer, show: bool = True,
@@ -214,10 +217,20 @@ class Sources:
             return [float(v["passed"]) for v in self.sandbox.grade(references, texts)]
         return [float(v["correct"]) for v in self.grader.grade(references, texts)]
 
+    def grade_in_background(self, references: list, texts: list[str]) -> Future:
+        """verifiable_rewards, started now and collected with .result(): the grader's work runs in
+        its worker processes (the math pool, the sandbox), so this process scores π_old and the
+        teacher meanwhile instead of waiting. The same verdicts: only when they are computed moves."""
+        if self.grading_thread is None:
+            self.grading_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="posttrain-grading")
+        return self.grading_thread.submit(self.verifiable_rewards, references, texts)
+
     def __enter__(self) -> Sources:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.grading_thread is not None:
+            self.grading_thread.shutdown(wait=True, cancel_futures=True)
         if self.grader is not None:
             self.grader.close()
         if self.sandbox is not None:
@@ -232,6 +245,8 @@ def fetch_signals(sources: Sources, policy, batch, group_B, texts: list[str], re
     dynamic sampling; `prompt_ids`: each rollout's prompt, for a self-teacher). Returns
     (signals, support diagnostics)."""
     student = policy.module.model if hasattr(policy, "module") else policy.model
+    grading = (sources.grade_in_background(references, texts)
+               if VERIFIABLE_REWARD in sources.needs and rewards is None else None)
     with gathered(policy):  # under FSDP2 the student is scored outside its wrapped forward
         signals = sources.scorer.score(student, batch, group_B, prompt_ids)
     if sources.reference is not None:
@@ -239,7 +254,7 @@ def fetch_signals(sources: Sources, policy, batch, group_B, texts: list[str], re
             signals.reference_logprob_BT = score_tokens(sources.reference, batch, k=0,
                                                         **sources.scorer.settings)["token_logprob"]
     if VERIFIABLE_REWARD in sources.needs:
-        graded = rewards if rewards is not None else sources.verifiable_rewards(references, texts)
+        graded = rewards if rewards is not None else grading.result()
         signals.verifiable_reward_B = torch.tensor(graded, device=batch["loss_mask"].device)
     if VALUE in sources.needs:  # the critic before this step's updates
         signals.value_BT = sources.critic.values(batch)

@@ -1,6 +1,7 @@
 """`posttrain distill`: scoring, masks, diagnostics, and end-to-end runs on tiny models."""
 
 import json
+import random
 import statistics
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from posttrain.config import RLRecipe, from_dict
 from posttrain.rl import first_occurrence_mask, rl
 from posttrain.losses.objective import TokenSignals
-from posttrain.scoring import has_repetition_loop, score_tokens
+from posttrain.scoring import has_repetition_loop, repetition_loops, score_tokens
 from posttrain.signals import support_diagnostics
 from tests.helpers import TINY, load_weights, run_cli, write_recipe, metrics_of
 
@@ -42,6 +43,35 @@ def test_repetition_detector():
     assert has_repetition_loop(list(range(40)) + [7] * 30)
     assert not has_repetition_loop(list(range(60)))
     assert not has_repetition_loop([1, 2, 1, 2, 3, 4, 5])  # too short to be a loop
+    assert has_repetition_loop([0] * 24) and not has_repetition_loop([0] * 23)  # min_span 24
+    assert has_repetition_loop([5] * 10 + [1, 2] * 12) and not has_repetition_loop([1, 2] * 11 + [3])
+
+
+def _repetition_reference(tokens, max_period=32, min_span=24, min_repeats=3):
+    """The definition, one period at a time in plain Python: the longest stretch where the sequence
+    equals itself shifted by p, plus p, covers max(min_span, min_repeats·p) tokens."""
+    for period in range(1, min(max_period, len(tokens) // min_repeats) + 1):
+        longest = run = 0
+        for t in range(len(tokens) - period):
+            run = run + 1 if tokens[t] == tokens[t + period] else 0
+            longest = max(longest, run)
+        if longest + period >= max(min_span, min_repeats * period):
+            return True
+    return False
+
+
+def test_the_batched_repetition_detector_is_the_definition():
+    rng = random.Random(0)
+    cases = [[], [3], [1, 2] * 40, list(range(100)), [0] * 23]
+    for _ in range(600):
+        tokens = [rng.randrange(rng.choice([2, 3, 50])) for _ in range(rng.randint(0, 120))]
+        if rng.random() < 0.5:  # splice in a repeated block of a random period
+            block, at = [rng.randrange(50) for _ in range(rng.randint(1, 40))], rng.randint(0, len(tokens))
+            tokens = tokens[:at] + block * rng.randint(1, 6) + tokens[at:]
+        cases.append(tokens)
+    expected = [_repetition_reference(t) for t in cases]
+    assert 50 < sum(expected) < len(cases) - 50  # both verdicts well represented
+    assert repetition_loops(cases) == expected
 
 
 def test_score_tokens_matches_full_log_softmax():

@@ -68,3 +68,32 @@ def test_hf_greedy_returns_n_copies_with_untempered_logprobs(tiny):
     assert samples[0].token_ids == logits.argmax(-1).tolist()
     expected = logits.log_softmax(-1).max(-1).values
     torch.testing.assert_close(torch.tensor(samples[0].logprobs), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("spec, one_stops_early", [(SamplingSpec(n=4, temperature=1.0, max_new_tokens=16, seed=3), True),
+                                                   (SamplingSpec(n=3, temperature=0.7, top_k=20, max_new_tokens=12, seed=8), False),
+                                                   (SamplingSpec(n=2, temperature=0, max_new_tokens=10), False)])
+def test_hf_backend_draws_what_transformers_generate_draws(tiny, spec, one_stops_early):
+    """The backend's own decode loop against `generate` from the same seed: the same tokens, prompts
+    of different lengths (left padding), rows that stop early (fed the pad id), greedy and sampled."""
+    model, tokenizer = tiny
+    backend = make_backend("hf", model=model, tokenizer=tokenizer)
+    prompts = [render_prompt(tokenizer, "Compute 1 + 2.", None), render_prompt(tokenizer, "Compute 10 + 20 - 3 * 4.", None)]
+    ours = [c.token_ids for samples in backend.generate(prompts, spec) for c in samples]
+    width, copies = max(map(len, prompts)), spec.n if spec.temperature > 0 else 1
+    input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
+    sampling = {"do_sample": True, "temperature": spec.temperature, "top_k": spec.top_k, "top_p": 1.0} \
+        if spec.temperature > 0 else {"do_sample": False}
+    torch.manual_seed(spec.seed)
+    with torch.no_grad():
+        sequences = model.generate(input_ids=input_ids, attention_mask=(input_ids != tokenizer.pad_token_id).long(),
+                                   max_new_tokens=spec.max_new_tokens, num_return_sequences=copies,
+                                   eos_token_id=backend.stop_ids, pad_token_id=tokenizer.pad_token_id, **sampling)
+    theirs = []
+    for row in sequences[:, width:].tolist():
+        stop = next((i for i, t in enumerate(row) if t in backend.stop_ids), None)
+        theirs.append(row if stop is None else row[: stop + 1])
+    expected = [theirs[i * copies + (j % copies)] for i in range(len(prompts)) for j in range(spec.n)]
+    assert ours == expected
+    if one_stops_early:  # this seed has a row that stops at once while the others run on (fed the pad id)
+        assert any(len(t) < spec.max_new_tokens for t in ours)

@@ -8,7 +8,8 @@ import pytest
 import sympy
 
 from posttrain.eval.benchmarks import BENCHMARKS, last_boxed, load_benchmark
-from posttrain.eval.math_grader import MathGrader, clean_answer, extract_answer, parse_answer, verify_pair
+from posttrain.eval.math_grader import (MathGrader, clean_answer, extract_answer, integer_verdict, parse_answer,
+                                        verify_pair)
 from tests.helpers import BENCHMARKS as BENCHMARK_DIR
 
 DATA = BENCHMARK_DIR
@@ -109,6 +110,35 @@ def test_every_gold_is_accepted_with_whitespace_inside_its_box():
         if not verify_pair((gold, answer))["correct"]:
             misses.append((name, index, gold))
     assert not misses, misses
+
+
+# Integer-looking answers: the fast path must take the plain ones and give math-verify's verdict on
+# all it takes; the others (leading zeros, separators, powers, percent, decimals) go to math-verify.
+INTEGER_FORMS = ["0", "-0", "7", "-7", "12", " 12 ", "12.", "$12$", "12 \\text{ cm}", "007", "1,000", "1000",
+                 "10^{3}", "12\\%", "12.0", "+12", "-12", "123456789012345678901234567890", "3/1", "2^{10}", "1024"]
+
+
+def test_the_integer_fast_path_gives_math_verifys_verdict():
+    taken = 0
+    for gold in INTEGER_FORMS:
+        for answer in INTEGER_FORMS:
+            fast = integer_verdict(gold, answer)
+            if fast is not None:
+                taken += 1
+                assert fast == verify_pair((gold, answer)), (gold, answer)
+    assert taken == 13 * 13  # the thirteen plain forms (whitespace, $…$, a trailing point and a unit cleaned away)
+
+
+@needs_data
+def test_the_integer_fast_path_agrees_on_every_integer_gold():
+    """Every benchmark gold the fast path takes, against itself, its neighbour and its negation."""
+    checked = 0
+    for _, _, gold in _golds():
+        for answer in {gold, str(int(clean_answer(gold)) + 1), str(-int(clean_answer(gold)))} if \
+                integer_verdict(gold, gold) is not None else ():
+            assert integer_verdict(gold, answer) == verify_pair((gold, answer)), (gold, answer)
+            checked += 1
+    assert checked > 1000
 
 
 # (gold, completion, should be correct)

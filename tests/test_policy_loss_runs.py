@@ -135,6 +135,8 @@ def test_shaping_enters_the_group_advantage():
     ({"objective": {"name": "ppo"}, "critic": {"lr": 1e-5}, "train": {"loss_aggregation": LENGTH_NORM}},
      "train.loss_aggregation"),  # the critic shares the mode and has no L
     ({"rollout": {"overlong_penalty": 2.0}}, "rollout.overlong_penalty"),  # the shaping is off: it would be ignored
+    # gspo's per-token form is GSPO's gradient only under the per-rollout mean
+    ({"objective": {"name": "gspo"}, "train": {"loss_aggregation": "token-mean"}}, "train.loss_aggregation"),
     # a group of equal rewards still trains against a critic's V or a prompt's history: dropping it loses signal
     ({"objective": {"name": "ppo"}, "critic": {"lr": 1e-5}, "rollout": {"dynamic_sampling": True}},
      "rollout.dynamic_sampling"),
@@ -174,19 +176,19 @@ def _run_in_process(tmp_path, student, name, shift, **rollout):
     from posttrain.generation import hf
     from posttrain.rl import rl
 
-    original = hf.HFBackend._completion
+    original = hf.HFBackend._completions
 
-    def shifted(self, tokens, logprobs, spec):
-        return original(self, tokens, logprobs + shift, spec)
+    def shifted(self, tokens, logprobs):
+        return original(self, tokens, logprobs + shift)
 
     args = _tiny(tmp_path, student, **rollout) + [f"name={name}", "train.steps=1", "train.mini_batch_size=8",
                                                   "train.micro_batch_size=8", "train.loss_aggregation=token-mean"]
     recipe = load_recipe(REPO / "recipes" / "examples" / "drgrpo-math.yaml", RLRecipe, args)
-    hf.HFBackend._completion = shifted
+    hf.HFBackend._completions = shifted
     try:
         rl(recipe)
     finally:
-        hf.HFBackend._completion = original
+        hf.HFBackend._completions = original
     [row] = metrics_of(tmp_path / "runs" / name)
     return row
 

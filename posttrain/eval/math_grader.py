@@ -9,7 +9,8 @@ math-verify's box normalisation (units such as `\\text{ cents}` dropped, `\\dfra
 applies to the gold and the answer alike.
 
 Extraction happens here in the parent, so identical (gold, answer) pairs — common with 16
-samples per problem — are verified once.
+samples per problem — are verified once; a pair whose two cleaned sides are plain integers is
+decided here too (`integer_verdict`: math-verify's verdict on two integers is their equality).
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ TEXT_UNIT = re.compile(r"(?<=[\d}\s])\s*\\(?:text|mbox|mathrm)\s*\{\s*"
 RENAMES = [(re.compile(r"(?<![\\a-zA-Z])E_"), r"\\mathcal{E}_"), (re.compile(r"\\gamma(?![a-zA-Z])"), r"\\mathcal{\\gamma}"),
            (re.compile(r"(?<![a-zA-Z])np\.(?=[a-z]+\()"), r"\\"), (re.compile(r"_\{\\odot\}"), "_{odot}"),
            (re.compile(r"_\{\\(max|min)\s*\}"), r"_{\1}")]
+# A plain integer as written in a box once cleaned: optional minus, no leading zeros, no separators, at
+# most 100 digits. math-verify reads such a string as that sympy Integer, so two of them are equivalent
+# exactly when they are equal (and _tiny_numbers_that_differ never applies: integers are not tiny).
+PLAIN_INTEGER = re.compile(r"-?(?:0|[1-9][0-9]{0,99})")
 
 
 def extract_answer(completion: str) -> str | None:
@@ -101,6 +106,22 @@ def gold_kinds(golds: list[str], workers: int) -> dict[str, str]:
         return {gold: verdict["kind"] for gold, verdict in zip(distinct, pool.map(distinct))}
 
 
+def integer_verdict(gold: str, answer: str) -> dict | None:
+    """verify_pair's verdict without a worker when both cleaned sides are plain integers (most
+    answers of AIME, GSM8K, AMC, half of MATH); None otherwise. tests/test_math_grader.py checks
+    it against math-verify."""
+    gold_clean, answer_clean = clean_answer(gold), clean_answer(answer)
+    if not (PLAIN_INTEGER.fullmatch(gold_clean) and PLAIN_INTEGER.fullmatch(answer_clean)):
+        return None
+    return {"correct": int(gold_clean) == int(answer_clean), "error": None}
+
+
+def _warm_up() -> None:
+    """Runs in each worker as it starts: math-verify's imports and first parse (about a second) are
+    paid then, not by whichever step first meets an answer that is not a plain integer."""
+    verify_pair(("1/2", "0.5"))
+
+
 def verify_pair(pair: tuple[str, str]) -> dict:
     """Runs in a worker: is `answer` equivalent to `gold`? (gold first, as math-verify wants)."""
     from math_verify import verify
@@ -132,12 +153,16 @@ def _tiny_numbers_that_differ(gold, answer) -> bool:
 
 class MathGrader:
     def __init__(self, workers: int = 2):
-        self.pool = TimeoutPool(verify_pair, workers, HARD_TIMEOUT, on_timeout={"correct": False, "error": "timeout"})
+        self.pool = TimeoutPool(verify_pair, workers, HARD_TIMEOUT, on_timeout={"correct": False, "error": "timeout"},
+                                warm_up=_warm_up)
         self.cache: dict[tuple[str, str], dict] = {}
 
     def grade(self, golds: list[str], completions: list[str]) -> list[dict]:
         """One dict per completion: extracted, correct, error."""
         answers = [extract_answer(c) for c in completions]
+        for pair in {(g, a) for g, a in zip(golds, answers) if a is not None and (g, a) not in self.cache}:
+            if (verdict := integer_verdict(*pair)) is not None:
+                self.cache[pair] = verdict
         todo = sorted({(g, a) for g, a in zip(golds, answers) if a is not None and (g, a) not in self.cache})
         for pair, result in zip(todo, self.pool.map(todo)):
             self.cache[pair] = result

@@ -21,7 +21,12 @@ from posttrain.errors import UserError
 TRIES_PER_ITEM = 2
 
 
-def _worker_loop(conn, function):
+def _worker_loop(conn, function, warm_up=None):
+    if warm_up is not None:  # before the first item, while the parent is busy elsewhere
+        try:
+            warm_up()
+        except Exception:  # the first item reports whatever is broken
+            pass
     while True:
         message = conn.recv()
         if message is None:
@@ -38,15 +43,16 @@ class TimeoutPool:
     """`map(items)` → results in order; an item that takes longer than `timeout` seconds yields
     `on_timeout` and its worker is restarted."""
 
-    def __init__(self, function, workers: int, timeout: float, on_timeout: dict):
-        self.function, self.timeout, self.on_timeout = function, timeout, on_timeout
+    def __init__(self, function, workers: int, timeout: float, on_timeout: dict, warm_up=None):
+        """`warm_up`: a module-level function each worker calls once when it starts (imports)."""
+        self.function, self.timeout, self.on_timeout, self.warm_up = function, timeout, on_timeout, warm_up
         self.context = mp.get_context("spawn")  # no inherited threads, CUDA or model state
         self.workers = [self._start() for _ in range(max(1, workers))]
         self.deaths_in_a_row = 0  # worker deaths since the last item that finished
 
     def _start(self):
         parent, child = self.context.Pipe()
-        process = self.context.Process(target=_worker_loop, args=(child, self.function), daemon=True)
+        process = self.context.Process(target=_worker_loop, args=(child, self.function, self.warm_up), daemon=True)
         process.start()
         return {"process": process, "conn": parent, "job": None, "started": 0.0}
 
