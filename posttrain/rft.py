@@ -91,7 +91,7 @@ def _eval_config(eval_dir: Path, given_completions: bool) -> dict:
         raise UserError(f"{eval_dir}: not an eval folder (needs samples.jsonl and eval_config.json from `posttrain eval --out`)")
     config = read_json_object(path)
     if config.get("prompt") != "chat":
-        raise UserError(f"{path}: the samples were drawn with --prompt {config.get('prompt')}; RFT data pairs them "
+        raise UserError(f"{path}: the samples were drawn with --prompt {config.get('prompt')}; rft-data and pref-data pair them "
                         "with the chat prompt that `posttrain train` renders, so sample with --prompt chat")
     if config.get("completions") and not given_completions:
         raise UserError(f"{path}: graded given completions ({config['completions']}), not the model's own samples; "
@@ -139,7 +139,7 @@ def _benchmark_rows(name: str, config: dict, eval_dir: Path):
     """The rows the eval sampled, re-read from where the eval read them (results.json's source,
     checked against its sha256): a training set, or a user's own file given as NAME:PATH."""
     if name not in BENCHMARKS or BENCHMARKS[name].kind != "math":
-        raise UserError(f"{eval_dir / 'samples.jsonl'}: benchmark {name!r}: RFT data is made from math "
+        raise UserError(f"{eval_dir / 'samples.jsonl'}: benchmark {name!r}: rft-data and pref-data are made from math "
                         "benchmarks (a graded boxed answer)")
     results_path = eval_dir / "results.json"
     if not results_path.is_file():
@@ -149,8 +149,8 @@ def _benchmark_rows(name: str, config: dict, eval_dir: Path):
     source, spec = recorded.get("source"), BENCHMARKS[name]
     own_file = source not in (None, "built-in") and not source.startswith("hub:") and Path(source).name != spec.filename
     if name not in TRAINING_SETS and not own_file:
-        raise UserError(f"{eval_dir}: benchmark {name!r} ({source}) is a test set that `posttrain eval` scores; RFT "
-                        f"data must come from training problems: sample {', '.join(sorted(TRAINING_SETS))}, or your "
+        raise UserError(f"{eval_dir}: benchmark {name!r} ({source}) is a test set that `posttrain eval` scores; "
+                        f"rft-data and pref-data must come from training problems: sample {', '.join(sorted(TRAINING_SETS))}, or your "
                         f"own training file as {name}:PATH")
     loaded = load_benchmark(f"{name}:{source}" if own_file else name, config.get("data_dir"), None)
     if recorded.get("sha256") and loaded.sha256 != recorded["sha256"]:
@@ -170,6 +170,6 @@ def _refuse_test_problem(question: str, record: dict, source: str, config: dict,
     if match is not None:
         name, where = match
         raise UserError(f"{source}: problem {record['index']} (sampled as {record['benchmark']} in {eval_dir}) is a "
-                        f"test problem of the benchmark {name} ({where}); RFT data must come from training problems, "
-                        "never a test set's, whatever the file or name")
+                        f"test problem of the benchmark {name} ({where}); rft-data and pref-data must come from training "
+                        "problems, never a test set's, whatever the file or name")
 

@@ -169,6 +169,10 @@ def _check_shaping(recipe: RLRecipe, needs: frozenset[str], world_size: int) -> 
     from posttrain.losses.aggregation import LENGTH_NORM
 
     rollout, name = recipe.rollout, recipe.objective.name
+    exact = OBJECTIVES[name].exact_aggregation
+    if exact is not None and recipe.train.loss_aggregation != exact:
+        raise UserError(f" is {recipe.train.loss_aggregation}; {name} is its paper's loss only with {exact} (see "
+                        f"posttrain/losses/{name}.py): set train.loss_aggregation: {exact}", key="train.loss_aggregation")
     if recipe.train.loss_aggregation == LENGTH_NORM and VALUE in needs:
         raise UserError(f": the value model of {name} aggregates its loss with the same mode and has no constant "
                         "length; use seq-mean-token-sum or token-mean", key="train.loss_aggregation")

@@ -84,6 +84,23 @@ def shard_plan(examples, shard_tokens: int) -> list[tuple[int, int]]:
     return plan
 
 
+# The command's flags for the data keys they set (DataConfig's names): an error about one names the flag.
+FLAG_OF_KEY = {"prompt_field": "--prompt-field", "response_field": "--response-field", "max_length": "--max-length"}
+
+
+def _examples(rows: list[dict], tokenizer, cfg: DataConfig, data: Path) -> list:
+    """build_examples, its errors told about this command's flags (it has no recipe)."""
+    try:
+        return build_examples(rows, tokenizer, cfg, key="data")[0]
+    except UserError as err:
+        if err.key is None:
+            raise
+        field, message = err.key.removeprefix("data."), err.message.lstrip(":;, ")
+        if field in FLAG_OF_KEY:
+            raise UserError(f"--data {data}: {FLAG_OF_KEY[field]} {getattr(cfg, field)!r}: {message}") from None
+        raise UserError(f"--data {data}: {message}") from None
+
+
 def write_teacher_cache(teacher: str, data: Path, k: int, out: Path, *, data_cfg: DataConfig | None = None,
                         batch_size: int = 8, shard_tokens: int = 1 << 18, chunk_tokens: int = 1024,
                         dtype: str = "float32") -> dict:
@@ -99,7 +116,7 @@ def write_teacher_cache(teacher: str, data: Path, k: int, out: Path, *, data_cfg
     model.eval().requires_grad_(False)
     if k > len(tokenizer):
         raise UserError(f"--k {k}: more than the teacher's vocabulary ({len(tokenizer)} tokens)")
-    examples, _ = build_examples(rows, tokenizer, cfg, key="data")
+    examples = _examples(rows, tokenizer, cfg, data)
     plan = shard_plan(examples, shard_tokens)
     manifest = _identity(teacher, model, tokenizer, data, rows, cfg, k, dtype, examples, plan)
     done = _resume(out, manifest)

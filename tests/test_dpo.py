@@ -253,3 +253,7 @@ def test_dpo_refusals_are_one_line(tmp_path):
     assert "set data.format: preference" in refused(recipe, "data.format=prompt-response")
     assert "set train.loss_aggregation: seq-mean-token-sum" in refused(recipe, "train.loss_aggregation=token-mean")
     assert "train only a preference objective (dpo, tdpo), not 'sft'" in refused({**recipe, "objective": {"name": "sft"}})
+    data.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n"
+                    + json.dumps({"prompt": "q", "chosen": "same ", "rejected": "same"}) + "\n")
+    said = refused(recipe)
+    assert "key 'data.rejected_field': row 2 of" in said and "the rejected response is the chosen one" in said

@@ -194,3 +194,13 @@ def test_the_cli_refuses_in_one_line_with_exit_2(tmp_path, cache, models, data_f
     assert proc.returncode == 2 and not (tmp_path / "runs").exists()
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and f"{cache[0] / MANIFEST}: key 'data.sha256'" in lines[0]
+
+
+def test_a_bad_field_flag_is_named_as_the_flag(tmp_path, models, data_file):  # noqa: F811
+    out = tmp_path / "never"
+    proc = run_cli("teacher-cache", "--teacher", str(models[0]), "--data", str(data_file), "--k", str(K),
+                   "--out", str(out), "--prompt-field", "question", check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and not out.exists()
+    assert lines[0].startswith(f"error: --data {data_file}: --prompt-field 'question': the data has no field 'question'")
+    assert "key '" not in lines[0]  # the command has no recipe

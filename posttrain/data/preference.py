@@ -50,6 +50,10 @@ def check_pair_rows(rows: list[dict], cfg: DataConfig, key: str = "data") -> Non
                                                                    else f"is a {type(value).__name__}, not text")
                 raise UserError(key=f"{key}.{field_key}", message=f": row {number} of {cfg.source!r}: field {name!r} "
                                 f"{kind}; every preference row needs a prompt, a chosen and a rejected response")
+        if row[cfg.chosen_field].strip() == row[cfg.rejected_field].strip():  # DPO's margin is 0: no gradient, silently
+            raise UserError(key=f"{key}.rejected_field", message=f": row {number} of {cfg.source!r}: the rejected "
+                            f"response is the chosen one ({cfg.chosen_field!r} and {cfg.rejected_field!r} are the same "
+                            "text); a pair trains on their difference")
 
 
 def build_pairs(rows: list[dict], tokenizer, cfg: DataConfig, key: str = "data") -> tuple[list[PreferencePair], dict]:

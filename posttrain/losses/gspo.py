@@ -54,4 +54,5 @@ def token_loss(params, logp_CJ, targets_CJ, inputs):
 OBJECTIVE = Objective(
     name="gspo", summary="GSPO: GRPO's group advantage with a sequence-level importance ratio and clip (GSPO-token form)",
     Params=Params, token_loss=token_loss, on_policy=True, needs=reward_needs, prepare=advantage_inputs, current_policy=current_policy,
+    exact_aggregation="seq-mean-token-mean",
 )

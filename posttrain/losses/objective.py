@@ -150,3 +150,7 @@ class Objective:
     # under tdpo1). The loader refuses such a key when the recipe sets it: an option that is
     # accepted and silently ignored reads as an experiment that was not run.
     unused_keys: Callable[[Any], dict[str, str]] = none_unused
+    # The one train.loss_aggregation under which the loss is the paper's (gspo: seq-mean-token-mean,
+    # the per-rollout mean that turns the GSPO-token identity into the sequence ratio's gradient);
+    # rl refuses another. None: any aggregation is a valid choice.
+    exact_aggregation: str | None = None
