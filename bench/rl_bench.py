@@ -52,11 +52,11 @@ def short_models(out: Path) -> tuple[Path, Path]:
 
 
 def posttrain_step_times(objective: str, backend: str, student: Path, teacher: Path | None, steps: int, out: Path,
-                         python: str, repo: Path = REPO) -> dict:
+                         python: str, repo: Path = REPO, extra: tuple[str, ...] = ()) -> dict:
     """`posttrain rl` on the mini recipe of `objective` at the bench's settings: summarise()'s figures.
-    `repo`: another checkout to time (its rl must log time_step)."""
+    `repo`: another checkout to time (its rl must log time_step); `extra`: more key=value overrides."""
     overrides = [f"out_dir={out}", f"name={objective}-{backend}", f"student.path={student}", f"train.steps={steps}",
-                 f"rollout.backend={backend}", *SETTINGS]
+                 f"rollout.backend={backend}", *SETTINGS, *extra]
     if objective != "grpo":
         overrides.append(f"teacher.path={teacher}")
     posttrain("rl", "--recipe", f"recipes/mini/{objective}.yaml", *overrides, python=python, repo=repo)

@@ -118,7 +118,8 @@ def run_trl(student: Path, steps: int, out: Path) -> dict:
 
 
 def one_round(student: Path, steps: int, before: list[Path], work: Path) -> list[tuple[str, dict]]:
-    """Each --before checkout, TRL, then this checkout: (label, summary) in that order."""
+    """Each --before checkout, TRL, this checkout, and this checkout with the sampler's log-probs as π_old
+    (verl's bypass: no π_old forward; other numbers by rounding): (label, summary) in that order."""
     import trl
 
     rows = [(f"posttrain rl, {checkout}", posttrain_step_times("grpo", "hf", student, None, steps, work / f"before{i}",
@@ -127,6 +128,8 @@ def one_round(student: Path, steps: int, before: list[Path], work: Path) -> list
     rows.append((f"TRL {trl.__version__} GRPOTrainer", run_trl(student, steps, work / "trl")))
     rows.append(("posttrain rl, this checkout", posttrain_step_times("grpo", "hf", student, None, steps, work / "after",
                                                                      sys.executable)))
+    rows.append(("posttrain rl, this checkout, rollout.old_logprob: sampler", posttrain_step_times(
+        "grpo", "hf", student, None, steps, work / "sampler", sys.executable, extra=("rollout.old_logprob=sampler",))))
     return rows
 
 

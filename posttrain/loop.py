@@ -134,14 +134,16 @@ class Saver:
             mark_final(run_dir, final)
 
 
-def check_training_memory(model, train_cfg, runtime: Runtime, tokens_per_micro_batch: int, frozen=None) -> None:
+def check_training_memory(model, train_cfg, runtime: Runtime, tokens_per_micro_batch: int, frozen=None,
+                          critic: bool = False) -> None:
     """The memory plan of a training process (printed by the main one); refused when it cannot fit.
-    `frozen`: a no-grad model held beside the trained one (the teacher, or the reference policy)."""
+    `frozen`: a no-grad model held beside the trained one (the teacher, or the reference policy);
+    `critic`: a value model trained beside it (ppo)."""
     check_memory(training_memory(
         model, tokens_per_micro_batch=tokens_per_micro_batch, bf16=runtime.matmul_dtype is not None,
         gradient_checkpointing=train_cfg.gradient_checkpointing, world_size=runtime.world_size, sharded=runtime.sharded,
         head_chunk_tokens=train_cfg.head_chunk_tokens, **({"teacher": frozen} if frozen is not None else {}),
-    ), runtime.device, show=runtime.is_main)
+        critic=critic), runtime.device, show=runtime.is_main)
 
 
 def optimizer_step(policy, optimizer, scheduler, runtime: Runtime, grad_clip: float,

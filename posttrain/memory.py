@@ -20,8 +20,11 @@ GiB = 2**30
 
 
 def training_memory(model, *, tokens_per_micro_batch: int, bf16: bool, gradient_checkpointing: bool,
-                    world_size: int, sharded: bool, head_chunk_tokens: int | None, teacher=None) -> list[tuple[str, float]]:
-    """[(component, bytes per process)] for one training (or distillation) process."""
+                    world_size: int, sharded: bool, head_chunk_tokens: int | None, teacher=None,
+                    critic: bool = False) -> list[tuple[str, float]]:
+    """[(component, bytes per process)] for one training (or distillation) process. `critic`: a
+    value model of the same body is trained beside it (ppo): its weights, gradients and AdamW
+    state; its activations are not added (its update runs after the policy's has freed them)."""
     config = model.config
     hidden, layers = config.hidden_size, config.num_hidden_layers
     intermediate = getattr(config, "intermediate_size", 4 * hidden)
@@ -49,6 +52,9 @@ def training_memory(model, *, tokens_per_micro_batch: int, bf16: bool, gradient_
     if teacher is not None:
         teacher_params = sum(p.numel() for p in teacher.parameters()) * (2 if bf16 else 4)
         rows.append(("teacher (frozen" + (", sharded)" if world_size > 1 else ")"), teacher_params / world_size))
+    if critic:  # the student's body and a scalar head, fully trained (posttrain/critic.py)
+        body = sum(p.numel() for p in model.get_decoder().parameters()) + hidden + 1
+        rows.append(("value model: weights, gradients, AdamW state", body * (param_bytes + 4 + 8) / split))
     return rows
 
 

@@ -47,7 +47,7 @@ from posttrain.progress import StepProgress, console, summary_table
 from posttrain.rl_checks import check_golds, check_k, needs_of, single_token_ids, validate
 from posttrain.rl_metrics import rollout_logprob_gap_sum, step_row, step_sums, summary_rows, value_sums
 from posttrain.rollouts import sample_groups
-from posttrain.rl_shaping import open_history, shape_batch, shaping_metrics
+from posttrain.rl_shaping import open_history, recorded_logprobs, shape_batch, shaping_metrics
 from posttrain.runfolder import load_trainer_state
 from posttrain.runtime import Runtime, make_runtime
 from posttrain.scale import gathered, wrap_for_training
@@ -100,7 +100,7 @@ def rl(recipe: RLRecipe, *, resume: bool = False, allow_changed_recipe: bool = F
         check_k(recipe, student.get_output_embeddings().weight.shape[0])
     check_training_memory(student, recipe.train, runtime,
                           recipe.train.micro_batch_size * (recipe.prompts.max_prompt_length + recipe.rollout.max_new_tokens),
-                          frozen=sources.frozen_model)
+                          frozen=sources.frozen_model, critic=VALUE in sources.needs)
     mask_ids = single_token_ids(tokenizer, recipe.train.mask_first_tokens)
     preflight.at_start(recipe, student, tokenizer, sources.scorer, prompts, runtime)  # refuses fatal problems
     trainer, start_step = _build(recipe, runtime, student, tokenizer, sources, mask_ids, checkpoint)
@@ -199,14 +199,16 @@ def rl_step(trainer: Trainer, step: int, prompt_ids: list[list[int]], references
     batch = {k: v.to(runtime.device) for k, v in collate(rollouts, trainer.tokenizer.pad_token_id).items()}
     batch["loss_mask"] &= ~first_occurrence_mask(batch["target_ids"], batch["loss_mask"], trainer.mask_ids)
     # π_old (and the teacher, the reference) under the autocast the update's forward runs in, so
-    # that the first update of a step has ratio 1 exactly
+    # that the first update of a step has ratio 1 exactly; or the sampler's own (rollout.old_logprob)
+    sampled_BT = (recorded_logprobs(flat, rollouts, batch["loss_mask"].shape, runtime.device)
+                  if recipe.rollout.old_logprob == "sampler" else None)
     with runtime.accelerator.autocast():
         signals, diagnostics = fetch_signals(trainer.sources, trainer.policy, batch, group_B, [c.text for c in flat],
                                              [references[int(g)] for g in group_B],
                                              None if groups.rewards is None else [r for g in groups.rewards for r in g],
-                                             prompt_ids=[prompt_ids[int(g)] for g in group_B])
+                                             prompt_ids=[prompt_ids[int(g)] for g in group_B], old_logprob_BT=sampled_BT)
     batch["old_logprob"] = signals.old_logprob_BT  # every on-policy loss reads π_old (ratios, rewards)
-    gap_sum = rollout_logprob_gap_sum(flat, rollouts, batch, spec)
+    gap_sum = rollout_logprob_gap_sum(flat, rollouts, batch, spec) if sampled_BT is None else None  # else 0 by definition
     # overlong shaping, truncated IS weights, the prompt history, where asked for (rl_shaping.py)
     shaping = shape_batch(recipe, trainer.history, step, batch, signals, flat, rollouts,
                           [prompt_ids[int(g)] for g in group_B])

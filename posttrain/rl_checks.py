@@ -37,6 +37,7 @@ def validate(recipe: RLRecipe, world_size: int = 1) -> None:
     _check_scoring(recipe)
     _check_sizes(recipe, world_size)
     _check_shaping(recipe, needs, world_size)
+    _check_sampler_old_logprob(recipe, needs)
     check_rollout_fits(recipe)  # models.py: a prompt plus the new tokens within the models' positions
     check_installed(recipe.report_to)  # trackers.py: a missing tracker package, before anything runs
 
@@ -162,6 +163,35 @@ def _check_sizes(recipe: RLRecipe, world_size: int) -> None:
     if rollouts % mini or mini % world_size:
         raise UserError(f"({mini}) must divide the rollouts per step ({rollouts}) and be a multiple of the number of "
                         "processes", key="train.mini_batch_size")
+
+
+def _check_sampler_old_logprob(recipe: RLRecipe, needs: frozenset[str]) -> None:
+    """rollout.old_logprob: sampler only where the sampler's log-probs are π_old up to rounding:
+    the student itself samples (hf), in fp32, from its plain distribution, and no scoring pass
+    runs anyway (a teacher's pass computes π_old alongside at no extra cost)."""
+    import torch
+
+    rollout, scoring, train = recipe.rollout, recipe.scoring, recipe.train
+    if rollout.old_logprob != "sampler":
+        return
+    key = "rollout.old_logprob"
+    bf16 = train.precision in ("bf16", "bf16-pure") or (train.precision == "auto" and torch.cuda.is_available())
+    plain = rollout.top_p == 1.0 and not rollout.top_k and (
+        rollout.temperature == 1.0 or (scoring.at_rollout_temperature and rollout.temperature > 0))
+    problems = [
+        (rollout.backend != "hf", "the vllm engine samples with other kernels and precision than the trainer: keep "
+                                  "recompute (and rollout.importance_cap for the mismatch)"),
+        (bf16, "bf16 training scores π_θ in other numerics than the fp32 sampler: keep recompute, or train.precision: fp32"),
+        (not plain, "the sampler draws from a truncated or tempered distribution, not π_old (top_p 1, top_k 0, and "
+                    "temperature 1 or scoring.at_rollout_temperature)"),
+        (bool(needs & (TEACHER_SOURCES | {STUDENT_TOPK})), f"{recipe.objective.name} scores the rollouts anyway (a "
+                                                           "teacher or π_old's top-K), which gives π_old at no cost"),
+        (train.entropy_top_ratio is not None, "train.entropy_top_ratio reads π_old's entropy from the scoring pass"),
+        (rollout.importance_cap is not None, "the importance weight π_old / π_rollout would be 1 by construction"),
+    ]
+    for refused, why in problems:
+        if refused:
+            raise UserError(f"is sampler; {why}", key=key)
 
 
 def _check_shaping(recipe: RLRecipe, needs: frozenset[str], world_size: int) -> None:

@@ -13,6 +13,7 @@ import torch
 
 from posttrain.generation import SamplingSpec
 from posttrain.losses.objective import TokenSignals
+from posttrain.rl_shaping import recorded_logprobs
 from posttrain.scoring import repetition_loops
 
 
@@ -23,7 +24,7 @@ def step_sums(signals: TokenSignals, mask_BT, trained_BT, completions, diagnosti
     return {
         "tokens": float(mask_BT.sum()), "rollouts": float(len(completions)),
         **teacher_sums(signals, mask_BT), **verifiable_reward_sums(signals),
-        "entropy_sum": float(signals.entropy_BT[mask_BT].sum()),
+        **({"entropy_sum": float(signals.entropy_BT[mask_BT].sum())} if signals.entropy_BT is not None else {}),
         "length_sum": float(sum(len(c.token_ids) for c in completions)),
         "truncated": float(sum(c.finish_reason == "length" for c in completions)),
         "repetition": float(sum(repetition_loops([c.token_ids for c in completions]))),
@@ -44,7 +45,7 @@ def step_row(sums: dict[str, float], losses: list[float], grad_norms: list[float
         "loss": sum(losses) / max(len(losses), 1), "lr": lr, "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
         **teacher_metrics(sums, tokens), **verifiable_reward_metrics(sums),
         **value_metrics(sums),
-        "entropy": sums["entropy_sum"] / tokens,
+        **({"entropy": sums["entropy_sum"] / tokens} if "entropy_sum" in sums else {}),  # no scoring pass: none
         "response_length": sums["length_sum"] / count, "truncated_frac": sums["truncated"] / count,
         "repetition_frac": sums["repetition"] / count, "response_tokens": tokens,
         "trained_token_frac": sums["trained_tokens"] / tokens,
@@ -132,10 +133,7 @@ def rollout_logprob_gap_sum(completions, rollouts, batch, spec: SamplingSpec) ->
     backend records the warped distribution's log-probs, which differ from π_old by design."""
     if spec.temperature != 1.0 or spec.top_p < 1.0 or spec.top_k:
         return None
-    recorded_BT = torch.zeros(batch["loss_mask"].shape)
-    for row, (completion, rollout) in enumerate(zip(completions, rollouts)):
-        start = rollout.prompt_len - 1  # the position that predicts the first response token
-        recorded_BT[row, start : start + len(completion.logprobs)] = torch.tensor(completion.logprobs)
+    recorded_BT = recorded_logprobs(completions, rollouts, batch["loss_mask"].shape, "cpu")
     mask_BT = batch["loss_mask"].cpu()
     return float((recorded_BT - batch["old_logprob"].cpu().float())[mask_BT].abs().sum())
 

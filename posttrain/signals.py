@@ -238,17 +238,21 @@ class Sources:
 
 
 def fetch_signals(sources: Sources, policy, batch, group_B, texts: list[str], references: list,
-                  rewards: list[float] | None = None, prompt_ids: list[list[int]] | None = None
-                  ) -> tuple[TokenSignals, dict[str, float]]:
+                  rewards: list[float] | None = None, prompt_ids: list[list[int]] | None = None,
+                  old_logprob_BT: torch.Tensor | None = None) -> tuple[TokenSignals, dict[str, float]]:
     """The one place a rollout batch's TokenSignals are built: the scorer (π_old, the teacher),
     then the reference policy and the grader where declared (`rewards`: graded already, by
-    dynamic sampling; `prompt_ids`: each rollout's prompt, for a self-teacher). Returns
-    (signals, support diagnostics)."""
+    dynamic sampling; `prompt_ids`: each rollout's prompt, for a self-teacher; `old_logprob_BT`:
+    π_old given (the sampler's, rollout.old_logprob: sampler): no scoring pass, no entropy).
+    Returns (signals, support diagnostics)."""
     student = policy.module.model if hasattr(policy, "module") else policy.model
     grading = (sources.grade_in_background(references, texts)
                if VERIFIABLE_REWARD in sources.needs and rewards is None else None)
-    with gathered(policy):  # under FSDP2 the student is scored outside its wrapped forward
-        signals = sources.scorer.score(student, batch, group_B, prompt_ids)
+    if old_logprob_BT is not None:  # rl_checks allows it only where the scorer is π_old alone
+        signals = TokenSignals(old_logprob_BT=old_logprob_BT, entropy_BT=None, group_B=group_B)
+    else:
+        with gathered(policy):  # under FSDP2 the student is scored outside its wrapped forward
+            signals = sources.scorer.score(student, batch, group_B, prompt_ids)
     if sources.reference is not None:
         with gathered(sources.reference):
             signals.reference_logprob_BT = score_tokens(sources.reference, batch, k=0,

@@ -135,6 +135,15 @@ def test_shaping_enters_the_group_advantage():
     ({"objective": {"name": "ppo"}, "critic": {"lr": 1e-5}, "train": {"loss_aggregation": LENGTH_NORM}},
      "train.loss_aggregation"),  # the critic shares the mode and has no L
     ({"rollout": {"overlong_penalty": 2.0}}, "rollout.overlong_penalty"),  # the shaping is off: it would be ignored
+    # the sampler's log-probs are π_old only for the student's own plain fp32 sampling, without a scoring pass anyway
+    ({"rollout": {"old_logprob": "sampler", "backend": "vllm"}}, "rollout.old_logprob"),
+    ({"rollout": {"old_logprob": "sampler"}, "train": {"precision": "bf16"}}, "rollout.old_logprob"),
+    ({"rollout": {"old_logprob": "sampler", "top_p": 0.9}}, "rollout.old_logprob"),
+    ({"rollout": {"old_logprob": "sampler", "temperature": 0.7}}, "rollout.old_logprob"),
+    ({"rollout": {"old_logprob": "sampler"}, "objective": {"name": "opd"}, "teacher": {"tiny": dict(TINY)}},
+     "rollout.old_logprob"),
+    ({"rollout": {"old_logprob": "sampler"}, "train": {"entropy_top_ratio": 0.2}}, "rollout.old_logprob"),
+    ({"rollout": {"old_logprob": "sampler", "importance_cap": 2.0}}, "rollout.old_logprob"),
     # gspo's per-token form is GSPO's gradient only under the per-rollout mean
     ({"objective": {"name": "gspo"}, "train": {"loss_aggregation": "token-mean"}}, "train.loss_aggregation"),
     # a group of equal rewards still trains against a critic's V or a prompt's history: dropping it loses signal
@@ -233,3 +242,21 @@ def test_dcpo_history_is_replayed_on_resume(tmp_path, boxer):
     assert [json.loads(line)["step"] for line in logged[0].splitlines()] == [1, 2, 3]
     assert all(len(json.loads(line)["groups"]) == 2 for line in logged[0].splitlines())
     assert all(row["skipped_updates"] == 0 and "train_clip_low_bound" in row for row in straight)
+
+
+def test_the_samplers_logprobs_as_pi_old_train_as_the_recomputed_ones(tmp_path, boxer):
+    """rollout.old_logprob: sampler (verl's bypass of the π_old forward): one step of two updates on
+    the same rollouts as a recompute run. The hf sampler's log-probs are π_old up to rounding (the
+    recompute run's rollout_logprob_gap), so rewards are equal and every loss, ratio and gradient
+    norm agrees to that rounding; the bypass run has no entropy metric (it came from the pass)."""
+    args = _tiny(tmp_path, boxer) + ["prompts.prompt_field=problem", "train.steps=1", "train.mini_batch_size=4",
+                                     "train.micro_batch_size=4"]
+    recipe = str(REPO / "recipes" / "mini" / "grpo.yaml")
+    run_cli("rl", "--recipe", recipe, *args, "name=recompute")
+    run_cli("rl", "--recipe", recipe, *args, "name=sampler", "rollout.old_logprob=sampler")
+    [exact], [bypass] = metrics_of(tmp_path / "runs" / "recompute"), metrics_of(tmp_path / "runs" / "sampler")
+    assert exact["rollout_logprob_gap"] < 1e-5 and "entropy" in exact
+    assert "rollout_logprob_gap" not in bypass and "entropy" not in bypass
+    assert bypass["verifiable_reward_mean"] == exact["verifiable_reward_mean"] and exact["verifiable_reward_std"] > 0
+    for key in ("loss", "train_ratio", "grad_norm", "train_clip_frac"):
+        assert bypass[key] == pytest.approx(exact[key], rel=1e-4, abs=1e-6), key

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from posttrain.config import RLRecipe, from_dict
+from posttrain.config import RLRecipe, TinyModelConfig, from_dict
 from posttrain.critic import CRITIC_FILE, Critic
 from posttrain.errors import UserError
 from posttrain.losses import OBJECTIVES, opd, ppo
@@ -295,3 +295,21 @@ def test_bad_critic_or_ppo_keys_are_refused(tmp_path, change, message):
 
 def test_one_rollout_per_prompt_is_allowed_with_a_value_model(tmp_path):
     validate(from_dict(RLRecipe, _ppo_recipe(tmp_path, tmp_path / "student"), "r.yaml"))  # samples_per_prompt 1
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_the_memory_plan_counts_the_value_model(arch):
+    """ppo trains a second model: the plan adds its weights, gradients and AdamW state (fp32: 16 bytes
+    per parameter of the critic that Critic.build makes: the student's body and a scalar head)."""
+    from posttrain.critic import ValueModel
+    from posttrain.memory import training_memory
+    from posttrain.models import build_tiny_model
+
+    model = build_tiny_model(TinyModelConfig(arch=arch, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                                             intermediate_size=64), 320, seed=0)
+    common = {"tokens_per_micro_batch": 64, "bf16": False, "gradient_checkpointing": False, "world_size": 1,
+              "sharded": False, "head_chunk_tokens": None}
+    without, with_critic = training_memory(model, **common), dict(training_memory(model, **common, critic=True))
+    critic = ValueModel(model.get_decoder(), 32, 0.02, 0, None)
+    assert with_critic.pop("value model: weights, gradients, AdamW state") == 16 * sum(p.numel() for p in critic.parameters())
+    assert with_critic == dict(without)

@@ -212,6 +212,13 @@ class RolloutConfig(SamplingConfig):
     # truncated importance sampling (verl, TRL for vLLM rollouts): each token's loss × min(π_old / π_rollout, cap),
     # π_rollout the backend's log-prob of the sampled token. null: off
     importance_cap: PositiveFloat | None = None
+    # π_old of the step's updates: "recompute" scores the rollouts with the student before the first
+    # update (a forward over every rollout, as TRL and verl do by default); "sampler" takes the
+    # log-probs the hf backend recorded while sampling (verl's bypass mode): the same weights and
+    # fp32, so they differ from the recomputed ones by rounding only (~1e-7, the rollout_logprob_gap
+    # metric of a recompute run), and the forward is saved. hf backend, fp32, plain sampling and no
+    # teacher only (rl_checks); no "entropy" metric (that came from the scoring pass).
+    old_logprob: Literal["recompute", "sampler"] = "recompute"
     vllm: VllmConfig = field(default_factory=VllmConfig)
 
 

@@ -55,7 +55,7 @@ class TokenSignals:
     loss positions (zero elsewhere); a field is None when no declared source produced it."""
 
     old_logprob_BT: torch.Tensor  # log π_old(y_t)
-    entropy_BT: torch.Tensor  # H(π_old) at each position
+    entropy_BT: torch.Tensor | None  # H(π_old) at each position; None: no scoring pass (rollout.old_logprob: sampler)
     group_B: torch.Tensor  # index of the prompt each rollout answers (rollouts of one prompt share it)
     teacher_token_logprob_BT: torch.Tensor | None = None
     teacher_topk_ids_BTK: torch.Tensor | None = None
