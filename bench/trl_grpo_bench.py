@@ -3,7 +3,8 @@ on-policy step (one generation of 8 prompts × 8 samples, then its two updates),
 
 What is held equal (recipes/mini/grpo.yaml): the model (the mini base), the prompts (the same synthetic
 rows, rendered by posttrain's own chat-template code, so both tokenise the same text), the reward
-(posttrain's math grader, in-process for TRL: it has no grader process), 8 × 8 samples at temperature 1,
+(posttrain's math grader, called from TRL's reward function: plain integers decided in TRL's process,
+the rest in the grader's worker process, as for posttrain), 8 × 8 samples at temperature 1,
 top_p 1, 96 new tokens, token-mean aggregation (TRL loss_type "dapo"), clip 0.2 / 0.28, no KL (beta 0),
 lr 1e-4 constant, weight decay 0.01, grad clip 1.0, fp32, two updates of 32 rollouts per generation
 (steps_per_generation 2, so TRL computes π_old with an extra forward, as posttrain does).
@@ -15,10 +16,11 @@ Needs a Python with trl==1.16.0 over the lock (`make .venv-trl`):
     .venv-trl/bin/python bench/trl_grpo_bench.py --student runs/mini/base/final [--steps 12]
         [--before path/to/an/older/checkout]
 
-Each round runs `posttrain rl` of each --before checkout (the "before" of a speed change; its rl must
-log time_step), TRL, then `posttrain rl` of this checkout, all with the same python; the table gives
+Each round runs `posttrain rl` of each --before checkout (the "before" of a speed change: without
+metrics timestamps, rl_bench.with_step_times falls back to shorter measures), TRL, then `posttrain rl` of this checkout, all with the same python; the table gives
 each trainer's mean step and TRL's step ÷ its step paired within rounds (this machine's speed drifts
-by ±5% between minutes). The first two steps of each run are dropped (warm-up), as in rl_bench.py.
+by ±5% between minutes). A step is the interval between the ends of two steps (everything in the loop:
+TRL's logging, posttrain's metrics row and progress); steps 3..N are shown, as in rl_bench.py.
 """
 
 from __future__ import annotations
@@ -63,10 +65,11 @@ def prompt_rows(student: Path):
 
 
 class StepClock:
-    """Wall time of each generation cycle: `steps_per_generation` optimizer steps."""
+    """The end time of each generation cycle (`steps_per_generation` optimizer steps); seconds() are
+    the intervals between them: steps 2..N, each whole (generation, reward, updates, logging)."""
 
     def __init__(self, per_cycle: int):
-        self.per_cycle, self.marks = per_cycle, [time.perf_counter()]
+        self.per_cycle, self.marks = per_cycle, []
 
     def on_step_end(self, step: int) -> None:
         if step % self.per_cycle == 0:
@@ -137,7 +140,7 @@ def table(rounds: list[list[tuple[str, dict]]], steps: int, student: Path) -> Ta
     """Per trainer: the mean step over rounds (each round's mean over its steps) and TRL's step ÷ its
     step, paired within each round (machine speed drifts between rounds more than within one)."""
     trl_index = next(i for i, (label, _) in enumerate(rounds[0]) if label.startswith("TRL"))
-    out = Table(title=f"GRPO step, seconds: {len(rounds)} rounds × steps {WARM_UP_STEPS + 1}..{steps}, one torch thread, "
+    out = Table(title=f"GRPO step, seconds: {len(rounds)} rounds × steps {WARM_UP_STEPS + 2}..{steps}, one torch thread, "
                       f"{student}")
     for column in ("trainer", "step s, mean (round means)", "response length", "TRL ÷ this, mean (min–max over rounds)"):
         out.add_column(column, justify="left" if column == "trainer" else "right")

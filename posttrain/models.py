@@ -205,7 +205,9 @@ def check_model_path(path: str, what: str | None = None, *, key: str | None = No
 def check_head_supported(model, where: str) -> None:
     """The chunked head computes logits = h · Wᵀ; refuse models whose head does more."""
     config = model.config
-    for attr in ("final_logit_softcapping", "logit_scale"):
+    # Gemma 2's softcap, Cohere's logit_scale, Granite's logits_scaling (logits ÷ it), Falcon-H1's
+    # lm_head_multiplier (logits × it): each changes the logits after h · Wᵀ
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier"):
         if getattr(config, attr, None) not in (None, 1.0):
             raise UserError(f"{where}: models with {attr} are not supported by the chunked LM head")
     head = model.get_output_embeddings()

@@ -119,6 +119,7 @@ def rl(recipe: RLRecipe, *, resume: bool = False, allow_changed_recipe: bool = F
             row, texts = rl_step(trainer, step, [prompts[i] for i in chosen], [rows.references[i] for i in chosen])
             trainer.backend.update_weights(student)
             row["step"], row["time_step"] = step + 1, time.time() - step_clock  # the phases + weight sync + draw
+            row["timestamp"] = time.time()  # consecutive rows: the whole iteration, logging and saving included
             skipped = row.pop("skipped")
             row["skipped_updates"] = sum(skipped)
             metrics.append(row)

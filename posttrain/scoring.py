@@ -111,16 +111,28 @@ def has_repetition_loop(tokens: list[int], max_period: int = 32, min_span: int =
     return repetition_loops([tokens], max_period, min_span, min_repeats)[0]
 
 
+REPETITION_BUDGET = 1 << 22  # elements of one [S, P, L] comparison (~100 MB of int64 and bool): sequences in chunks
+
+
 def repetition_loops(token_lists: list[list[int]], max_period: int = 32, min_span: int = 24,
                      min_repeats: int = 3) -> list[bool]:
-    """has_repetition_loop for many sequences at once: every period p ≤ max_period of every
-    sequence in one [S, P, L] comparison (a step's 64 rollouts cost one pass, not 64 × 32 small
-    ones). Period p loops when the longest run of positions with ids[t] == ids[t + p] is at least
-    max(min_span, min_repeats·p) − p, and only periods with min_repeats whole blocks count."""
-    if not token_lists:
-        return []
+    """has_repetition_loop for many sequences at once: every period p ≤ max_period of a chunk of
+    sequences in one [S, P, L] comparison (a step's 64 rollouts cost one pass, not 64 × 32 small
+    ones; chunks keep it within REPETITION_BUDGET however long the rollouts). Period p loops when
+    the longest run of positions with ids[t] == ids[t + p] is at least max(min_span,
+    min_repeats·p) − p, and only periods with min_repeats whole blocks count."""
+    width = max((len(t) for t in token_lists), default=0)
+    if width == 0:
+        return [False] * len(token_lists)
+    per_chunk = max(1, REPETITION_BUDGET // (max_period * width))
+    return [verdict for start in range(0, len(token_lists), per_chunk)
+            for verdict in _repetition_chunk(token_lists[start : start + per_chunk], width, max_period, min_span,
+                                             min_repeats)]
+
+
+def _repetition_chunk(token_lists: list[list[int]], width: int, periods: int, min_span: int,
+                      min_repeats: int) -> list[bool]:
     lengths_S = torch.tensor([len(t) for t in token_lists])
-    width, periods = int(lengths_S.max()), max_period
     # padding: distinct negative ids past each sequence's end, so that no padded position equals another
     padded = [list(t) + list(range(-len(t) - 1, -width - periods - 1, -1)) for t in token_lists]
     ids_SW = torch.tensor(padded, dtype=torch.long)  # W = width + periods

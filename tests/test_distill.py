@@ -72,6 +72,17 @@ def test_the_batched_repetition_detector_is_the_definition():
     expected = [_repetition_reference(t) for t in cases]
     assert 50 < sum(expected) < len(cases) - 50  # both verdicts well represented
     assert repetition_loops(cases) == expected
+    assert repetition_loops([[], []]) == [False, False] and repetition_loops([]) == []
+
+
+def test_the_repetition_detector_works_in_chunks_within_its_budget(monkeypatch):
+    from posttrain import scoring
+
+    rng = random.Random(1)
+    cases = [[rng.randrange(3) for _ in range(rng.randint(0, 90))] for _ in range(40)] + [[4, 5] * 30]
+    whole = repetition_loops(cases)
+    monkeypatch.setattr(scoring, "REPETITION_BUDGET", 32 * 90 * 3)  # three sequences per chunk
+    assert repetition_loops(cases) == whole == [_repetition_reference(t) for t in cases]
 
 
 def test_score_tokens_matches_full_log_softmax():

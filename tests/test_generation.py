@@ -97,3 +97,26 @@ def test_hf_backend_draws_what_transformers_generate_draws(tiny, spec, one_stops
     assert ours == expected
     if one_stops_early:  # this seed has a row that stops at once while the others run on (fed the pad id)
         assert any(len(t) < spec.max_new_tokens for t in ours)
+
+
+def test_a_model_with_its_own_input_preparation_samples_through_generate(tiny):
+    """Mamba keeps a state cache that our loop's attention-mask feeding would break: it goes through
+    `generate`, and its recorded log-probs are still those of a full forward over the sample."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    from posttrain.generation.hf import own_loop_fits
+
+    _, tokenizer = tiny
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                         state_size=8, pad_token_id=tokenizer.pad_token_id)).eval()
+    assert not own_loop_fits(model) and own_loop_fits(tiny[0])
+    backend = make_backend("hf", model=model, tokenizer=tokenizer)
+    prompts = [render_prompt(tokenizer, "Compute 1 + 2.", None), render_prompt(tokenizer, "Compute 10 + 20 - 3.", None)]
+    spec = SamplingSpec(n=2, temperature=1.0, max_new_tokens=8, seed=1)
+    for prompt, samples in zip(prompts, backend.generate(prompts, spec)):
+        for c in samples:
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + c.token_ids])).logits[0, len(prompt) - 1 : -1]
+            expected = logits.log_softmax(-1).gather(1, torch.tensor(c.token_ids)[:, None])[:, 0]
+            torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=1e-4, rtol=1e-4)

@@ -5,7 +5,10 @@ The loop does what transformers' `generate` does for sampling, op for op (the sa
 cache, softmax and torch.multinomial on the same generator state, finished rows fed the pad id), so
 its tokens are the ones `generate` draws from the same seed (tests/test_generation.py checks this
 against `generate`); it skips `generate`'s per-token machinery (logits-processor lists, stopping
-criteria objects, input preparation), a tenth of a rollout's time on small models. Sampling
+criteria objects, input preparation), a tenth of a rollout's time on small models. A model
+with its own input preparation (Mamba, Phi-3) samples through `generate` (own_loop_fits). On CPU
+the two agree bit for bit; on a GPU, `generate` switches MoE experts to another kernel for
+decoding, so an MoE model's tokens may differ from `generate`'s there (not their distribution). Sampling
 (temperature, top-k, top-p) is `warp_logits`, and each sampled token's log-probability under the
 distribution it was drawn from is recorded as it is drawn; one [rows, V] row of log-probs at a time.
 """
@@ -46,8 +49,8 @@ def sample_tokens(model, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Te
 
     cache_key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     cache = DynamicCache(config=model.config)
-    # transformers' position ids for left padding: the count of real tokens before, 1 on the padding
-    position_ids_BL = (attention_mask_BL.cumsum(-1) - 1).masked_fill(attention_mask_BL == 0, 1)
+    # transformers' position ids for left padding: the count of real tokens before, 0 on the padding
+    position_ids_BL = (attention_mask_BL.cumsum(-1) - 1).masked_fill(attention_mask_BL == 0, 0)
     stops = torch.tensor(stop_ids, device=input_ids_BL.device)
     unfinished_B = torch.ones(input_ids_BL.shape[0], dtype=torch.bool, device=input_ids_BL.device)
     tokens, logprobs = [], []
@@ -70,6 +73,56 @@ def sample_tokens(model, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Te
         logits_B1V = model(input_ids=next_B[:, None], attention_mask=attention_mask_BL, position_ids=position_ids_BL,
                            use_cache=True, **{cache_key: cache}).logits
     return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)
+
+
+def own_loop_fits(model) -> bool:
+    """Our loop feeds the model what `generate` feeds a model that keeps transformers' default
+    input preparation (Qwen2, Llama, GPT-2, Gemma, …); a model that overrides it (Mamba's state
+    cache, Phi-3's LongRoPE cache reset) samples through `generate` itself."""
+    from transformers.generation.utils import GenerationMixin
+
+    return type(model).prepare_inputs_for_generation is GenerationMixin.prepare_inputs_for_generation
+
+
+class _SampleAndRecord:
+    """For `generate`: a LogitsProcessor, placed last (transformers' own warpers switched off), that
+    warps the scores as warp_logits does and records each sampled token's log-prob."""
+
+    def __init__(self, spec: SamplingSpec):
+        self.spec = spec
+        self.previous_logprobs_BV = None
+        self.chosen = []  # per step: [rows] log-prob of the token sampled at that step
+
+    def __call__(self, input_ids_BL, scores_BV):
+        if self.previous_logprobs_BV is not None:
+            self.chosen.append(self.previous_logprobs_BV.gather(1, input_ids_BL[:, -1:]).squeeze(1))
+        warped = warp_logits(scores_BV, self.spec) if self.spec.temperature > 0 else scores_BV.float()
+        self.previous_logprobs_BV = warped.log_softmax(dim=-1)
+        return warped
+
+    def finish(self, last_tokens_B):
+        if self.previous_logprobs_BV is not None:
+            self.chosen.append(self.previous_logprobs_BV.gather(1, last_tokens_B[:, None]).squeeze(1))
+        return torch.stack(self.chosen, dim=1) if self.chosen else None
+
+
+@torch.no_grad()
+def sample_with_generate(model, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor, spec: SamplingSpec,
+                         stop_ids: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """sample_tokens through transformers' `generate` (rows already repeated per sample)."""
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    recorder = _SampleAndRecord(spec)
+    config = GenerationConfig(
+        do_sample=spec.temperature > 0, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
+        max_new_tokens=spec.max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id, use_cache=True,
+        return_dict_in_generate=True,
+    )
+    out = model.generate(input_ids=input_ids_BL, attention_mask=attention_mask_BL, generation_config=config,
+                         logits_processor=LogitsProcessorList([recorder]))
+    new_tokens = out.sequences[:, input_ids_BL.shape[1] :]
+    logprobs = recorder.finish(out.sequences[:, -1])
+    return new_tokens, logprobs if logprobs is not None else torch.zeros(new_tokens.shape)
 
 
 class HFBackend:
@@ -103,7 +156,8 @@ class HFBackend:
         self.model.eval()
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
-            new_tokens, logprobs = sample_tokens(
+            sample = sample_tokens if own_loop_fits(self.model) else sample_with_generate
+            new_tokens, logprobs = sample(
                 self.model, input_ids.repeat_interleave(copies, dim=0).to(device),
                 attention_mask.repeat_interleave(copies, dim=0).to(device), spec, self.stop_ids, pad_id)
         self.model.train(was_training)
