@@ -11,7 +11,7 @@ lr 1e-4 constant, weight decay 0.01, grad clip 1.0, fp32, two updates of 32 roll
 What is not: the prompts each draws (each shuffles its own way) and so the response lengths; the table
 prints both lengths.
 
-Needs a Python with trl==1.16.0 over the lock (`make .venv-trl`):
+Needs a Python with trl==1.16.0 over the lock (`make bench-trl` builds .venv-trl and runs this):
 
     .venv-trl/bin/python bench/trl_grpo_bench.py --student runs/mini/base/final [--steps 12]
         [--before path/to/an/older/checkout]

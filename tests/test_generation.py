@@ -120,3 +120,25 @@ def test_a_model_with_its_own_input_preparation_samples_through_generate(tiny):
                 logits = model(torch.tensor([prompt + c.token_ids])).logits[0, len(prompt) - 1 : -1]
             expected = logits.log_softmax(-1).gather(1, torch.tensor(c.token_ids)[:, None])[:, 0]
             torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("spec", [SamplingSpec(n=3, temperature=1.0, max_new_tokens=16, seed=3),
+                                  SamplingSpec(n=2, temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=12, seed=8),
+                                  SamplingSpec(n=1, temperature=0, max_new_tokens=10)])
+def test_the_own_loop_and_generate_agree_bit_for_bit(tiny, spec):
+    """Tokens and recorded log-probs of sample_tokens equal those of sample_with_generate (transformers'
+    `generate` with our recording processor) from the same seed, exactly, on left-padded prompts."""
+    from posttrain.generation.hf import sample_tokens, sample_with_generate
+
+    model, tokenizer = tiny
+    backend = make_backend("hf", model=model, tokenizer=tokenizer)
+    prompts = [render_prompt(tokenizer, "Compute 1 + 2.", None), render_prompt(tokenizer, "Compute 10 + 20 - 3 * 4.", None)]
+    width, pad = max(map(len, prompts)), tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts]).repeat_interleave(spec.n, dim=0)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts]).repeat_interleave(spec.n, dim=0)
+    results = []
+    for sample in (sample_tokens, sample_with_generate):
+        torch.manual_seed(spec.seed)
+        results.append(sample(model, input_ids, mask, spec, backend.stop_ids, pad))
+    (ours_tokens, ours_logprobs), (their_tokens, their_logprobs) = results
+    assert torch.equal(ours_tokens, their_tokens) and torch.equal(ours_logprobs, their_logprobs)

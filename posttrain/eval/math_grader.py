@@ -108,7 +108,7 @@ def gold_kinds(golds: list[str], workers: int) -> dict[str, str]:
 
 def integer_verdict(gold: str, answer: str) -> dict | None:
     """verify_pair's verdict without a worker when both cleaned sides are plain integers (most
-    answers of AIME, GSM8K, AMC, half of MATH); None otherwise. tests/test_math_grader.py checks
+    answers of AIME, GSM8K, AMC, half of MATH); None otherwise. tests/test_math_grading.py checks
     it against math-verify."""
     gold_clean, answer_clean = clean_answer(gold), clean_answer(answer)
     if not (PLAIN_INTEGER.fullmatch(gold_clean) and PLAIN_INTEGER.fullmatch(answer_clean)):
