@@ -199,19 +199,21 @@ def rl_step(trainer: Trainer, step: int, prompt_ids: list[list[int]], references
     clock = time.time()
     batch = {k: v.to(runtime.device) for k, v in collate(rollouts, trainer.tokenizer.pad_token_id).items()}
     batch["loss_mask"] &= ~first_occurrence_mask(batch["target_ids"], batch["loss_mask"], trainer.mask_ids)
+    # the backend's log-prob of each sampled token: π_old itself (rollout.old_logprob: sampler), the
+    # truncated IS weights' denominator, the rollout/trainer gap metric
+    recorded_BT = recorded_logprobs(flat, rollouts, batch["loss_mask"].shape, runtime.device)
+    sampled_BT = recorded_BT if recipe.rollout.old_logprob == "sampler" else None
     # π_old (and the teacher, the reference) under the autocast the update's forward runs in, so
-    # that the first update of a step has ratio 1 exactly; or the sampler's own (rollout.old_logprob)
-    sampled_BT = (recorded_logprobs(flat, rollouts, batch["loss_mask"].shape, runtime.device)
-                  if recipe.rollout.old_logprob == "sampler" else None)
+    # that the first update of a step has ratio 1 exactly; or the sampler's own
     with runtime.accelerator.autocast():
         signals, diagnostics = fetch_signals(trainer.sources, trainer.policy, batch, group_B, [c.text for c in flat],
                                              [references[int(g)] for g in group_B],
                                              None if groups.rewards is None else [r for g in groups.rewards for r in g],
                                              prompt_ids=[prompt_ids[int(g)] for g in group_B], old_logprob_BT=sampled_BT)
     batch["old_logprob"] = signals.old_logprob_BT  # every on-policy loss reads π_old (ratios, rewards)
-    gap_sum = rollout_logprob_gap_sum(flat, rollouts, batch, spec) if sampled_BT is None else None  # else 0 by definition
+    gap_sum = rollout_logprob_gap_sum(recorded_BT, batch, spec) if sampled_BT is None else None  # else 0 by definition
     # overlong shaping, truncated IS weights, the prompt history, where asked for (rl_shaping.py)
-    shaping = shape_batch(recipe, trainer.history, step, batch, signals, flat, rollouts,
+    shaping = shape_batch(recipe, trainer.history, step, batch, signals, flat, recorded_BT,
                           [prompt_ids[int(g)] for g in group_B])
     if objective.prepare is not None:
         batch.update(objective.prepare(params, batch, signals))

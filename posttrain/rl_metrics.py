@@ -13,7 +13,6 @@ import torch
 
 from posttrain.generation import SamplingSpec
 from posttrain.losses.objective import TokenSignals
-from posttrain.rl_shaping import recorded_logprobs
 from posttrain.scoring import repetition_loops
 
 
@@ -126,16 +125,16 @@ def value_metrics(sums: dict) -> dict[str, float]:
             "explained_variance": 1.0 - error_var / (return_var + 1e-5)}  # verl's ε
 
 
-def rollout_logprob_gap_sum(completions, rollouts, batch, spec: SamplingSpec) -> float | None:
-    """Σ |log-prob the generation backend recorded − the student's π_old| over the loss positions.
-    ≈ 0 unless the engine samples from other weights than the student's (a missed weight sync) or
-    with other numerics. Only with plain sampling (temperature 1, no top-k/top-p): otherwise the
-    backend records the warped distribution's log-probs, which differ from π_old by design."""
+def rollout_logprob_gap_sum(recorded_BT, batch, spec: SamplingSpec) -> float | None:
+    """Σ |log-prob the generation backend recorded (rl_shaping.recorded_logprobs) − the student's π_old|
+    over the loss positions. ≈ 0 unless the engine samples from other weights than the student's (a
+    missed weight sync) or with other numerics. Only with plain sampling (temperature 1, no
+    top-k/top-p): otherwise the backend records the warped distribution's log-probs, which differ
+    from π_old by design."""
     if spec.temperature != 1.0 or spec.top_p < 1.0 or spec.top_k:
         return None
-    recorded_BT = recorded_logprobs(completions, rollouts, batch["loss_mask"].shape, "cpu")
-    mask_BT = batch["loss_mask"].cpu()
-    return float((recorded_BT - batch["old_logprob"].cpu().float())[mask_BT].abs().sum())
+    mask_BT = batch["loss_mask"]
+    return float((recorded_BT - batch["old_logprob"].float())[mask_BT].abs().sum())
 
 
 def summary_rows(row: dict, steps: int, start_step: int, started: float, run_dir: Path) -> list:

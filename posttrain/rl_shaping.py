@@ -104,11 +104,12 @@ class PromptHistory:
             self.log.append({"step": step, "groups": [[key, rewards] for key, rewards in groups.items()]})
 
 
-def shape_batch(recipe, history: PromptHistory | None, step: int, batch: dict, signals, completions, rollouts,
+def shape_batch(recipe, history: PromptHistory | None, step: int, batch: dict, signals, completions, recorded_BT,
                 prompt_ids_B: list[list[int]]) -> dict[str, float]:
     """Sets signals.reward_shaping_B, signals.reward_history and batch["importance_weight"] where the
-    recipe asks for them, records this step in the prompt history; returns this process's sums for
-    the metrics (shaping_metrics turns the sums over processes into means)."""
+    recipe asks for them (`recorded_BT`: recorded_logprobs of the batch), records this step in the
+    prompt history; returns this process's sums for the metrics (shaping_metrics turns the sums over
+    processes into means)."""
     rollout, sums = recipe.rollout, {}
     if rollout.overlong_buffer is not None and signals.verifiable_reward_B is not None:
         lengths_B = torch.tensor([len(c.token_ids) for c in completions])
@@ -118,7 +119,6 @@ def shape_batch(recipe, history: PromptHistory | None, step: int, batch: dict, s
                     shaping_rollouts=float(len(penalty_B)))
     if rollout.importance_cap is not None:
         mask_BT = batch["loss_mask"]
-        recorded_BT = recorded_logprobs(completions, rollouts, mask_BT.shape, mask_BT.device)
         weight_BT = importance_weights(batch["old_logprob"], recorded_BT, mask_BT, rollout.importance_cap)
         batch["importance_weight"] = weight_BT
         raw_BT = (batch["old_logprob"].float() - recorded_BT).exp()

@@ -105,22 +105,18 @@ def _unmask(values_N, mask_BT):
     return out
 
 
-def has_repetition_loop(tokens: list[int], max_period: int = 32, min_span: int = 24, min_repeats: int = 3) -> bool:
-    """True if some block of ≤ max_period tokens repeats back to back at least `min_repeats`
-    times over ≥ min_span tokens: the degenerate loop the LSM paper reports on drifted rollouts."""
-    return repetition_loops([tokens], max_period, min_span, min_repeats)[0]
-
-
 REPETITION_BUDGET = 1 << 22  # elements of one [S, P, L] comparison (~100 MB of int64 and bool): sequences in chunks
 
 
 def repetition_loops(token_lists: list[list[int]], max_period: int = 32, min_span: int = 24,
                      min_repeats: int = 3) -> list[bool]:
-    """has_repetition_loop for many sequences at once: every period p ≤ max_period of a chunk of
-    sequences in one [S, P, L] comparison (a step's 64 rollouts cost one pass, not 64 × 32 small
-    ones; chunks keep it within REPETITION_BUDGET however long the rollouts). Period p loops when
-    the longest run of positions with ids[t] == ids[t + p] is at least max(min_span,
-    min_repeats·p) − p, and only periods with min_repeats whole blocks count."""
+    """Per sequence: True if some block of ≤ max_period tokens repeats back to back at least
+    `min_repeats` times over ≥ min_span tokens (the degenerate loop the LSM paper reports on
+    drifted rollouts). Every period p ≤ max_period of a chunk of sequences is checked in one
+    [S, P, L] comparison (a step's 64 rollouts cost one pass, not 64 × 32 small ones; chunks keep
+    it within REPETITION_BUDGET however long the rollouts). Period p loops when the longest run of
+    positions with ids[t] == ids[t + p] is at least max(min_span, min_repeats·p) − p, and only
+    periods with min_repeats whole blocks count."""
     width = max((len(t) for t in token_lists), default=0)
     if width == 0:
         return [False] * len(token_lists)

@@ -10,7 +10,7 @@ import torch
 from posttrain.config import RLRecipe, from_dict
 from posttrain.rl import first_occurrence_mask, rl
 from posttrain.losses.objective import TokenSignals
-from posttrain.scoring import has_repetition_loop, repetition_loops, score_tokens
+from posttrain.scoring import repetition_loops, score_tokens
 from posttrain.signals import support_diagnostics
 from tests.helpers import TINY, load_weights, run_cli, write_recipe, metrics_of
 
@@ -39,12 +39,15 @@ def test_first_occurrence_mask():
 
 
 def test_repetition_detector():
-    assert has_repetition_loop([1, 2, 3] * 10)
-    assert has_repetition_loop(list(range(40)) + [7] * 30)
-    assert not has_repetition_loop(list(range(60)))
-    assert not has_repetition_loop([1, 2, 1, 2, 3, 4, 5])  # too short to be a loop
-    assert has_repetition_loop([0] * 24) and not has_repetition_loop([0] * 23)  # min_span 24
-    assert has_repetition_loop([5] * 10 + [1, 2] * 12) and not has_repetition_loop([1, 2] * 11 + [3])
+    def loops(tokens):
+        return repetition_loops([tokens])[0]
+
+    assert loops([1, 2, 3] * 10)
+    assert loops(list(range(40)) + [7] * 30)
+    assert not loops(list(range(60)))
+    assert not loops([1, 2, 1, 2, 3, 4, 5])  # too short to be a loop
+    assert loops([0] * 24) and not loops([0] * 23)  # min_span 24
+    assert loops([5] * 10 + [1, 2] * 12) and not loops([1, 2] * 11 + [3])
 
 
 def _repetition_reference(tokens, max_period=32, min_span=24, min_repeats=3):

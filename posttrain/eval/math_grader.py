@@ -160,10 +160,11 @@ class MathGrader:
     def grade(self, golds: list[str], completions: list[str]) -> list[dict]:
         """One dict per completion: extracted, correct, error."""
         answers = [extract_answer(c) for c in completions]
-        for pair in {(g, a) for g, a in zip(golds, answers) if a is not None and (g, a) not in self.cache}:
+        pending = {(g, a) for g, a in zip(golds, answers) if a is not None and (g, a) not in self.cache}
+        for pair in pending:
             if (verdict := integer_verdict(*pair)) is not None:
                 self.cache[pair] = verdict
-        todo = sorted({(g, a) for g, a in zip(golds, answers) if a is not None and (g, a) not in self.cache})
+        todo = sorted(pair for pair in pending if pair not in self.cache)
         for pair, result in zip(todo, self.pool.map(todo)):
             self.cache[pair] = result
         out = []

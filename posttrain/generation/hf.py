@@ -39,6 +39,11 @@ def warp_logits(scores_BV: torch.Tensor, spec: SamplingSpec) -> torch.Tensor:
     return scores
 
 
+def drawn_from(scores_BV: torch.Tensor, spec: SamplingSpec) -> torch.Tensor:
+    """The fp32 scores a token is drawn (or, greedy, picked) from: warped when sampling, raw when greedy."""
+    return warp_logits(scores_BV, spec) if spec.temperature > 0 else scores_BV.float()
+
+
 @torch.no_grad()
 def sample_tokens(model, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor, spec: SamplingSpec,
                   stop_ids: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +62,7 @@ def sample_tokens(model, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Te
     logits_B1V = model(input_ids=input_ids_BL, attention_mask=attention_mask_BL, position_ids=position_ids_BL,
                        use_cache=True, logits_to_keep=1, **{cache_key: cache}).logits
     for _ in range(spec.max_new_tokens):
-        scores_BV = warp_logits(logits_B1V[:, -1, :], spec) if spec.temperature > 0 else logits_B1V[:, -1, :].float()
+        scores_BV = drawn_from(logits_B1V[:, -1, :], spec)
         if spec.temperature > 0:
             next_B = torch.multinomial(scores_BV.softmax(dim=-1), num_samples=1).squeeze(1)
         else:
@@ -96,7 +101,7 @@ class _SampleAndRecord:
     def __call__(self, input_ids_BL, scores_BV):
         if self.previous_logprobs_BV is not None:
             self.chosen.append(self.previous_logprobs_BV.gather(1, input_ids_BL[:, -1:]).squeeze(1))
-        warped = warp_logits(scores_BV, self.spec) if self.spec.temperature > 0 else scores_BV.float()
+        warped = drawn_from(scores_BV, self.spec)
         self.previous_logprobs_BV = warped.log_softmax(dim=-1)
         return warped
 
